@@ -1,0 +1,140 @@
+"""``.npz`` / ``.npy`` sources: arrays keyed by model input name, first axis = sample.
+
+An optional ``labels`` array (integers, one per sample) rides along. ``.npy``
+holds a single array for a single-input model. Object arrays are refused
+(``allow_pickle=False``). Arrays are memory-mapped where numpy allows it, so a
+large file is read lazily, one sample at a time.
+
+Layout: an array whose rank equals the model input's rank is a *batch* of
+samples (first axis = sample); an array of rank + 1 is a *stack of complete
+feeds*, one per entry along axis 0 (models without a batch axis).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from calib.data.base import Sample
+from calib.errors import InputDataError
+from calib.model import InputSpec
+
+__all__ = ["NpzSource", "LABELS_KEY"]
+
+LABELS_KEY = "labels"
+
+
+class NpzSource:
+    """Samples from an ``.npz`` (or ``.npy``) file, read lazily."""
+
+    def __init__(self, path: str | Path, inputs: Sequence[InputSpec] | None = None, *,
+                 indices: Sequence[int] | None = None) -> None:
+        self.path = Path(path)
+        self.arrays, self.labels = _open(self.path, inputs)
+        n = {k: len(v) for k, v in self.arrays.items()}
+        if len(set(n.values())) > 1:
+            raise InputDataError(f"{self.path}: arrays have different numbers of samples {n}",
+                                 hint="the first axis of every array is the sample axis")
+        self.n_total = next(iter(n.values()))
+        if self.labels is not None and len(self.labels) != self.n_total:
+            raise InputDataError(f"{self.path}: 'labels' has {len(self.labels)} entries for {self.n_total} samples")
+        if self.n_total == 0:
+            raise InputDataError(f"{self.path}: holds no samples (first axis has length 0)",
+                                 hint="calibration needs at least one sample")
+        self.layout = _layout(self.path, self.arrays, inputs)
+        self.indices = list(range(self.n_total)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < self.n_total]
+        if bad:
+            raise InputDataError(f"{self.path}: sample index {bad[0]} out of range (file has {self.n_total})")
+
+    def subset(self, indices: Sequence[int]) -> "NpzSource":
+        sub = object.__new__(NpzSource)
+        sub.__dict__.update(self.__dict__)
+        sub.indices = [self.indices[i] for i in indices]
+        return sub
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def sample_id(self, i: int) -> str:
+        return f"{self.path.name}[{i}]"
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in self.indices:
+            label = None if self.labels is None else int(self.labels[i])
+            yield Sample(self.sample_id(i), {k: np.asarray(v[i]) for k, v in self.arrays.items()}, label)
+
+    def __repr__(self) -> str:
+        return f"NpzSource({str(self.path)!r}, {len(self)} samples, layout={self.layout})"
+
+
+def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    if not path.exists():
+        raise InputDataError(f"{path}: no such file", hint="check the data path")
+    try:
+        obj = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else np.load(
+            path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise InputDataError(f"{path}: holds object arrays, which calib refuses to unpickle",
+                                 hint="save plain numeric arrays (np.savez with numeric dtypes)") from None
+        raise InputDataError(f"{path}: not a readable .npy/.npz file ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputDataError(f"{path}: not a readable .npy/.npz file ({e})") from None
+    if isinstance(obj, np.ndarray):
+        if inputs is None or len(inputs) != 1:
+            raise InputDataError(f"{path}: a .npy file holds one array, usable only for a single-input model",
+                                 hint="use .npz with arrays keyed by input name")
+        return {inputs[0].name: obj}, None
+    arrays: dict[str, np.ndarray] = {}
+    labels = None
+    for k in obj.files:
+        try:
+            a = obj[k]
+        except ValueError:
+            raise InputDataError(f"{path}: array '{k}' holds Python objects, which calib refuses to unpickle",
+                                 hint="save plain numeric arrays") from None
+        if a.dtype.kind not in "biuf":
+            raise InputDataError(f"{path}: array '{k}' has dtype {a.dtype}; only numeric arrays are accepted")
+        if k == LABELS_KEY:
+            labels = a
+        else:
+            arrays[k] = a
+    if not arrays:
+        raise InputDataError(f"{path}: holds no input arrays")
+    if inputs is not None:
+        names = {s.name for s in inputs}
+        unknown = [k for k in arrays if k not in names]
+        if unknown:
+            raise InputDataError(
+                f"{path}: array '{unknown[0]}' is not a model input (model inputs: {sorted(names)})",
+                hint="key each array by the model input's name; extra arrays other than 'labels' are refused")
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise InputDataError(f"{path}: no array for model input '{missing[0]}' (file has {sorted(arrays)})")
+    if labels is not None and labels.dtype.kind not in "iub":
+        raise InputDataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+    return arrays, labels
+
+
+def _layout(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[InputSpec] | None) -> str:
+    if inputs is None:
+        return "batch"
+    kinds = set()
+    for s in inputs:
+        r = arrays[s.name].ndim
+        if r == len(s.shape):
+            kinds.add("batch")
+        elif r == len(s.shape) + 1:
+            kinds.add("feed")
+        else:
+            raise InputDataError(
+                f"{path}: array '{s.name}' has rank {r} (shape {arrays[s.name].shape}); model input "
+                f"'{s.name}' {s.describe()} needs rank {len(s.shape)} (a batch) or {len(s.shape) + 1} "
+                "(a stack of complete feeds)")
+    if len(kinds) > 1:
+        raise InputDataError(f"{path}: some arrays are batches and some are stacks of feeds; use one layout")
+    return kinds.pop()
