@@ -1,0 +1,39 @@
+"""Stage 3: turn ranges into deployable artifacts.
+
+``export_qdq`` (Q/DQ ONNX for TensorRT and ONNX Runtime), ``write_cache`` /
+``read_cache`` (TensorRT calibration cache), ``scale_report`` (JSON of every
+scale). The TensorRT engine build lives in ``calib.trt``.
+"""
+
+from calib.export.placement import HUGE_AMAX, PLACEMENTS, Plan, resolve_exclude
+from calib.export.qdq import QdqModel, WeightQuant, export_qdq, weight_scales
+from calib.export.scales import scale_report, write_scale_report
+from calib.export.trt_cache import (
+    DEFAULT_TRT_VERSION,
+    format_cache,
+    parse_cache,
+    read_cache,
+    scale_to_hex,
+    hex_to_scale,
+    write_cache,
+)
+
+__all__ = [
+    "HUGE_AMAX",
+    "PLACEMENTS",
+    "Plan",
+    "resolve_exclude",
+    "QdqModel",
+    "WeightQuant",
+    "export_qdq",
+    "weight_scales",
+    "scale_report",
+    "write_scale_report",
+    "DEFAULT_TRT_VERSION",
+    "format_cache",
+    "parse_cache",
+    "read_cache",
+    "write_cache",
+    "scale_to_hex",
+    "hex_to_scale",
+]

@@ -1,0 +1,112 @@
+"""Scale report: one JSON document with every scale an export used, and why.
+
+Per quantized activation tensor: the chosen method, the amax and scale
+exported (after Concat sharing), the calibrated amax before sharing, the
+sample count and non-finite count from the statistics, the rules that placed
+the Q/DQ, and every other method's amax beside it. Per int8 weight: the nodes
+reading it, the axis, and min/median/max channel scale with the number of
+all-zero channels. Skipped tensors and excluded nodes are listed with reasons.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from calib.calibrate.base import INT8_MAX, Ranges
+from calib.errors import RangesError
+from calib.export.qdq import QdqModel
+from calib.io import write_json
+
+__all__ = ["REPORT_FORMAT", "scale_report", "write_scale_report"]
+
+REPORT_FORMAT = "calib-scales/1"
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _counts(stats: Any, tensor: str) -> tuple[int | None, int | None]:
+    if stats is None:
+        return None, None
+    h = getattr(stats, "tensors", {}).get(tensor)
+    if h is None:
+        return None, None
+    return int(getattr(h, "n", 0)), int(getattr(h, "n_nonfinite", 0))
+
+
+def scale_report(qdq: QdqModel, ranges: Mapping[str, Ranges], *, chosen: str | None = None,
+                 stats: Any = None) -> dict[str, Any]:
+    """Build the report. ``ranges`` maps method name -> Ranges (the chosen one included);
+    ``stats`` (an ActivationStats, optional) supplies sample and non-finite counts."""
+    if not ranges:
+        raise RangesError("scale report: no ranges given")
+    if chosen is None:
+        if len(ranges) != 1:
+            raise RangesError(f"scale report: say which of {', '.join(ranges)} was exported (chosen=...)")
+        chosen = next(iter(ranges))
+    if chosen not in ranges:
+        raise RangesError(f"scale report: chosen method '{chosen}' is not among {', '.join(ranges)}")
+    main = ranges[chosen]
+    shared_of = {t: [m for m in group if m != t] for group in qdq.shared for t in group}
+    activations = []
+    for t in qdq.activation_tensors:
+        r = main.tensors.get(t)
+        amax = qdq.amax.get(t, r.amax if r else float("nan"))
+        n, n_nonfinite = _counts(stats, t)
+        activations.append({
+            "tensor": t,
+            "method": r.method if r else chosen,
+            "amax": _finite(amax),
+            "scale": _finite(float(np.float32(amax / INT8_MAX))),
+            "calibrated_amax": _finite(r.amax) if r else None,
+            "degenerate": r.degenerate if r else None,
+            "shared_with": shared_of.get(t, []),
+            "rules": qdq.rules.get(t, []),
+            "n": n,
+            "n_nonfinite": n_nonfinite,
+            "other_amax": {m: _finite(rr.tensors[t].amax) for m, rr in ranges.items()
+                           if m != chosen and t in rr.tensors},
+        })
+    weights = []
+    for w in qdq.weights:
+        s = np.asarray(w.scales, dtype=np.float64)
+        weights.append({
+            "initializer": w.initializer,
+            "int8_initializer": w.int8_name,
+            "nodes": list(w.nodes),
+            "axis": w.axis,
+            "channels": int(s.size),
+            "scale_min": float(s.min()),
+            "scale_median": float(np.median(s)),
+            "scale_max": float(s.max()),
+            "zero_channels": int(w.zero_channels),
+        })
+    skipped = []
+    for t, reason in qdq.skipped.items():
+        n, n_nonfinite = _counts(stats, t)
+        r = main.tensors.get(t)
+        skipped.append({"tensor": t, "reason": reason, "amax": _finite(r.amax) if r else None,
+                        "n": n, "n_nonfinite": n_nonfinite})
+    return {
+        "format": REPORT_FORMAT,
+        "placement": qdq.placement,
+        "chosen_method": chosen,
+        "methods": list(ranges),
+        "model_sha256": getattr(main, "model_sha256", ""),
+        "activations": activations,
+        "weights": weights,
+        "skipped": skipped,
+        "excluded_nodes": list(qdq.excluded),
+        "folded_batchnorm": list(qdq.folded),
+    }
+
+
+def write_scale_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Write the report as JSON, atomically."""
+    return write_json(path, report)
