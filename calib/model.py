@@ -64,7 +64,6 @@ QUANTIZABLE_OPS = WEIGHTED_OPS | frozenset(
         "LeakyRelu",
         "Softmax",
         "ReduceMean",
-        "BatchNormalization",
         "Transpose",
         "Reshape",
         "Flatten",

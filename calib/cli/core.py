@@ -1,0 +1,80 @@
+"""``calib collect`` and ``calib calibrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from calib.cli._common import Progress, echo
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="collect", epilog="Example: calib collect model.onnx --data calib.npz -o stats.npz")(collect_cmd)
+    app.command(name="calibrate",
+                epilog="Example: calib calibrate stats.npz --method all -o ranges.json")(calibrate_cmd)
+
+
+def collect_cmd(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Calibration data: .npz (arrays keyed by input name, "
+                              "first axis = sample), .npy, an image folder or a manifest."),
+    output: Path = typer.Option(..., "--output", "-o", help="Statistics file to write (.npz)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
+    provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+) -> None:
+    """Stream calibration data through the FP32 model and save mergeable per-tensor statistics."""
+    from calib.collect import collect
+    from calib.data import open_data
+    from calib.model import load_model
+
+    m = load_model(model)
+    for note in m.notes:
+        echo(f"model: {note}")
+    source = open_data(data, m)
+    prog = Progress()
+    try:
+        stats = collect(m, source, batch_size=batch_size, limit=limit, providers=provider, progress=prog)
+    finally:
+        prog.close()
+    stats.save(output)
+    skipped = stats.meta.get("skipped", {})
+    echo(f"collected {len(stats.tensors)} tensors over {stats.n_samples} samples -> {output}")
+    nonfinite = {k: h.n_nonfinite for k, h in stats.tensors.items() if h.n_nonfinite}
+    if nonfinite:
+        echo(f"non-finite values excluded from {len(nonfinite)} tensor(s), e.g. "
+             + ", ".join(f"{k}: {v}" for k, v in list(nonfinite.items())[:3]))
+    if skipped:
+        echo(f"skipped {len(skipped)} non-float tensor(s): " + ", ".join(list(skipped)[:5]))
+
+
+def calibrate_cmd(
+    stats: Path = typer.Argument(..., help="Statistics from 'calib collect'."),
+    method: str = typer.Option("all", "--method", "-m",
+                               help="entropy | minmax | percentile[:P] | mse | all (comma-separated list ok)."),
+    output: Path = typer.Option(..., "--output", "-o", help="ranges.json to write."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Also write per-channel weight ranges of this model."),
+) -> None:
+    """Turn statistics into per-tensor INT8 ranges (amax, scale = amax/127) with one or more methods."""
+    from calib.calibrate import METHODS, calibrate_all, save_ranges, weight_ranges
+    from calib.stats import ActivationStats
+
+    st = ActivationStats.load(stats)
+    methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
+    ranges = calibrate_all(st, methods)
+    weights = None
+    if model is not None:
+        from calib.model import load_model
+
+        m = load_model(model)
+        st.check_model(m)
+        weights = weight_ranges(m)
+    save_ranges(output, ranges, weights, st)
+    degenerate = sum(1 for r in ranges.values() for t in r.tensors.values() if t.degenerate)
+    echo(f"{len(st.tensors)} tensors x {len(ranges)} method(s) ({', '.join(ranges)}) -> {output}")
+    if degenerate:
+        echo(f"{degenerate} range(s) used a fallback (see 'degenerate' in {output})")

@@ -1,0 +1,160 @@
+"""Collection: stream samples through the FP32 model on ONNX Runtime into ``ActivationStats``.
+
+The needed intermediate tensors are exposed as outputs on a *copy* of the
+model. While ONNX Runtime runs batch k+1, a worker thread folds batch k into the
+histograms (compiled, GIL-free), so both cores work and at most two batches of
+activations are alive at once: memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from calib.data.base import Sample, batches
+from calib.errors import InputDataError, ModelError
+from calib.model import Model, load_model
+from calib.stats import ActivationStats, TensorHistogram
+
+__all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """Map short names ("cpu", "cuda") or full names to the execution providers ORT has here."""
+    avail = ort.get_available_providers()
+    if not providers:
+        return ["CPUExecutionProvider"]
+    out = []
+    for p in providers:
+        full = p if p.endswith("ExecutionProvider") else {
+            "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider",
+            "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
+            "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}.get(p.lower(), p)
+        if full not in avail:
+            raise ModelError(f"execution provider '{p}' is not available in this onnxruntime "
+                             f"(available: {', '.join(avail)})", hint="install the matching onnxruntime build")
+        out.append(full)
+    return out
+
+
+def expose_outputs(proto: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """Return a copy of ``proto`` whose graph outputs also include ``tensors``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    have = {o.name for o in m.graph.output}
+    vi = {v.name: v for v in m.graph.value_info}
+    for t in tensors:
+        if t in have:
+            continue
+        out = m.graph.output.add()
+        if t in vi:
+            out.CopyFrom(vi[t])
+        else:
+            out.name = t
+        have.add(t)
+    return m
+
+
+def make_session(proto: onnx.ModelProto, providers: Sequence[str] | None = None, *,
+                 intra_op_threads: int | None = None,
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                 ) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = optimization
+    so.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=resolve_providers(providers))
+    except Exception as e:
+        raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tensors: Sequence[str] | None = None,
+            batch_size: int = 8, providers: Sequence[str] | None = None, limit: int | None = None,
+            intra_op_threads: int | None = None, progress: Progress | None = None) -> ActivationStats:
+    """Collect exact, mergeable statistics of ``tensors`` (default: every quantizable activation).
+
+    ``source`` yields ``Sample`` objects (``calib.data``); its ``layout`` attribute
+    ("batch" or "feed") says whether samples are stacked into batches.
+    """
+    if not isinstance(model, Model):
+        model = load_model(model)
+    names = list(model.activation_tensors() if tensors is None else tensors)
+    known = set(model.producers) | {s.name for s in model.inputs}
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ModelError(f"tensor '{unknown[0]}' is not produced by the model", hint="check the tensor name")
+    layout = getattr(source, "layout", "batch")
+    total = len(source) if hasattr(source, "__len__") else None
+    if limit is not None:
+        total = min(total, limit) if total is not None else limit
+    sess = make_session(expose_outputs(model.proto, [t for t in names if t not in {s.name for s in model.inputs}]),
+                        providers, intra_op_threads=intra_op_threads)
+    fetch = [t for t in names if t not in {s.name for s in model.inputs}]
+    hists = {t: TensorHistogram() for t in names}
+    stats = ActivationStats(hists, model.sha256, meta={"inputs": [s.name for s in model.inputs], "shapes": {},
+                                                       "dtypes": {}, "skipped": {}, "layout": layout})
+    done = 0
+    if progress:
+        progress("collect", 0, total)
+    t0 = time.perf_counter()
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calib-fold") as pool:
+        for ids, feeds, _labels in batches(_limited(source, limit), model.inputs, batch_size, layout=layout):
+            try:
+                outs = sess.run(fetch, feeds)
+            except Exception as e:
+                raise InputDataError(f"samples {ids[0]}..{ids[-1]}: ONNX Runtime failed: {str(e).splitlines()[0]}",
+                                     hint="check the data against the model's inputs") from None
+            values = dict(zip(fetch, outs))
+            for s in model.inputs:
+                if s.name in hists:
+                    values[s.name] = feeds[s.name]
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_fold_batch, stats, values, layout)
+            stats.add_samples(ids)
+            done += len(ids)
+            if progress:
+                progress("collect", done, total)
+        if pending is not None:
+            pending.result()
+    if done == 0:
+        raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
+    for t in list(stats.meta["skipped"]):
+        hists.pop(t, None)
+    log.info("collected %d tensors over %d samples in %.1fs", len(hists), done, time.perf_counter() - t0)
+    return stats
+
+
+def _limited(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
+    for i, s in enumerate(source):
+        if limit is not None and i >= limit:
+            return
+        yield s
+
+
+def _fold_batch(stats: ActivationStats, values: dict[str, np.ndarray], layout: str) -> None:
+    meta = stats.meta
+    for name, x in values.items():
+        h = stats.tensors.get(name)
+        if h is None:
+            continue
+        if x.dtype.kind != "f":
+            meta["skipped"][name] = f"dtype {x.dtype} (not float)"
+            continue
+        if name not in meta["shapes"]:
+            meta["shapes"][name] = list(x.shape[1:] if layout == "batch" else x.shape)
+            meta["dtypes"][name] = str(x.dtype)
+        h.update(x)

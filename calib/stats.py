@@ -1,0 +1,252 @@
+"""Mergeable activation statistics: the contract between collection and calibration.
+
+Per tensor, a ``TensorHistogram`` keeps the exact count, min, max and
+non-finite count, and a histogram of |x| with ``NUM_BINS`` = 2048 bins on a grid
+anchored at 0 whose bin width is a power of two, split by sign (``pos`` for
+x >= 0, ``neg`` for x < 0; the |x| histogram TensorRT's calibrators use is their
+sum).
+
+Why powers of two: the width is a function of the largest |x| seen only (the
+smallest 2**e with max|x| < 2048 * 2**e). Growing the range doubles the width
+and adds neighbouring bins pairwise, and floor(floor(|x|/w)/2) == floor(|x|/2w)
+exactly, so binning at a fine width and merging later equals binning at the
+final width. Hence shards collected apart, in any order and any batch split,
+merge bit for bit into what one pass gives. Non-finite values are counted and
+left out of the histogram and of min/max.
+
+Memory is constant in the number of samples: 2 x 2048 int64 per tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from calib._kernels import downsample, fold
+from calib.errors import CacheFormatError, RangesError
+
+__all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent"]
+
+NUM_BINS = 2048
+MIN_EXP = -126  # widths below 2**-126 are pointless for float32 activations
+STATS_FORMAT_VERSION = 1
+_MAGIC = "calib.stats"
+
+
+def width_exponent(max_abs: float) -> int:
+    """Smallest e >= MIN_EXP with max_abs < NUM_BINS * 2**e (the grid for a given range)."""
+    if max_abs <= 0:
+        return MIN_EXP
+    _, ex = math.frexp(max_abs)  # max_abs = m * 2**ex, 0.5 <= m < 1
+    return max(MIN_EXP, ex - 11)
+
+
+@dataclass
+class TensorHistogram:
+    """Exact, mergeable statistics of one tensor (see module doc)."""
+
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
+    neg: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
+    exp: int = MIN_EXP
+    min: float = math.inf
+    max: float = -math.inf
+    n: int = 0
+    n_nonfinite: int = 0
+
+    # ---- derived -----------------------------------------------------------
+    @property
+    def bin_width(self) -> float:
+        return math.ldexp(1.0, self.exp)
+
+    @property
+    def n_finite(self) -> int:
+        return self.n - self.n_nonfinite
+
+    @property
+    def max_abs(self) -> float:
+        if self.n_finite == 0:
+            return 0.0
+        return max(abs(self.min), abs(self.max))
+
+    def abs_counts(self) -> np.ndarray:
+        """The |x| histogram: ``NUM_BINS`` int64 counts, bin k = [k*w, (k+1)*w)."""
+        return self.pos + self.neg
+
+    def edges(self) -> np.ndarray:
+        return np.arange(NUM_BINS + 1, dtype=np.float64) * self.bin_width
+
+    def clipped_fraction(self, amax: float) -> float:
+        """Fraction of finite values with |x| > amax (bin resolution; bins past amax count whole)."""
+        if self.n_finite == 0:
+            return 0.0
+        k = int(math.ceil(amax / self.bin_width))
+        return float(self.abs_counts()[k:].sum()) / self.n_finite
+
+    # ---- update / merge ------------------------------------------------------
+    def update(self, x: np.ndarray) -> None:
+        """Fold a batch of values into the statistics (any shape, any float dtype)."""
+        a = np.asarray(x)
+        if a.dtype == np.float16 or a.dtype.kind != "f":
+            a = a.astype(np.float32)
+        a = np.ascontiguousarray(a).reshape(-1)
+        if a.size == 0:
+            return
+        exp, mn, mx, nnf = fold(a, self.pos, self.neg, self.exp, self.n_finite > 0)
+        self.exp = int(exp)
+        self.n += int(a.size)
+        self.n_nonfinite += int(nnf)
+        if nnf < a.size:
+            self.min = min(self.min, float(mn))
+            self.max = max(self.max, float(mx))
+
+    def merge(self, other: "TensorHistogram") -> "TensorHistogram":
+        """Pure: the statistics of both inputs together (exact, associative, commutative)."""
+        e = max(self.exp, other.exp)
+        out = TensorHistogram(exp=e, min=min(self.min, other.min), max=max(self.max, other.max),
+                              n=self.n + other.n, n_nonfinite=self.n_nonfinite + other.n_nonfinite)
+        for src in (self, other):
+            p, q = src.pos.copy(), src.neg.copy()
+            if src.exp < e:
+                downsample(p, e - src.exp)
+                downsample(q, e - src.exp)
+            out.pos += p
+            out.neg += q
+        return out
+
+    def equals(self, other: "TensorHistogram") -> bool:
+        return (self.exp == other.exp and self.n == other.n and self.n_nonfinite == other.n_nonfinite
+                and _same_float(self.min, other.min) and _same_float(self.max, other.max)
+                and np.array_equal(self.pos, other.pos) and np.array_equal(self.neg, other.neg))
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _sample_digest(ids: Iterable[str]) -> int:
+    """Order-independent digest of sample ids: sum of 64-bit hashes mod 2**64 (mergeable)."""
+    total = 0
+    for i in ids:
+        total = (total + int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "little")) % (1 << 64)
+    return total
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of every collected tensor of one model, plus provenance.
+
+    ``merge`` is exact; ``save``/``load`` round-trip bit for bit through ``.npz``.
+    """
+
+    tensors: dict[str, TensorHistogram] = field(default_factory=dict)
+    model_sha256: str = ""
+    n_samples: int = 0
+    sample_digest: int = 0
+    meta: dict = field(default_factory=dict)  # shapes, dtypes, input names: JSON-able only
+
+    def add_samples(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        self.n_samples += len(ids)
+        self.sample_digest = (self.sample_digest + _sample_digest(ids)) % (1 << 64)
+
+    def __getitem__(self, name: str) -> TensorHistogram:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise RangesError(f"no statistics for tensor '{name}'",
+                              hint="collect statistics again for this model") from None
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        if self.model_sha256 and other.model_sha256 and self.model_sha256 != other.model_sha256:
+            raise RangesError("cannot merge statistics of different models "
+                              f"(sha256 {self.model_sha256[:12]}… vs {other.model_sha256[:12]}…)")
+        if set(self.tensors) != set(other.tensors):
+            only = sorted(set(self.tensors) ^ set(other.tensors))[:3]
+            raise RangesError(f"cannot merge statistics over different tensors (e.g. {only})")
+        merged = {k: self.tensors[k].merge(other.tensors[k]) for k in self.tensors}
+        return ActivationStats(merged, self.model_sha256 or other.model_sha256, self.n_samples + other.n_samples,
+                               (self.sample_digest + other.sample_digest) % (1 << 64), dict(self.meta))
+
+    def equals(self, other: "ActivationStats") -> bool:
+        return (list(self.tensors) == list(other.tensors) and self.n_samples == other.n_samples
+                and self.sample_digest == other.sample_digest and self.model_sha256 == other.model_sha256
+                and all(self.tensors[k].equals(other.tensors[k]) for k in self.tensors))
+
+    # ---- persistence ---------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        names = list(self.tensors)
+        hs = [self.tensors[k] for k in names]
+        header = {"format": _MAGIC, "version": STATS_FORMAT_VERSION, "model_sha256": self.model_sha256,
+                  "n_samples": self.n_samples, "sample_digest": str(self.sample_digest), "num_bins": NUM_BINS,
+                  "meta": self.meta}
+        return {
+            "header": np.array(json.dumps(header, sort_keys=True)),
+            "names": np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
+            "pos": np.stack([h.pos for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "neg": np.stack([h.neg for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "exp": np.array([h.exp for h in hs], np.int64),
+            "min": np.array([h.min for h in hs], np.float64),
+            "max": np.array([h.max for h in hs], np.float64),
+            "n": np.array([h.n for h in hs], np.int64),
+            "n_nonfinite": np.array([h.n_nonfinite for h in hs], np.int64),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from calib.io import atomic_path
+
+        path = Path(path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **self.to_arrays())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActivationStats":
+        path = Path(path)
+        if not path.exists():
+            raise CacheFormatError(f"{path}: no such statistics file", hint="run 'calib collect' first")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise CacheFormatError(f"{path}: not a calib statistics file ({type(e).__name__}: {e})") from None
+        return cls.from_arrays(arrays, source=str(path))
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray], source: str = "statistics") -> "ActivationStats":
+        try:
+            header = json.loads(str(a["header"]))
+        except (KeyError, ValueError):
+            raise CacheFormatError(f"{source}: not a calib statistics file (no header)") from None
+        if header.get("format") != _MAGIC:
+            raise CacheFormatError(f"{source}: not a calib statistics file (format {header.get('format')!r})")
+        if header.get("version") != STATS_FORMAT_VERSION:
+            raise CacheFormatError(f"{source}: statistics format version {header.get('version')}, this calib reads "
+                                   f"version {STATS_FORMAT_VERSION}", hint="collect the statistics again")
+        if header.get("num_bins") != NUM_BINS:
+            raise CacheFormatError(f"{source}: {header.get('num_bins')} bins, expected {NUM_BINS}")
+        names = [str(x) for x in a["names"]]
+        tensors = {}
+        for i, name in enumerate(names):
+            tensors[name] = TensorHistogram(
+                pos=a["pos"][i].astype(np.int64), neg=a["neg"][i].astype(np.int64), exp=int(a["exp"][i]),
+                min=float(a["min"][i]), max=float(a["max"][i]), n=int(a["n"][i]),
+                n_nonfinite=int(a["n_nonfinite"][i]))
+        return cls(tensors, header.get("model_sha256", ""), int(header.get("n_samples", 0)),
+                   int(header.get("sample_digest", "0")), header.get("meta", {}))
+
+    def check_model(self, model) -> None:
+        """Raise ``RangesError`` if these statistics were not collected on ``model``."""
+        if self.model_sha256 and model.sha256 and self.model_sha256 != model.sha256:
+            known = set(model.producers) | {s.name for s in model.inputs}
+            foreign = [t for t in self.tensors if t not in known]
+            detail = f"; tensors not in the model: {foreign[:3]}" if foreign else ""
+            raise RangesError(
+                f"statistics were collected on another model (sha256 {self.model_sha256[:12]}…, this model "
+                f"{model.sha256[:12]}…){detail}", hint="collect statistics for this model with 'calib collect'")
