@@ -157,6 +157,7 @@ class PlacementContext:
     ranges: Mapping[str, TensorRange]
     excluded_nodes: frozenset[str] = frozenset()
     excluded_tensors: frozenset[str] = frozenset()
+    flagged: Mapping[str, str] = field(default_factory=dict)  # tensor -> why it must stay float
 
     def __post_init__(self) -> None:
         m = self.model
@@ -414,7 +415,10 @@ def quantize_pooling_next_to_quantized(ctx: PlacementContext, plan: Plan) -> Non
 
 
 def skip_huge_tensors(ctx: PlacementContext, plan: Plan) -> None:
-    """Do not quantize tensors holding mask-like huge values (amax > 1e30, or flagged non-finite).
+    """Do not quantize tensors holding mask-like huge values (amax > 1e30, or flagged).
+
+    Flagged: listed in ``export_qdq(flagged=...)`` (the CLI flags tensors whose
+    statistics saw non-finite values) or whose range says all values were NaN/inf.
 
     Pattern::
 
@@ -426,11 +430,11 @@ def skip_huge_tensors(ctx: PlacementContext, plan: Plan) -> None:
     """
     for t in plan.tensors:
         r = ctx.ranges.get(t)
-        if r is None:
-            continue
-        if r.amax > HUGE_AMAX:
+        if t in ctx.flagged:
+            reason = f"flagged: {ctx.flagged[t]}"
+        elif r is not None and r.amax > HUGE_AMAX:
             reason = f"amax {r.amax:.3g} > {HUGE_AMAX:g} (mask-like values)"
-        elif r.degenerate and ("finite" in r.degenerate or "inf" in r.degenerate.lower()):
+        elif r is not None and r.degenerate and ("nan" in r.degenerate.lower() or "non-finite" in r.degenerate):
             reason = f"flagged: {r.degenerate}"
         else:
             continue

@@ -129,7 +129,7 @@ def check_ranges_fit(model: Model, ranges: Ranges) -> None:
 
 
 def _check_needed(plan: Plan, ranges: Ranges) -> None:
-    missing = [t for t in plan.tensors if t not in ranges]
+    missing = [t for t in plan.tensors if t not in ranges and t not in plan.skipped]
     if missing:
         raise RangesError(
             f"no range for {len(missing)} tensor(s) the {plan.placement} placement quantizes: {_few(missing)}",
@@ -312,6 +312,7 @@ def export_qdq(
     exclude: Iterable[str] = (),
     weight_amax: Mapping[str, Any] | None = None,
     fold_bn: bool | None = None,
+    flagged: Mapping[str, str] | None = None,
 ) -> QdqModel:
     """Insert Q/DQ into a copy of ``model`` following ``placement``; ``model`` itself is not changed.
 
@@ -319,7 +320,9 @@ def export_qdq(
     names, op types or tensor names to keep float. ``weight_amax``: optional
     node name -> per-channel amax (array, or an object with ``.amax``) replacing
     max|w|. ``fold_bn``: fold Conv+BatchNormalization first (default: only for
-    the "ort" placement, see ``calib.export.fold``).
+    the "ort" placement, see ``calib.export.fold``). ``flagged``: tensor ->
+    reason for tensors that must never be quantized (e.g. statistics saw
+    non-finite values); they are listed in ``QdqModel.skipped``.
     """
     if weights not in WEIGHT_MODES:
         raise ConfigError(f"weights='{weights}': expected one of {', '.join(WEIGHT_MODES)}")
@@ -334,7 +337,7 @@ def export_qdq(
             work = model_from_proto(proto)
             work.sha256 = model.sha256
             excluded_nodes = frozenset(n for n in excluded_nodes if n in work.nodes)
-    ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors)
+    ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors, dict(flagged or {}))
     plan = make_plan(ctx, placement, per_channel=weights == "per_channel")
     _check_needed(plan, ranges)
     amax = _shared_amax(plan, ranges)
@@ -359,11 +362,13 @@ def export_qdq(
         rules.setdefault(e.tensor, [])
         if why not in rules[e.tensor]:
             rules[e.tensor].append(why)
+    position = {t: i for i, t in enumerate(activations)}
+    ordered = sorted(plan.tensors, key=lambda t: (position.get(t, len(position)), t))
     result = QdqModel(
         model=proto,
         tensor_map=tensor_map,
         quantized_nodes=[n.name for n in work.graph.node if n.name in plan.quantized_nodes],
-        activation_tensors=plan.tensors,
+        activation_tensors=ordered,
         excluded=sorted(excluded_nodes),
         placement=placement,
         skipped=dict(plan.skipped),

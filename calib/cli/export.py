@@ -1,0 +1,155 @@
+"""``calib export`` (Q/DQ ONNX, TensorRT cache, scale report) and ``calib build-engine``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from calib.cli._common import echo
+from calib.errors import ConfigError
+
+__all__ = ["register"]
+
+_EXPORT_EPILOG = """Examples:
+
+  calib export model.onnx --stats stats.npz --method entropy -o model.int8.onnx
+
+  calib export model.onnx --stats stats.npz -o model.int8.onnx --cache model.cache --report scales.json
+
+  calib export model.onnx --ranges ranges.json --method percentile:99.99 -o m.int8.onnx --exclude /head/MatMul
+
+  calib export model.onnx --stats stats.npz --placement ort -o model.ort.int8.onnx
+"""
+
+_BUILD_EPILOG = """Examples:
+
+  calib build-engine model.int8.onnx -o model.engine
+
+  calib build-engine model.int8.onnx -o model.engine --print-trtexec
+
+  calib build-engine model.onnx --cache model.cache -o model.engine   (TensorRT 10 only)
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="export", epilog=_EXPORT_EPILOG)(export_cmd)
+    app.command(name="build-engine", epilog=_BUILD_EPILOG)(build_engine_cmd)
+
+
+def _ranges_from_stats(stats_path: Path, model, method: str, want_all: bool):
+    from calib.calibrate import calibrate, calibrate_all, parse_method
+    from calib.stats import ActivationStats
+
+    stats = ActivationStats.load(stats_path)
+    stats.check_model(model)
+    m = parse_method(method)
+    chosen = calibrate(stats, m)
+    all_ranges = {chosen.method: chosen}
+    if want_all:
+        for label, r in calibrate_all(stats).items():
+            all_ranges.setdefault(label, r)
+    flagged = {t: f"{h.n_nonfinite} of {h.n} values were NaN/inf" for t, h in stats.tensors.items()
+               if h.n_nonfinite}
+    return chosen, all_ranges, stats, flagged
+
+
+def _ranges_from_file(path: Path, method: Optional[str]):
+    from calib.calibrate import load_ranges, parse_method
+
+    all_ranges = load_ranges(path)
+    if method is None:
+        if len(all_ranges) != 1:
+            raise ConfigError(f"{path} holds ranges of {len(all_ranges)} methods ({', '.join(all_ranges)}); "
+                              "pick one with --method")
+        return next(iter(all_ranges.values())), all_ranges
+    label = parse_method(method).label
+    for key in (method, label):
+        if key in all_ranges:
+            return all_ranges[key], all_ranges
+    raise ConfigError(f"{path} has no ranges for method '{method}' (it has {', '.join(all_ranges)})",
+                      hint="run 'calib calibrate' with that method, or pick one of those")
+
+
+def export_cmd(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
+    stats: Optional[Path] = typer.Option(None, "--stats", "-s", help="Statistics from 'calib collect' (.npz)."),
+    ranges: Optional[Path] = typer.Option(None, "--ranges", "-r", help="ranges.json from 'calib calibrate' "
+                                          "(instead of --stats)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="entropy | minmax | percentile[:P] | mse "
+                                         "(default entropy with --stats; with --ranges the file's only method)."),
+    placement: str = typer.Option("trt", "--placement", "-p", help="trt: TensorRT's Q/DQ rules (default); "
+                                  "ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+    exclude: List[str] = typer.Option([], "--exclude", "-x", help="Node name, op type or tensor name to keep "
+                                      "float (repeatable)."),
+    weights: str = typer.Option("per_channel", "--weights", help="per_channel | per_tensor."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Also write a TensorRT calibration cache "
+                                         "(FP32 tensor names; TensorRT 10 implicit INT8)."),
+    trt_version: Optional[int] = typer.Option(None, "--trt-version", help="Version in the cache header, "
+                                              "NV_TENSORRT_VERSION style (default 100300 = TensorRT 10.3.0)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON scale report."),
+) -> None:
+    """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
+    from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
+    from calib.model import load_model
+
+    if (stats is None) == (ranges is None):
+        raise ConfigError("give exactly one of --stats and --ranges",
+                          hint="calib export model.onnx --stats stats.npz -o model.int8.onnx")
+    m = load_model(model)
+    for note in m.notes:
+        echo(f"model: {note}")
+    stats_obj, flagged = None, {}
+    if stats is not None:
+        chosen, all_ranges, stats_obj, flagged = _ranges_from_stats(stats, m, method or "entropy",
+                                                                    report is not None)
+    else:
+        chosen, all_ranges = _ranges_from_file(ranges, method)
+    qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
+    doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
+    qdq.save(output)
+    echo(f"{qdq.summary()} -> {output}")
+    for t, why in list(qdq.skipped.items())[:5]:
+        echo(f"  skipped {t}: {why}")
+    if len(qdq.skipped) > 5:
+        echo(f"  ... {len(qdq.skipped) - 5} more skipped (see --report)")
+    if cache is not None:
+        known = set(m.producers) | {i.name for i in m.inputs}
+        entries = {t: r for t, r in chosen.tensors.items() if t in known}
+        write_cache(cache, entries, version=trt_version or DEFAULT_TRT_VERSION)
+        echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {cache}")
+    if doc is not None:
+        write_scale_report(report, doc)
+        echo(f"scale report ({len(doc['activations'])} tensors, {len(doc['weights'])} weights) -> {report}")
+
+
+def build_engine_cmd(
+    model: Path = typer.Argument(..., help="Q/DQ ONNX from 'calib export' (or the FP32 model with --cache)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Serialized TensorRT engine to write."),
+    fp16: bool = typer.Option(False, "--fp16", help="Let float layers run in FP16 (TensorRT 10: weakly typed "
+                              "build with INT8+FP16 flags)."),
+    workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="Builder workspace limit in MiB."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="TensorRT 10 implicit INT8: MODEL is the FP32 "
+                                         "ONNX and this is the calibration cache from 'calib export --cache'."),
+    batch: int = typer.Option(1, "--batch", help="Batch size for a dynamic batch axis."),
+    print_trtexec: bool = typer.Option(False, "--print-trtexec", help="Print the equivalent trtexec command "
+                                       "lines and exit without building (works without TensorRT)."),
+) -> None:
+    """Build a TensorRT engine (strongly typed where the TensorRT version has it)."""
+    from calib import trt as trt_adapter
+
+    workspace = workspace_mb * (1 << 20) if workspace_mb else None
+    if print_trtexec:
+        for line in trt_adapter.trtexec_commands(model, output, cache=cache, fp16=fp16, workspace_bytes=workspace):
+            print(line)
+        return
+    if not model.exists():
+        raise ConfigError(f"{model}: no such file")
+    if cache is not None:
+        path = trt_adapter.build_engine_from_cache(model, cache, output, fp16=fp16, workspace_bytes=workspace,
+                                                   batch=batch)
+    else:
+        path = trt_adapter.build_engine(model, output, fp16=fp16, workspace_bytes=workspace, batch=batch)
+    echo(f"TensorRT {'.'.join(map(str, trt_adapter.tensorrt_version()))} engine -> {path}")
