@@ -429,7 +429,7 @@ def skip_huge_tensors(ctx: PlacementContext, plan: Plan) -> None:
     listed in ``Plan.skipped`` with the reason, never dropped silently.
     """
     for t in plan.tensors:
-        r = ctx.ranges.get(t)
+        r = getattr(ctx.ranges, "tensors", ctx.ranges).get(t)  # Ranges[t] raises RangesError, not KeyError
         if t in ctx.flagged:
             reason = f"flagged: {ctx.flagged[t]}"
         elif r is not None and r.amax > HUGE_AMAX:

@@ -129,7 +129,8 @@ def check_ranges_fit(model: Model, ranges: Ranges) -> None:
 
 
 def _check_needed(plan: Plan, ranges: Ranges) -> None:
-    missing = [t for t in plan.tensors if t not in ranges and t not in plan.skipped]
+    known = getattr(ranges, "tensors", ranges)  # `in` on Ranges would raise RangesError, not return False
+    missing = [t for t in plan.tensors if t not in known and t not in plan.skipped]
     if missing:
         raise RangesError(
             f"no range for {len(missing)} tensor(s) the {plan.placement} placement quantizes: {_few(missing)}",
