@@ -1,0 +1,224 @@
+"""``calib run CONFIG.toml``: one file describes a whole calibration run.
+
+Every key is documented in ``KEYS`` (shown by ``calib run --help-keys`` and in
+the README). Unknown keys are refused with the closest known key; types are
+checked; relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calib.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help"]
+
+
+# section -> key -> (type, default, help)
+KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
+    "run": {
+        "name": (str, "", "Run name (default: the model's file name)."),
+        "store": (str, "calib-runs", "Run store folder; each run writes a directory inside it."),
+    },
+    "model": {
+        "path": (str, None, "FP32 ONNX model (required). Never modified."),
+        "providers": (list, ["cpu"], "ONNX Runtime execution providers, e.g. [\"cpu\"]."),
+    },
+    "data": {
+        "calib": (str, None, "Calibration data (required): .npz/.npy, an image folder or a CSV/JSONL manifest."),
+        "eval": (str, "", "Evaluation data for compare/advise/best (optional; same formats)."),
+        "batch_size": (int, 8, "Samples per ONNX Runtime run."),
+        "limit": (int, 0, "Use at most this many calibration samples (0 = all)."),
+        "skip_bad": (bool, False, "Skip unreadable images (and count them) instead of failing."),
+    },
+    "preprocess": {
+        "spec": (dict, {}, "Image preprocessing (resize_short, crop, layout, color, scale, mean, std, dtype); "
+                           "empty = guessed from the model. Written resolved into the run."),
+    },
+    "sampling": {
+        "strategy": (str, "", "Pick a calibration subset: random | stratified | kmeans | kcenter ('' = use all)."),
+        "n": (int, 0, "Subset size (with strategy)."),
+        "seed": (int, 0, "Random seed for sampling."),
+    },
+    "calibrate": {
+        "methods": (list, ["entropy", "minmax", "percentile", "mse"], "Methods to compute (all from one pass)."),
+        "primary": (str, "entropy", "Method of the exported model: a method name, or 'best' (needs eval data)."),
+    },
+    "export": {
+        "placement": (str, "trt", "Q/DQ placement: trt (TensorRT's rules) or ort (ONNX Runtime CPU fusions)."),
+        "exclude": (list, [], "Node names, op types or tensor names to keep in float."),
+        "cache": (bool, True, "Also write a TensorRT calibration cache (TensorRT <= 10)."),
+        "all_methods": (bool, True, "Export a Q/DQ model for every method (needed to compare them)."),
+    },
+    "compare": {
+        "enabled": (bool, True, "Compare FP32 vs INT8 per layer on the eval data (if given)."),
+        "metric": (str, "", "User metric as 'module:function' (optional)."),
+        "html": (bool, True, "Write report.html."),
+    },
+    "target": {
+        "metric": (str, "", "Accuracy target, e.g. 'cosine:0.99' or 'top1:0.99'; runs advise when set."),
+        "max_float_nodes": (int, 0, "Give up after this many float nodes (0 = no limit)."),
+    },
+}
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    store: Path = Path("calib-runs")
+    model: Path = Path()
+    providers: list[str] = field(default_factory=lambda: ["cpu"])
+    calib_data: Path = Path()
+    eval_data: Path | None = None
+    batch_size: int = 8
+    limit: int = 0
+    skip_bad: bool = False
+    preprocess: dict = field(default_factory=dict)
+    sampling_strategy: str = ""
+    sampling_n: int = 0
+    sampling_seed: int = 0
+    methods: list[str] = field(default_factory=lambda: ["entropy", "minmax", "percentile", "mse"])
+    primary: str = "entropy"
+    placement: str = "trt"
+    exclude: list[str] = field(default_factory=list)
+    cache: bool = True
+    all_methods: bool = True
+    compare: bool = True
+    compare_metric: str = ""
+    html: bool = True
+    target: str = ""
+    max_float_nodes: int = 0
+    source: Path | None = None  # the config file
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def keys_help() -> str:
+    lines = []
+    for sec, keys in KEYS.items():
+        lines.append(f"[{sec}]")
+        for k, (t, default, text) in keys.items():
+            d = "required" if default is None else f"default {default!r}"
+            lines.append(f"  {k} ({t.__name__}, {d}): {text}")
+    return "\n".join(lines)
+
+
+def _suggest(name: str, options: list[str]) -> str | None:
+    m = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"did you mean '{m[0]}'?" if m else None
+
+
+def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
+    vals: dict[str, dict[str, Any]] = {}
+    for sec, body in doc.items():
+        if sec not in KEYS:
+            raise ConfigError(f"{source}: unknown section [{sec}]", hint=_suggest(sec, list(KEYS)))
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{sec}] must be a table")
+        for k, v in body.items():
+            if k not in KEYS[sec]:
+                raise ConfigError(f"{source}: unknown key '{sec}.{k}'", hint=_suggest(k, list(KEYS[sec])))
+            t = KEYS[sec][k][0]
+            ok = isinstance(v, t) and not (t is int and isinstance(v, bool))
+            if t is float and isinstance(v, int):
+                ok = True
+            if not ok:
+                raise ConfigError(f"{source}: '{sec}.{k}' must be {t.__name__}, got {type(v).__name__} ({v!r})")
+        vals[sec] = body
+
+    def get(sec: str, k: str) -> Any:
+        t, default, _ = KEYS[sec][k]
+        if k in vals.get(sec, {}):
+            return vals[sec][k]
+        if default is None:
+            raise ConfigError(f"{source}: '{sec}.{k}' is required", hint=f"add it under [{sec}]")
+        return default
+
+    def path(sec: str, k: str, must_exist: bool = True) -> Path | None:
+        v = get(sec, k)
+        if v == "":
+            return None
+        p = Path(v).expanduser()
+        p = p if p.is_absolute() else (base / p)
+        if must_exist and not p.exists():
+            raise ConfigError(f"{source}: '{sec}.{k}' = {v!r}: {p} does not exist")
+        return p
+
+    from calib.calibrate import parse_method
+
+    methods = get("calibrate", "methods")
+    for m in methods:
+        if not isinstance(m, str):
+            raise ConfigError(f"{source}: calibrate.methods must be a list of strings, got {m!r}")
+        try:
+            parse_method(m)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.methods: {e}") from None
+    primary = get("calibrate", "primary")
+    if primary != "best":
+        try:
+            parse_method(primary)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.primary: {e}") from None
+    placement = get("export", "placement")
+    if placement not in ("trt", "ort"):
+        raise ConfigError(f"{source}: export.placement must be 'trt' or 'ort', got {placement!r}")
+    target = get("target", "metric")
+    if target:
+        _check_target(target, source)
+    strategy = get("sampling", "strategy")
+    if strategy and strategy not in ("random", "stratified", "kmeans", "kcenter"):
+        raise ConfigError(f"{source}: sampling.strategy {strategy!r} is not one of random, stratified, kmeans, "
+                          "kcenter", hint=_suggest(strategy, ["random", "stratified", "kmeans", "kcenter"]))
+    model = path("model", "path")
+    eval_data = path("data", "eval")
+    if (primary == "best" or target) and eval_data is None:
+        raise ConfigError(f"{source}: calibrate.primary = 'best' and target.metric need data.eval")
+    store = Path(get("run", "store"))
+    return RunConfig(
+        name=get("run", "name") or (model.stem if model else "run"),
+        store=store if store.is_absolute() else base / store,
+        model=model, providers=list(get("model", "providers")),
+        calib_data=path("data", "calib"), eval_data=eval_data,
+        batch_size=get("data", "batch_size"), limit=get("data", "limit"), skip_bad=get("data", "skip_bad"),
+        preprocess=dict(get("preprocess", "spec")),
+        sampling_strategy=strategy, sampling_n=get("sampling", "n"), sampling_seed=get("sampling", "seed"),
+        methods=list(methods), primary=primary, placement=placement, exclude=list(get("export", "exclude")),
+        cache=get("export", "cache"), all_methods=get("export", "all_methods"),
+        compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
+        target=target, max_float_nodes=get("target", "max_float_nodes"),
+    )
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    cfg = parse_config(doc, base=path.parent.resolve(), source=str(path))
+    cfg.source = path
+    return cfg
+
+
+def _check_target(text: str, source: str) -> None:
+    """Validate a target string with the compare stage's parser."""
+    from calib.compare import parse_target
+
+    try:
+        parse_target(text)
+    except Exception as e:
+        raise ConfigError(f"{source}: target.metric: {e}") from None

@@ -1,0 +1,295 @@
+"""The whole loop as one call: collect -> calibrate -> export -> compare -> advise.
+
+``quantize`` is the one-shot path (``calib quantize``): files in, files out.
+``execute`` runs a ``RunConfig`` into a run directory of a ``RunStore``
+(``calib run``, ``calib demo``, the dashboard's "new run" and "re-calibrate").
+Both use the same steps; nothing here draws progress or prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from calib.calibrate import Ranges, calibrate_all, parse_method, save_ranges, weight_ranges
+from calib.collect import collect
+from calib.config import RunConfig
+from calib.errors import CalibError, InputDataError, TargetNotMet
+from calib.model import Model, load_model
+from calib.runs import Run, RunStore, fingerprint_path
+from calib.stats import ActivationStats
+
+__all__ = ["quantize", "execute", "QuantizeResult", "method_file_label", "open_run_data"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def method_file_label(label: str) -> str:
+    return label.replace(":", "-")
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    method: str
+    ranges: dict[str, Ranges]
+    stats: ActivationStats
+    excluded: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> task metrics
+    best: str | None = None
+    advice: Any = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    target_met: bool | None = None
+
+
+def open_run_data(path: Path, model: Model, *, preprocess: dict | None = None, skip_bad: bool = False):
+    """Open a data path with an optional preprocessing spec (dict) for image sources."""
+    from calib.data import open_data
+
+    if preprocess or skip_bad:
+        try:
+            from calib.data.sources import open_source
+        except ImportError:
+            return open_data(path, model)
+        kwargs: dict[str, Any] = {"skip_bad": skip_bad}
+        if preprocess:
+            from calib.data.preprocess import PreprocessSpec
+
+            kwargs["preprocess"] = PreprocessSpec.from_dict(preprocess)
+        if Path(path).suffix in (".npz", ".npy"):
+            return open_data(path, model)
+        return open_source(path, model, **kwargs)
+    return open_data(path, model)
+
+
+def _stats_key(model: Model, tensors: Sequence[str], extra: dict) -> str:
+    h = hashlib.sha256()
+    h.update(model.sha256.encode())
+    h.update("\0".join(tensors).encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _compare_method(model: Model, qdq_proto, eval_source, *, batch_size: int, metric: str, stats, ranges,
+                    progress: Progress | None, html: Path | None, json_path: Path | None):
+    from calib.compare import compare, write_report
+
+    rep = compare(model, qdq_proto, eval_source, batch_size=batch_size, metric=metric or None, progress=progress)
+    if json_path is not None or html is not None:
+        write_report(rep, json_path=json_path, html_path=html, stats=stats, ranges=ranges)
+    return rep
+
+
+def _score(task: dict[str, Any], target: str) -> float:
+    """The number 'best' and targets maximise: the target's metric if given, else top-1 agreement,
+    else output cosine."""
+    if target:
+        name = target.split(":", 1)[0]
+        if name in task and isinstance(task[name], (int, float)):
+            return float(task[name])
+    for k in ("top1_agreement", "top1", "output_cosine", "cosine"):
+        v = task.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return float("-inf")
+
+
+def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
+             method: str = "entropy", cache: str | os.PathLike | None = None,
+             report: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
+             target: str = "", placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = 8,
+             limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
+             progress: Progress | None = None) -> QuantizeResult:
+    """Collect, calibrate, export; with eval data and a target, compare and advise."""
+    from calib.export import export_qdq, scale_report, write_cache, write_scale_report
+
+    output = Path(output)
+    model = load_model(model_path)
+    if (method == "best" or target) and eval_data is None:
+        raise InputDataError("--method best and --target need --eval-data", hint="pass evaluation data")
+    methods = ["entropy", "minmax", "percentile", "mse"]
+    if method != "best":
+        m = parse_method(method)
+        if m.label not in methods:
+            methods.append(m.label)
+    source = open_run_data(Path(data), model)
+    stats = collect(model, source, batch_size=batch_size, limit=limit, providers=providers, progress=progress)
+    ranges = calibrate_all(stats, methods)
+    result = QuantizeResult(output, method, ranges, stats)
+    ev = open_run_data(Path(eval_data), model) if eval_data is not None else None
+    chosen = method if method != "best" else None
+    if method == "best":
+        for label, r in ranges.items():
+            q = export_qdq(model, r, placement=placement, exclude=exclude)
+            rep = _compare_method(model, q.model, ev, batch_size=batch_size, metric=metric, stats=None,
+                                  ranges=None, progress=progress, html=None, json_path=None)
+            result.metrics[label] = rep.task
+        chosen = max(result.metrics, key=lambda k: _score(result.metrics[k], target))
+        result.best = chosen
+    chosen_label = parse_method(chosen).label
+    qdq = export_qdq(model, ranges[chosen_label], placement=placement, exclude=exclude)
+    result.method = chosen_label
+    if target:
+        from calib.compare import advise
+
+        adv = advise(model, stats, ev, target=target, methods=list(ranges), start_method=chosen_label,
+                     placement=placement, exclude=exclude, batch_size=batch_size, metric=metric or None,
+                     progress=progress)
+        result.advice = adv
+        result.target_met = bool(adv.met)
+        qdq = adv.qdq
+        result.excluded = list(adv.exclude)
+    qdq.save(output)
+    result.artifacts["model"] = output
+    if cache is not None:
+        write_cache(cache, ranges[chosen_label])
+        result.artifacts["cache"] = Path(cache)
+    if report is not None:
+        write_scale_report(report, scale_report(qdq, ranges, chosen=chosen_label, stats=stats, model=model))
+        result.artifacts["report"] = Path(report)
+    if result.advice is not None and not result.target_met:
+        raise TargetNotMet(f"target {target} not met even with {len(result.excluded)} float nodes; "
+                           f"best model kept at {output}", hint="relax the target or improve the calibration data")
+    return result
+
+
+# ---- recorded runs -------------------------------------------------------------------
+
+
+def execute(cfg: RunConfig, *, store: RunStore | None = None, command: list[str] | None = None,
+            progress: Progress | None = None, calib_ids: Sequence[str] | None = None) -> Run:
+    """Run ``cfg`` into a new run directory; the run is marked complete only at the very end.
+
+    ``calib_ids``: restrict the calibration set to these sample ids (the dashboard's
+    edited calibration set); recorded in the run as ``calib_ids.json``.
+    """
+    store = store or RunStore(cfg.store)
+    model = load_model(cfg.model)
+    data_fp = fingerprint_path(cfg.calib_data)
+    run = store.create(cfg.name, command=command, config=cfg.to_dict(), method=cfg.primary,
+                       model={"path": str(Path(cfg.model).resolve()), "sha256": model.sha256,
+                              "notes": model.notes},
+                       data={"path": str(Path(cfg.calib_data).resolve()), "fingerprint": data_fp,
+                             "eval": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else ""})
+    try:
+        _execute(cfg, run, store, model, data_fp, progress, calib_ids)
+    except BaseException as e:
+        msg = f"{type(e).__name__}: {e}" if not isinstance(e, CalibError) else str(e)
+        run.fail(msg)
+        raise
+    run.complete()
+    return run
+
+
+def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: str,
+             progress: Progress | None, calib_ids: Sequence[str] | None) -> None:
+    from calib.export import export_qdq, scale_report, write_cache, write_scale_report
+    from calib.io import write_json
+
+    source = open_run_data(cfg.calib_data, model, preprocess=cfg.preprocess, skip_bad=cfg.skip_bad)
+    spec = getattr(source, "preprocess", None)
+    if spec is not None and hasattr(spec, "to_dict"):
+        write_json(run.add_artifact("preprocess", "preprocess.json"), spec.to_dict())
+    if calib_ids is not None:
+        source = _subset_by_ids(source, calib_ids)
+        write_json(run.add_artifact("calib_ids", "calib_ids.json"), list(calib_ids))
+    elif cfg.sampling_strategy and cfg.sampling_n:
+        from calib.data.sampling import select
+
+        with run.timing("sample"):
+            sel = select(source, cfg.sampling_n, strategy=cfg.sampling_strategy, seed=cfg.sampling_seed,
+                         model=model, progress=progress)
+        source = _subset_by_ids(source, sel.ids)
+        write_json(run.add_artifact("subset", "subset.json"), sel.to_dict())
+    tensors = model.activation_tensors()
+    key = _stats_key(model, tensors, {"limit": cfg.limit, "ids": list(calib_ids) if calib_ids else None,
+                                      "sampling": [cfg.sampling_strategy, cfg.sampling_n, cfg.sampling_seed],
+                                      "preprocess": cfg.preprocess})
+    run.update(stats_key=key)
+    reused = store.find_stats(model.sha256, data_fp, key)
+    stats_path = run.add_artifact("stats", "stats.npz")
+    with run.timing("collect"):
+        if reused is not None:
+            shutil.copyfile(reused, stats_path.with_name(".stats.npz.tmp"))
+            os.replace(stats_path.with_name(".stats.npz.tmp"), stats_path)
+            stats = ActivationStats.load(stats_path)
+            run.update(stats_reused_from=str(reused.parent.name))
+        else:
+            stats = collect(model, source, batch_size=cfg.batch_size, limit=cfg.limit or None,
+                            providers=cfg.providers, progress=progress)
+            stats.save(stats_path)
+    run.update(n_samples=stats.n_samples)
+    with run.timing("calibrate"):
+        ranges = calibrate_all(stats, cfg.methods)
+        save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
+    primary = cfg.primary if cfg.primary == "best" else parse_method(cfg.primary).label
+    if primary != "best" and primary not in ranges:
+        ranges.update(calibrate_all(stats, [primary]))
+    ev = open_run_data(cfg.eval_data, model, preprocess=cfg.preprocess, skip_bad=cfg.skip_bad) \
+        if cfg.eval_data else None
+    labels = list(ranges) if (cfg.all_methods or primary == "best") else [primary]
+    metrics: dict[str, dict] = {}
+    qdqs = {}
+    for label in labels:
+        with run.timing(f"export:{label}"):
+            q = export_qdq(model, ranges[label], placement=cfg.placement, exclude=cfg.exclude)
+            q.save(run.add_artifact(f"qdq:{label}", f"model.{method_file_label(label)}.int8.onnx"))
+            qdqs[label] = q
+        if ev is not None and cfg.compare:
+            with run.timing(f"compare:{label}"):
+                rep = _compare_method(
+                    model, q.model, ev, batch_size=cfg.batch_size, metric=cfg.compare_metric, stats=stats,
+                    ranges=ranges, progress=progress,
+                    html=run.add_artifact(f"report:{label}", f"report.{method_file_label(label)}.html")
+                    if cfg.html else None,
+                    json_path=run.add_artifact(f"compare:{label}", f"compare.{method_file_label(label)}.json"))
+            metrics[label] = rep.task
+    if primary == "best":
+        if not metrics:
+            raise InputDataError("calibrate.primary = 'best' needs evaluation data and compare enabled")
+        primary = max(metrics, key=lambda k: _score(metrics[k], cfg.target))
+    run.update(method=primary, metrics_by_method=metrics)
+    final = qdqs.get(primary) or export_qdq(model, ranges[primary], placement=cfg.placement, exclude=cfg.exclude)
+    summary: dict[str, Any] = {"method": primary, **{k: v for k, v in metrics.get(primary, {}).items()
+                                                      if isinstance(v, (int, float, str))}}
+    if cfg.target:
+        from calib.compare import advise
+
+        with run.timing("advise"):
+            adv = advise(model, stats, ev, target=cfg.target, methods=list(ranges), start_method=primary,
+                         placement=cfg.placement, exclude=cfg.exclude, batch_size=cfg.batch_size,
+                         metric=cfg.compare_metric or None, max_float_nodes=cfg.max_float_nodes or None,
+                         progress=progress)
+        write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
+        final = adv.qdq
+        summary.update({"target": cfg.target, "target_met": bool(adv.met), "float_nodes": len(adv.exclude),
+                        "advised_metric": adv.metric_value})
+    final.save(run.add_artifact("model", "model.int8.onnx"))
+    if cfg.cache:
+        write_cache(run.add_artifact("cache", "model.cache"), ranges[primary])
+    write_scale_report(run.add_artifact("scales", "scales.json"),
+                       scale_report(final, ranges, chosen=primary, stats=stats, model=model))
+    if "report:" + primary in run.manifest.get("artifacts", {}) and cfg.html:
+        shutil.copyfile(run.dir / run.manifest["artifacts"]["report:" + primary], run.dir / ".report.tmp")
+        os.replace(run.dir / ".report.tmp", run.add_artifact("report", "report.html"))
+    run.set_metrics(summary)
+
+
+def _subset_by_ids(source, ids: Sequence[str]):
+    from calib.data import ListSource
+
+    want = list(ids)
+    wanted = set(want)
+    picked = {s.id: s for s in source if s.id in wanted}
+    missing = [i for i in want if i not in picked]
+    if missing:
+        raise InputDataError(f"sample '{missing[0]}' is not in the data ({len(missing)} id(s) missing)",
+                             hint="the data changed since the subset was made; resample")
+    return ListSource([picked[i] for i in want], layout=getattr(source, "layout", "batch"), name="subset")
