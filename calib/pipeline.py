@@ -50,23 +50,15 @@ class QuantizeResult:
 
 
 def open_run_data(path: Path, model: Model, *, preprocess: dict | None = None, skip_bad: bool = False):
-    """Open a data path with an optional preprocessing spec (dict) for image sources."""
-    from calib.data import open_data
+    """Open a data path (arrays, image folder, manifest, tokens) with an optional preprocessing spec."""
+    from calib.data.sources import open_source
 
-    if preprocess or skip_bad:
-        try:
-            from calib.data.sources import open_source
-        except ImportError:
-            return open_data(path, model)
-        kwargs: dict[str, Any] = {"skip_bad": skip_bad}
-        if preprocess:
-            from calib.data.preprocess import PreprocessSpec
+    spec = None
+    if preprocess:
+        from calib.data.preprocess import PreprocessSpec
 
-            kwargs["preprocess"] = PreprocessSpec.from_dict(preprocess)
-        if Path(path).suffix in (".npz", ".npy"):
-            return open_data(path, model)
-        return open_source(path, model, **kwargs)
-    return open_data(path, model)
+        spec = PreprocessSpec.from_dict(preprocess)
+    return open_source(path, model, spec=spec, skip_bad=skip_bad)
 
 
 def _stats_key(model: Model, tensors: Sequence[str], extra: dict) -> str:
@@ -283,13 +275,17 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
 
 
 def _subset_by_ids(source, ids: Sequence[str]):
-    from calib.data import ListSource
-
-    want = list(ids)
-    wanted = set(want)
-    picked = {s.id: s for s in source if s.id in wanted}
-    missing = [i for i in want if i not in picked]
+    """The samples of ``source`` with these ids, in this order, still read lazily."""
+    have = source.ids() if hasattr(source, "ids") else [smp.id for smp in source]
+    index = {sid: i for i, sid in enumerate(have)}
+    missing = [i for i in ids if i not in index]
     if missing:
         raise InputDataError(f"sample '{missing[0]}' is not in the data ({len(missing)} id(s) missing)",
                              hint="the data changed since the subset was made; resample")
-    return ListSource([picked[i] for i in want], layout=getattr(source, "layout", "batch"), name="subset")
+    if hasattr(source, "subset"):
+        return source.subset([index[i] for i in ids])
+    from calib.data import ListSource
+
+    wanted = set(ids)
+    picked = {smp.id: smp for smp in source if smp.id in wanted}
+    return ListSource([picked[i] for i in ids], layout=getattr(source, "layout", "batch"), name="subset")

@@ -59,6 +59,12 @@ class NpzSource:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def ids(self) -> list[str]:
+        return [self.sample_id(i) for i in self.indices]
+
+    def labels_list(self) -> list[int | None]:
+        return [None if self.labels is None else int(self.labels[i]) for i in self.indices]
+
     def sample_id(self, i: int) -> str:
         return f"{self.path.name}[{i}]"
 
