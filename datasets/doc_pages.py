@@ -31,6 +31,7 @@ import importlib.util
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import sys
@@ -220,8 +221,9 @@ def build_doc_pages(out_dir: str | os.PathLike, n_calib: int = 512, n_eval: int 
             (out / split / str(r)).mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     rows = []
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # fork: workers inherit this module even when it was loaded by path (calib.data.recipes)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             results = pool.map(_one, jobs, chunksize=32)
             rows = _write_all(out, jobs, results)
     else:

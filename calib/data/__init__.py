@@ -2,25 +2,19 @@
 
 from calib.data.arrays import NpzSource
 from calib.data.base import ListSource, Sample, Source, batches, check_feeds
+from calib.data.preprocess import PreprocessSpec, check_spec, guess_preprocess
+from calib.data.recipes import load_recipe
+from calib.data.sources import ImageFolderSource, ImageSource, ManifestSource, open_source
+from calib.data.tokens import TokenSource, pad_sequences
 
-__all__ = ["Sample", "Source", "ListSource", "NpzSource", "batches", "check_feeds"]
-
-
-def open_data(path, model=None):
-    """Open calibration/evaluation data by path: .npz/.npy arrays here; folders and manifests when
-    ``calib.data.sources`` provides them."""
-    from pathlib import Path
-
-    p = Path(path)
-    if p.suffix in (".npz", ".npy"):
-        return NpzSource(p, model.inputs if model is not None else None)
-    try:
-        from calib.data.sources import open_source
-    except ImportError:
-        from calib.errors import InputDataError
-
-        raise InputDataError(f"{p}: unsupported data (expected .npz or .npy)") from None
-    return open_source(p, model)
+__all__ = ["Sample", "Source", "ListSource", "NpzSource", "batches", "check_feeds", "open_data",
+           "PreprocessSpec", "guess_preprocess", "check_spec", "ImageSource", "ImageFolderSource", "ManifestSource",
+           "open_source", "TokenSource", "pad_sequences", "load_recipe"]
 
 
-__all__.append("open_data")
+def open_data(path, model=None, **options):
+    """Open calibration/evaluation data by path (``.npz``/``.npy``, image folder, manifest, token JSONL).
+
+    Same as ``open_source``; ``options`` are its keyword arguments (spec, split, confine, skip_bad, classes).
+    """
+    return open_source(path, model, **options)
