@@ -23,6 +23,8 @@ else:  # pragma: no cover
 __all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help"]
 
 
+REQUIRED = object()  # default of a key that must be given
+
 # section -> key -> (type, default, help)
 KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "run": {
@@ -30,19 +32,29 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "store": (str, "calib-runs", "Run store folder; each run writes a directory inside it."),
     },
     "model": {
-        "path": (str, None, "FP32 ONNX model (required). Never modified."),
+        "path": (str, REQUIRED, "FP32 ONNX model. Never modified."),
         "providers": (list, ["cpu"], "ONNX Runtime execution providers, e.g. [\"cpu\"]."),
     },
     "data": {
-        "calib": (str, None, "Calibration data (required): .npz/.npy, an image folder or a CSV/JSONL manifest."),
+        "calib": (str, REQUIRED, "Calibration data: .npz/.npy, an image folder or a CSV/JSONL manifest."),
         "eval": (str, "", "Evaluation data for compare/advise/best (optional; same formats)."),
         "batch_size": (int, 8, "Samples per ONNX Runtime run."),
         "limit": (int, 0, "Use at most this many calibration samples (0 = all)."),
         "skip_bad": (bool, False, "Skip unreadable images (and count them) instead of failing."),
     },
+    # Image preprocessing; leave the section out to use the spec guessed from the model. The spec
+    # used is written into the run (preprocess.json).
     "preprocess": {
-        "spec": (dict, {}, "Image preprocessing (resize_short, crop, layout, color, scale, mean, std, dtype); "
-                           "empty = guessed from the model. Written resolved into the run."),
+        "resize": (list, None, "Resize to [height, width] (or use resize_short)."),
+        "resize_short": (int, None, "Resize so the short side has this length, keeping the aspect."),
+        "resample": (str, "bilinear", "Pillow filter: nearest | bilinear | bicubic | lanczos."),
+        "crop": (list, None, "Centre crop [height, width]."),
+        "layout": (str, "NCHW", "NCHW or NHWC."),
+        "channels": (str, "RGB", "RGB, BGR or L (grey)."),
+        "scale": (float, 1 / 255, "Multiply pixel values (0-255) by this first."),
+        "mean": (list, [0.0, 0.0, 0.0], "Subtract per channel (after scale)."),
+        "std": (list, [1.0, 1.0, 1.0], "Divide per channel (after mean)."),
+        "dtype": (str, "float32", "float32 | float16 | uint8 | int8."),
     },
     "sampling": {
         "strategy": (str, "", "Pick a calibration subset: random | stratified | kmeans | kcenter ('' = use all)."),
@@ -109,7 +121,7 @@ def keys_help() -> str:
     for sec, keys in KEYS.items():
         lines.append(f"[{sec}]")
         for k, (t, default, text) in keys.items():
-            d = "required" if default is None else f"default {default!r}"
+            d = "required" if default is REQUIRED else f"default {default!r}"
             lines.append(f"  {k} ({t.__name__}, {d}): {text}")
     return "\n".join(lines)
 
@@ -138,10 +150,10 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         vals[sec] = body
 
     def get(sec: str, k: str) -> Any:
-        t, default, _ = KEYS[sec][k]
+        _, default, _ = KEYS[sec][k]
         if k in vals.get(sec, {}):
             return vals[sec][k]
-        if default is None:
+        if default is REQUIRED:
             raise ConfigError(f"{source}: '{sec}.{k}' is required", hint=f"add it under [{sec}]")
         return default
 
@@ -192,7 +204,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         model=model, providers=list(get("model", "providers")),
         calib_data=path("data", "calib"), eval_data=eval_data,
         batch_size=get("data", "batch_size"), limit=get("data", "limit"), skip_bad=get("data", "skip_bad"),
-        preprocess=dict(get("preprocess", "spec")),
+        preprocess=_preprocess(vals.get("preprocess", {}), source),
         sampling_strategy=strategy, sampling_n=get("sampling", "n"), sampling_seed=get("sampling", "seed"),
         methods=list(methods), primary=primary, placement=placement, exclude=list(get("export", "exclude")),
         cache=get("export", "cache"), all_methods=get("export", "all_methods"),
@@ -222,3 +234,17 @@ def _check_target(text: str, source: str) -> None:
         parse_target(text)
     except Exception as e:
         raise ConfigError(f"{source}: target.metric: {e}") from None
+
+
+def _preprocess(section: dict, source: str) -> dict:
+    """Validate the [preprocess] section with the data stage's spec; {} = guess from the model."""
+    if not section:
+        return {}
+    from calib.data.preprocess import PreprocessSpec
+
+    try:
+        return PreprocessSpec.from_dict(dict(section), source=f"{source} [preprocess]").to_dict()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{source} [preprocess]: {e}") from None
