@@ -172,6 +172,9 @@ def execute(cfg: RunConfig, *, store: RunStore | None = None, command: list[str]
                              "eval": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else ""})
     try:
         _execute(cfg, run, store, model, data_fp, progress, calib_ids)
+    except KeyboardInterrupt:
+        run.update(status="incomplete", error="interrupted")
+        raise
     except BaseException as e:
         msg = f"{type(e).__name__}: {e}" if not isinstance(e, CalibError) else str(e)
         run.fail(msg)

@@ -47,6 +47,10 @@ for _name in _MODULES:
     _mod.register(app)
 
 
+def _sigterm(signum, frame):  # a terminated run is recorded as interrupted, like Ctrl-C
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code instead of exiting."""
     try:
@@ -74,8 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, click.exceptions.Abort):
             return 130
         raise
+    except KeyboardInterrupt:
+        print("calib: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def entry() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     sys.exit(main())
