@@ -72,6 +72,23 @@ def _ranges_from_file(path: Path, method: Optional[str]):
                       hint="run 'calib calibrate' with that method, or pick one of those")
 
 
+def _check_outputs(*paths: Optional[Path]) -> None:
+    """Refuse unusable output paths before any work (calib.io checks the folder's permissions only)."""
+    from calib.errors import CalibError
+
+    for p in paths:
+        if p is None:
+            continue
+        if p.is_dir():
+            raise CalibError(f"{p}: is a folder; give a file path for the output")
+        for parent in p.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise CalibError(f"{p}: cannot create the output folder ({parent} is a file)",
+                                     hint="choose another output path")
+                break
+
+
 def export_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
@@ -98,6 +115,7 @@ def export_cmd(
     if (stats is None) == (ranges is None):
         raise ConfigError("give exactly one of --stats and --ranges",
                           hint="calib export model.onnx --stats stats.npz -o model.int8.onnx")
+    _check_outputs(output, cache, report)
     m = load_model(model)
     for note in m.notes:
         echo(f"model: {note}")
@@ -147,6 +165,7 @@ def build_engine_cmd(
         return
     if not model.exists():
         raise ConfigError(f"{model}: no such file")
+    _check_outputs(output)
     if cache is not None:
         path = trt_adapter.build_engine_from_cache(model, cache, output, fp16=fp16, workspace_bytes=workspace,
                                                    batch=batch)
