@@ -1,0 +1,107 @@
+"""Evaluate many INT8 variants against FP32 outputs on one evaluation set, batch by batch.
+
+``Evaluator`` keeps the FP32 reference outputs of the evaluation set once they
+are computed (when they fit ``cache_bytes``; otherwise the FP32 model runs again
+each pass), so every later pass runs only the variant sessions. Each pass runs
+several sessions (``build_multi`` models, several variants each) on the same
+batch and folds every variant's outputs into its own ``OutputMetrics``. A
+``stop(metrics, n_samples)`` callback can end a pass early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from calib.compare.report import run_batches
+from calib.compare.runners import open_runner
+from calib.compare.targets import OutputMetrics, UserMetric
+from calib.model import Model
+
+__all__ = ["Session", "Evaluator"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class Session:
+    """A model to run and, per variant name, which of its tensors hold each graph output."""
+
+    proto: onnx.ModelProto
+    where: dict[str, dict[str, str]]
+
+
+class Evaluator:
+    def __init__(self, fp32: Model, source, *, batch_size: int = 16, labels: Sequence[int] | None = None,
+                 user: UserMetric | None = None, optimization: str = "basic",
+                 providers: Sequence[str] | None = None, limit: int | None = None,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.fp32 = fp32
+        self.source = source
+        self.batch_size = batch_size
+        self.labels = labels
+        self.user = user
+        self.optimization = optimization
+        self.providers = providers
+        self.limit = limit
+        self.cache_bytes = cache_bytes
+        self.outputs = list(fp32.output_names)
+        self._cache: list[dict[str, np.ndarray]] | None = None
+        self.n_samples = min(len(source), limit) if limit is not None else len(source)
+
+    def evaluate(self, sessions: Sequence[Session], *, stage: str = "evaluate", progress: Progress | None = None,
+                 stop: Callable[[dict[str, OutputMetrics], int], bool] | None = None
+                 ) -> tuple[dict[str, OutputMetrics], int]:
+        """Metrics per variant name over the evaluation set (or until ``stop`` says so); also samples used."""
+        metrics: dict[str, OutputMetrics] = {}
+        for si, s in enumerate(sessions):
+            for v in s.where:
+                key = v if v != "base" else ("base" if si == 0 else f"base{si}")
+                metrics.setdefault(key, OutputMetrics(self.outputs, self.user))
+        use_cache = self._cache is not None
+        store: list[dict[str, np.ndarray]] | None = [] if self._cache is None else None
+        stored = 0
+        done = 0
+        with contextlib.ExitStack() as stack:
+            runners = []
+            for i, s in enumerate(sessions):
+                outs = sorted({t for w in s.where.values() for t in w.values()})
+                runners.append(stack.enter_context(open_runner(
+                    s.proto, outs, optimization=self.optimization, providers=self.providers, name=f"variants {i}")))
+            if not use_cache:
+                runners.insert(0, stack.enter_context(open_runner(
+                    self.fp32.proto, self.outputs, optimization=self.optimization, providers=self.providers,
+                    name="FP32 model")))
+            if progress:
+                progress(stage, 0, self.n_samples)
+            for b, (ids, labs, outs) in enumerate(run_batches(self.source, self.fp32, self.batch_size, runners,
+                                                             self.labels, self.limit)):
+                if use_cache:
+                    ref = self._cache[b]
+                else:
+                    ref, outs = outs[0], outs[1:]
+                    if store is not None:
+                        stored += sum(v.nbytes for v in ref.values())
+                        if stored <= self.cache_bytes:
+                            store.append({k: ref[k] for k in self.outputs})
+                        else:
+                            store = None
+                for si, (s, out) in enumerate(zip(sessions, outs)):
+                    for v, w in s.where.items():
+                        key = v if v != "base" else ("base" if si == 0 else f"base{si}")
+                        metrics[key].update(ref, {o: out[t] for o, t in w.items()}, ids, labs)
+                done += len(ids) if ids is not None else 1
+                if progress:
+                    progress(stage, done, self.n_samples)
+                if stop is not None and stop(metrics, done):
+                    store = None  # a partial pass cannot fill the cache
+                    break
+        if store is not None and not use_cache:
+            self._cache = store
+        return metrics, done

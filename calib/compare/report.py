@@ -1,0 +1,218 @@
+"""``compare``: FP32 vs Q/DQ, layer by layer and at the outputs, streamed over the evaluation data.
+
+Both models run through Polygraphy's ONNX Runtime runners (``calib.compare.runners``)
+with exactly the comparable tensors marked (``calib.compare.mapping``). Each
+batch is folded into ``TensorAccumulator``s and dropped, so memory does not grow
+with the number of samples. The result is a ``CompareReport``: per-layer metrics
+in topological order, output and task metrics, what was skipped and why, and
+(optionally) a sensitivity ranking; ``to_json``/``from_json`` round-trip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from calib.compare.mapping import TensorMap, map_models
+from calib.compare.metrics import TensorAccumulator, safe_float, unsafe_float
+from calib.compare.runners import open_runner
+from calib.compare.targets import OutputMetrics, UserMetric
+from calib.data import batches
+from calib.data.base import Sample
+from calib.errors import CalibError, InputDataError, ModelError
+from calib.model import Model, load_model, model_from_proto
+
+__all__ = ["CompareReport", "compare", "as_model", "as_qdq_model", "run_batches", "REPORT_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "calib.compare"
+REPORT_VERSION = 1
+Progress = Callable[[str, int, "int | None"], None]
+
+LAYER_KEYS = ("cosine", "cosine_global", "min_cosine", "worst_sample", "sqnr_db", "max_abs_error",
+              "mean_abs_error", "relative_error", "n_values", "n_nonfinite")
+
+
+@dataclass
+class CompareReport:
+    """Per-layer and output metrics of one FP32/INT8 pair over one evaluation set."""
+
+    layers: list[dict[str, Any]]
+    outputs: dict[str, Any]
+    n_samples: int
+    mapping: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    sensitivity: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def worst(self, k: int = 10, key: str = "sqnr_db") -> list[dict[str, Any]]:
+        """The ``k`` layers with the lowest ``key`` (SQNR or cosine), worst first."""
+        return sorted(self.layers, key=lambda r: (r[key] if r[key] == r[key] else -np.inf))[:k]
+
+    def to_json(self) -> dict[str, Any]:
+        return safe_float({
+            "format": REPORT_FORMAT, "version": REPORT_VERSION, "n_samples": self.n_samples,
+            "config": self.config, "definitions": DEFINITIONS, "outputs": self.outputs, "layers": self.layers,
+            "mapping": self.mapping, "sensitivity": self.sensitivity, "seconds": round(self.seconds, 3)})
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "CompareReport":
+        if doc.get("format") != REPORT_FORMAT:
+            raise CalibError(f"not a calib compare report (format {doc.get('format')!r})")
+        d = unsafe_float(doc)
+        return cls(layers=d["layers"], outputs=d["outputs"], n_samples=d["n_samples"], mapping=d.get("mapping", {}),
+                   config=d.get("config", {}), sensitivity=d.get("sensitivity"), seconds=d.get("seconds", 0.0))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from calib.io import write_json
+
+        return write_json(path, self.to_json())
+
+    def summary(self) -> str:
+        lines = [f"{len(self.layers)} layers compared over {self.n_samples} samples"]
+        for o, r in self.outputs.items():
+            if o.startswith("_"):
+                continue
+            s = f"output {o}: cosine {r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB"
+            if "top1_agreement" in r:
+                s += f", top-1 agreement {r['top1_agreement']:.4f}"
+            if "accuracy_int8" in r:
+                s += f", accuracy FP32 {r['accuracy_fp32']:.4f} / INT8 {r['accuracy_int8']:.4f}"
+            lines.append(s)
+        if "_user_metric" in self.outputs:
+            u = self.outputs["_user_metric"]
+            lines.append(f"metric {u['name']}: {u['value']:.6g}")
+        for r in self.worst(3):
+            lines.append(f"worst layer {r['node']} ({r['op_type']}, depth {r['depth']}): SQNR {r['sqnr_db']:.1f} dB, "
+                         f"cosine {r['cosine']:.5f}")
+        return "\n".join(lines)
+
+
+DEFINITIONS = {
+    "cosine": "mean over samples of the per-sample cosine similarity of the flattened tensors",
+    "cosine_global": "cosine similarity over all values of all samples",
+    "sqnr_db": "10*log10(sum fp32^2 / sum (int8-fp32)^2) over all values",
+    "relative_error": "||int8-fp32||_2 / ||fp32||_2 over all values",
+    "max_abs_error": "max |int8-fp32|", "mean_abs_error": "mean |int8-fp32|",
+    "layer": "the float output of the FP32 node and of its counterpart in the Q/DQ model (before any Q/DQ "
+             "on that output); fused Relu/Clip compare with the dequantized tensor",
+}
+
+
+def as_model(m: Model | str | os.PathLike | onnx.ModelProto) -> Model:
+    if isinstance(m, Model):
+        return m
+    if isinstance(m, onnx.ModelProto):
+        return model_from_proto(m)
+    return load_model(m)
+
+
+def as_qdq_model(m: Any) -> Model:
+    """Accept a ``QdqModel`` (from ``export_qdq``), a proto, a path or a ``Model``."""
+    proto = getattr(m, "model", None)
+    if isinstance(proto, onnx.ModelProto):
+        return model_from_proto(proto)
+    return as_model(m)
+
+
+def _labels_for(source, labels: Sequence[int] | None) -> Sequence[int] | None:
+    if labels is None:
+        return None
+    if len(labels) != len(source):
+        raise InputDataError(f"{len(labels)} labels for {len(source)} samples", hint="give one label per sample")
+    return labels
+
+
+def run_batches(source: Iterable[Sample], model: Model, batch_size: int, runners: Sequence,
+                labels: Sequence[int] | None = None, limit: int | None = None):
+    """Yield ``(ids, labels, [outputs of each runner])`` per batch, naming samples in run-time errors."""
+    layout = getattr(source, "layout", "batch")
+    seen = 0
+    for ids, feeds, labs in batches(_limit(source, limit), model.inputs, batch_size, layout=layout):
+        if labels is not None:
+            labs = [int(x) for x in labels[seen:seen + len(ids)]]
+        outs = []
+        for r in runners:
+            try:
+                outs.append(r.run(feeds))
+            except Exception as e:  # ORT reports shape/type problems at run time
+                if isinstance(e, CalibError):
+                    raise
+                msg = str(e).strip().splitlines()
+                raise InputDataError(
+                    f"samples {ids[0]}..{ids[-1]}: ONNX Runtime failed on this batch: {msg[-1] if msg else e}",
+                    hint="check that the evaluation data fits the model's inputs") from None
+        seen += len(ids)
+        yield (ids if layout == "batch" else None), labs, outs
+
+
+def _limit(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
+    if limit is None:
+        yield from source
+        return
+    for i, s in enumerate(source):
+        if i >= limit:
+            return
+        yield s
+
+
+def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: int = 16,
+            labels: Sequence[int] | None = None, metric: UserMetric | Callable | None = None,
+            layers: bool = True, optimization: str = "basic", providers: Sequence[str] | None = None,
+            tensor_map: TensorMap | None = None, limit: int | None = None,
+            progress: Progress | None = None) -> CompareReport:
+    """Compare ``fp32`` and ``qdq`` on ``source``: per-layer metrics (``layers``) and output metrics.
+
+    ``metric``: a user metric (see ``calib.compare.targets``). ``labels``: one
+    integer per sample, overriding the source's labels. ``limit``: use only the
+    first samples. ``optimization``: ONNX Runtime level (see ``calib.compare.runners``).
+    """
+    t0 = time.perf_counter()
+    fm = as_model(fp32)
+    tm = tensor_map or map_models(fm, as_qdq_model(qdq))
+    qm = tm.qdq
+    labels = _labels_for(source, labels)
+    user = UserMetric.wrap(metric) if metric is not None else None
+    pairs = tm.pairs if layers else []
+    outs = fm.output_names
+    acc = {p.fp32: TensorAccumulator() for p in pairs}
+    om = OutputMetrics(list(outs), user)
+    total = min(len(source), limit) if limit is not None else len(source)
+    done = 0
+    if progress:
+        progress("compare", 0, total)
+    with open_runner(fm.proto, [p.fp32 for p in pairs] + outs, optimization=optimization, providers=providers,
+                     name="FP32 model") as rf, \
+            open_runner(qm.proto, [p.qdq for p in pairs] + outs, optimization=optimization, providers=providers,
+                        name="Q/DQ model") as rq:
+        for ids, labs, (fa, qa) in run_batches(source, fm, batch_size, [rf, rq], labels, limit):
+            for p in pairs:
+                try:
+                    acc[p.fp32].update(fa[p.fp32], qa[p.qdq], ids)
+                except ValueError as e:
+                    raise ModelError(f"tensor '{p.fp32}' (node '{p.node}'): {e}",
+                                     hint="the Q/DQ model computes a different shape here") from None
+            om.update(fa, qa, ids, labs)
+            done += len(ids) if ids is not None else 1
+            if progress:
+                progress("compare", done, total)
+    if done == 0:
+        raise InputDataError("the evaluation data holds no samples")
+    rows = []
+    for p in pairs:
+        r = acc[p.fp32].result()
+        rows.append({"fp32_tensor": p.fp32, "qdq_tensor": p.qdq, "node": p.node, "op_type": p.op_type,
+                     "depth": p.depth, "note": p.note, **{k: r[k] for k in LAYER_KEYS}})
+    cfg = {"fp32": str(fm.path) if fm.path else None, "qdq": str(qm.path) if qm.path else None,
+           "fp32_sha256": fm.sha256, "batch_size": batch_size, "optimization": optimization,
+           "providers": list(providers or ["cpu"]), "user_metric": user.name if user else None}
+    return CompareReport(layers=rows, outputs=om.result(), n_samples=done, mapping=tm.summary(), config=cfg,
+                         seconds=time.perf_counter() - t0)
