@@ -489,6 +489,7 @@ def quantize_ort_node_io(ctx: PlacementContext, plan: Plan, per_channel: bool = 
     """
     quantize_weighted_op_inputs(ctx, plan, per_channel=per_channel)
     tensors: set[str] = {e.tensor for e in plan.edges}
+    output_only: set[str] = set()
     for node in ctx.model.graph.node:
         if node.op_type not in ORT_INT8_OPS or node.name in ctx.excluded_nodes:
             continue
@@ -497,7 +498,16 @@ def quantize_ort_node_io(ctx: PlacementContext, plan: Plan, per_channel: bool = 
         if not ins:
             continue
         tensors.update(ins)
-        tensors.update(o for o in node.output if ctx.is_activation(o))
+        outs = [o for o in node.output if ctx.is_activation(o)]
+        tensors.update(outs)
+        output_only.update(outs)
+    output_only -= {t for n in ctx.model.graph.node if n.op_type in ORT_INT8_OPS for t in n.input}
+    known = getattr(ctx.ranges, "tensors", ctx.ranges)
+    for t in sorted(output_only - set(known)):
+        # statistics cover the inputs of quantizable ops; an output read only by other ops
+        # (Identity, Shape, HardSwish...) has none: leave it float and say so
+        tensors.discard(t)
+        plan.skipped[t] = "no range (output read only by ops whose inputs are not collected); left float"
     for t in tensors:
         for c in ctx.consumers(t):
             for i, name in enumerate(c.input):
