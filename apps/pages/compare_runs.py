@@ -1,0 +1,67 @@
+"""Compare runs: ranges, excluded nodes, metrics and per-layer curves of two runs."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import state
+import views
+from calib import drift, drift_plots
+from calib.errors import CalibError
+
+st.title("Compare runs")
+
+c1, c2 = st.columns(2)
+with c1:
+    run_a = state.pick_run("run A", "cmp_a", default_index=0)
+with c2:
+    run_b = state.pick_run("run B", "cmp_b", default_index=1)
+if run_a is None or run_b is None:
+    st.stop()
+if run_a.dir == run_b.dir:
+    st.info("Pick two different runs (select two on the Runs page, or change run B).")
+
+st.subheader("Runs")
+views.side_by_side([run_a, run_b], [f"A: {run_a.id}", f"B: {run_b.id}"])
+
+st.subheader("Per-layer metrics")
+metric = views.metric_select("cmp_metric")
+curves = {}
+for label, r in (("A", run_a), ("B", run_b)):
+    meths = state.compare_methods(r)
+    if not meths:
+        st.caption(f"run {label} has no per-layer comparison")
+        continue
+    primary = r.manifest.get("method", "")
+    meth = st.selectbox(f"method of run {label}", meths, index=meths.index(primary) if primary in meths else 0,
+                        key=f"cmp_meth_{label}")
+    try:
+        curves[f"{label}: {meth}"] = state.compare_report(r, meth)["layers"]
+    except CalibError as e:
+        state.show_error(e)
+if curves:
+    st.plotly_chart(drift_plots.overlay_figure(curves, metric), width="stretch", key="cmp_overlay")
+
+st.subheader("Calibrated ranges")
+try:
+    ra, rb = state.ranges(run_a), state.ranges(run_b)
+except CalibError as e:
+    state.show_error(e)
+    st.stop()
+common = [m for m in ra if m in rb]
+if not common:
+    st.warning("the two runs share no calibration method")
+    st.stop()
+method = st.selectbox("method", common, key="cmp_range_method")
+st.plotly_chart(drift_plots.ranges_figure({t: r.amax for t, r in ra[method].items()},
+                                          {t: r.amax for t, r in rb[method].items()}, ("A", "B")),
+                width="stretch", key="cmp_ranges_fig")
+rows = drift.range_rows(ra[method], rb[method])
+order = st.radio("order", ["model order", "largest change first"], horizontal=True, key="cmp_order")
+if order != "model order":
+    rows = sorted(rows, key=lambda r: r["change"] if r["change"] == r["change"] else -1.0, reverse=True)
+found = views.search(rows, "cmp_search")
+page, _ = views.paged(found, "cmp_page", per_page=50)
+st.dataframe([{"tensor": r["tensor"], "amax A": r["amax_a"], "amax B": r["amax_b"], "B / A": r["ratio_b_a"]}
+              for r in page], hide_index=True, width="stretch",
+             column_config={"B / A": st.column_config.NumberColumn(format="%.4f")})

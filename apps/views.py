@@ -1,0 +1,114 @@
+"""Pieces of UI shared by several pages: job progress, paging, run summaries side by side."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import streamlit as st
+
+import state
+from calib.errors import CalibError
+
+
+def job_progress(key: str, *, on_done_rerun: bool = True) -> state.Job | None:
+    """Draw the job ``key``'s progress and poll it every second while it runs; returns the job."""
+    job = state.jobs().get(key)
+    if job is None:
+        return None
+
+    @st.fragment(run_every=1.0 if job.running else None)
+    def _poll() -> None:
+        j = state.jobs().get(key)
+        if j is None:
+            return
+        if j.running:
+            total = f"/{j.total}" if j.total else ""
+            st.progress(j.fraction, text=f"{j.label}: {j.stage} {j.done}{total}")
+        elif on_done_rerun and not st.session_state.get(f"_seen_{key}_{j.finished}"):
+            st.session_state[f"_seen_{key}_{j.finished}"] = True
+            st.rerun()
+
+    _poll()
+    if not job.running and job.error:
+        st.error(f"{job.label} failed: {job.error}")
+        if job.hint:
+            st.caption(f"hint: {job.hint}")
+    return job
+
+
+def paged(rows: Sequence[Any], key: str, per_page: int = 50) -> tuple[Sequence[Any], int]:
+    """The current page of ``rows`` (a number input picks the page); returns (rows, first index)."""
+    n = len(rows)
+    pages = max(1, -(-n // per_page))
+    if pages > 1:
+        page = st.number_input(f"page (of {pages}, {per_page} per page)", 1, pages, 1, key=key)
+    else:
+        page = 1
+    start = (int(page) - 1) * per_page
+    return rows[start:start + per_page], start
+
+
+def search(rows: Sequence[dict], key: str, field: str = "tensor", label: str = "search layer / tensor name"
+           ) -> list[dict]:
+    q = st.text_input(label, key=key, placeholder="substring, case-insensitive")
+    if not q:
+        return list(rows)
+    ql = q.lower()
+    return [r for r in rows if ql in str(r.get(field, "")).lower() or ql in str(r.get("node", "")).lower()]
+
+
+def run_summary(run) -> dict[str, Any]:
+    """Plain facts of a run for a side-by-side table (read from its manifest and artifacts)."""
+    m = run.manifest
+    out: dict[str, Any] = {
+        "id": run.id, "status": run.status, "created": m.get("created", ""),
+        "model": (m.get("model") or {}).get("path", ""), "data": (m.get("data") or {}).get("path", ""),
+        "eval data": (m.get("data") or {}).get("eval", ""), "method": m.get("method", ""),
+        "calibration samples": m.get("n_samples", ""),
+    }
+    try:
+        ids = state.calib_ids(run)
+    except CalibError:
+        ids = None
+    out["calibration set"] = f"{len(ids)} chosen ids" if ids is not None else "all samples of the data"
+    cfg = state.config_dict(run)
+    out["placement"] = cfg.get("placement", "")
+    out["excluded (config)"] = ", ".join(cfg.get("exclude", [])) or "none"
+    try:
+        adv = run.read_json("advise") if "advise" in m.get("artifacts", {}) else None
+    except CalibError:
+        adv = None
+    if adv:
+        out["float nodes (advise)"] = ", ".join(adv.get("exclude", [])) or "none"
+    for k, v in (m.get("metrics") or {}).items():
+        if isinstance(v, (int, float, str, bool)):
+            out[f"metric: {k}"] = v
+    for meth, vals in (m.get("metrics_by_method") or {}).items():
+        for k, v in (vals or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{meth}: {k}"] = v
+    return out
+
+
+def side_by_side(runs: Sequence, labels: Sequence[str] | None = None) -> None:
+    """A table with one column per run and one row per fact."""
+    sums = [run_summary(r) for r in runs]
+    keys = list(dict.fromkeys(k for s in sums for k in s))
+    labels = list(labels or [r.id for r in runs])
+    table = {"": keys}
+    for lab, s in zip(labels, sums):
+        table[lab] = [_fmt(s.get(k, "")) for k in keys]
+    st.dataframe(table, hide_index=True, width="stretch")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def metric_select(key: str, default: str = "sqnr_db") -> str:
+    from calib.drift_plots import METRIC_LABELS
+
+    opts = ["sqnr_db", "cosine", "relative_error", "max_abs_error", "mean_abs_error", "min_cosine"]
+    return st.selectbox("metric", opts, index=opts.index(default), key=key, format_func=lambda k: METRIC_LABELS[k])

@@ -1,0 +1,66 @@
+"""``calib dashboard``: start the Streamlit workbench on the loopback interface."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from calib.cli._common import echo
+from calib.errors import CalibError
+
+__all__ = ["register", "app_path", "dashboard_command"]
+
+STORE_ENV = "CALIB_STORE"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="dashboard", epilog="Example: calib dashboard --store calib-runs --port 8501")(dashboard_cmd)
+
+
+def app_path() -> Path:
+    """``apps/dashboard.py`` of this checkout (it sits beside the ``calib`` package)."""
+    import calib
+
+    p = Path(calib.__file__).resolve().parent.parent / "apps" / "dashboard.py"
+    if not p.is_file():
+        raise CalibError(f"the dashboard app is not installed here (looked for {p})",
+                         hint="run calib from a source checkout (pip install -e '.[app]')")
+    return p
+
+
+def dashboard_command(store: Path, port: int) -> list[str]:
+    """The ``streamlit run`` command line: loopback only, headless, no usage statistics."""
+    return [sys.executable, "-m", "streamlit", "run", str(app_path()),
+            "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            "--", "--store", str(store)]
+
+
+def dashboard_cmd(
+    store: Path = typer.Option(Path("calib-runs"), "--store", "-s", help="Run store folder (made by 'calib run')."),
+    port: int = typer.Option(8501, "--port", "-p", help="Port on 127.0.0.1 to serve on."),
+) -> None:
+    """Open the dashboard: runs, per-layer drift, data drift, the calibration set and run comparison."""
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise CalibError("the dashboard needs Streamlit, which is not installed",
+                         hint="pip install 'calib[app]'")
+    if not 0 < port < 65536:
+        raise CalibError(f"--port {port}: expected 1-65535")
+    store = store.expanduser().resolve()
+    if not store.is_dir():
+        echo(f"no run store at {store} yet: the dashboard will say how to make a run")
+    env = dict(os.environ, **{STORE_ENV: str(store)})
+    cmd = dashboard_command(store, port)
+    echo(f"calib dashboard: http://127.0.0.1:{port}  (store {store}; Ctrl+C to stop)")
+    try:
+        code = subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        code = 0
+    if code:
+        raise typer.Exit(code)
