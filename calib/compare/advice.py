@@ -176,9 +176,12 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     def export():
         return export_qdq(fm, _mixed(by, choice, base), placement=placement, weights=weights, exclude=exclude)
 
+    last: dict[str, Any] = {}
+
     def verify(q, step: int) -> float:
         m, _ = ev.evaluate([Session(q.model, {"base": {o: o for o in outputs}})], stage=f"advise step {step}",
                            progress=progress)
+        last["metrics"] = m["base"]
         return m["base"].value(tgt.metric)
 
     q = export()
@@ -241,10 +244,19 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
         err = TargetNotMet(
             f"target {tgt} not met: best {tgt.metric} = {value:.6g} with {len(exclude)} float nodes after "
             f"{len(curve) - 1} steps" + (f" (best model written to {output})" if output is not None else ""),
-            hint="lower the target, give more representative calibration data, or check the evaluation data")
+            hint=_fp32_hint(tgt, last.get("metrics")))
         err.advice = advice
         raise err
     return advice
+
+
+def _fp32_hint(tgt: Target, metrics) -> str:
+    hint = "lower the target, give more representative calibration data, or check the evaluation data"
+    if tgt.metric == "accuracy" and metrics is not None and metrics.tasks:
+        acc = next(iter(metrics.tasks.values())).result().get("accuracy_fp32")
+        if acc is not None:
+            hint = f"the FP32 model itself reaches accuracy {acc:.4g} on this data; " + hint
+    return hint
 
 
 def _step(tm: TensorMap, node: str, choice, by, ev: Evaluator, outputs, tgt: Target, progress, step: int

@@ -113,6 +113,9 @@ class TensorMap:
             "quantized_nodes": len(self.quantized),
             "folded": dict(self.folded),
             "unmatched_nodes": list(self.unmatched),
+            "node_inputs": {n: [self.fp32.nodes[n].input[q.index] for q in qs
+                                if not q.is_weight and q.index < len(self.fp32.nodes[n].input)]
+                            for n, qs in self.quantized.items()},
             "skipped_tensors": dict(self.skipped),
         }
 

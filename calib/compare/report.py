@@ -167,13 +167,15 @@ def _limit(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
 def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: int = 16,
             labels: Sequence[int] | None = None, metric: UserMetric | Callable | None = None,
             layers: bool = True, optimization: str = "basic", providers: Sequence[str] | None = None,
-            tensor_map: TensorMap | None = None, limit: int | None = None,
-            progress: Progress | None = None) -> CompareReport:
+            tensor_map: TensorMap | None = None, limit: int | None = None, sensitivity: bool = False,
+            sensitivity_samples: int = 128, progress: Progress | None = None) -> CompareReport:
     """Compare ``fp32`` and ``qdq`` on ``source``: per-layer metrics (``layers``) and output metrics.
 
     ``metric``: a user metric (see ``calib.compare.targets``). ``labels``: one
     integer per sample, overriding the source's labels. ``limit``: use only the
     first samples. ``optimization``: ONNX Runtime level (see ``calib.compare.runners``).
+    ``sensitivity``: also rank the quantized nodes (``calib.compare.sensitivity``) on
+    up to ``sensitivity_samples`` samples.
     """
     t0 = time.perf_counter()
     fm = as_model(fp32)
@@ -214,5 +216,12 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
     cfg = {"fp32": str(fm.path) if fm.path else None, "qdq": str(qm.path) if qm.path else None,
            "fp32_sha256": fm.sha256, "batch_size": batch_size, "optimization": optimization,
            "providers": list(providers or ["cpu"]), "user_metric": user.name if user else None}
+    sens = None
+    if sensitivity:
+        from calib.compare.sensitivity import sensitivity as run_sensitivity
+
+        sens = run_sensitivity(fm, qm, source, batch_size=batch_size, max_samples=sensitivity_samples,
+                               optimization=optimization, providers=providers, tensor_map=tm,
+                               progress=progress).to_json()
     return CompareReport(layers=rows, outputs=om.result(), n_samples=done, mapping=tm.summary(), config=cfg,
-                         seconds=time.perf_counter() - t0)
+                         sensitivity=sens, seconds=time.perf_counter() - t0)

@@ -1,0 +1,190 @@
+"""``calib compare`` (FP32 vs INT8, layer by layer) and ``calib advise`` (automatic mixed precision)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from calib.cli._common import Progress, echo
+
+__all__ = ["register", "read_labels"]
+
+_COMPARE_EPILOG = """Examples:
+
+  calib compare model.onnx model.int8.onnx --data eval.npz -o compare.json --html report.html
+
+  calib compare model.onnx model.int8.onnx --data eval.npz -o compare.json --sensitivity --stats stats.npz
+
+  calib compare model.onnx model.int8.onnx --data eval.npz -o c.json --labels labels.txt --metric mypkg.m:iou
+"""
+
+_ADVISE_EPILOG = """Examples:
+
+  calib advise model.onnx --stats stats.npz --data eval.npz --target cosine:0.99 -o model.int8.onnx
+
+  calib advise model.onnx --stats stats.npz --data eval.npz --target top1:0.99 --method entropy,percentile -o m.onnx
+
+Targets: cosine:V, sqnr:DB, top1:V (agreement), accuracy:V (needs labels), metric:V (with --metric).
+Writes the Q/DQ model and, beside it, NAME.advice.json (exclude list, per-step curve, per-tensor methods).
+Exit 1 if the target is not met even with every node in float (the best model is still written).
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="compare", epilog=_COMPARE_EPILOG)(compare_cmd)
+    app.command(name="advise", epilog=_ADVISE_EPILOG)(advise_cmd)
+
+
+def read_labels(path: Path, n: int) -> list[int]:
+    """Labels from ``.npy`` (integers) or text (one integer per line), one per sample in data order."""
+    import numpy as np
+
+    from calib.errors import InputDataError
+
+    if not path.exists():
+        raise InputDataError(f"{path}: no such file", hint="check the labels path")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise InputDataError(f"{path}: not a plain .npy array ({e})") from None
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise InputDataError(f"{path}: labels must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        labels = [int(x) for x in arr]
+    else:
+        labels = []
+        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                labels.append(int(line))
+            except ValueError:
+                raise InputDataError(f"{path} line {k}: expected an integer label, got '{line[:40]}'") from None
+    if len(labels) != n:
+        raise InputDataError(f"{path}: {len(labels)} labels for {n} samples", hint="give one label per sample")
+    return labels
+
+
+def _metric(spec: Optional[str]):
+    if not spec:
+        return None
+    from calib.compare.targets import load_metric
+
+    return load_metric(spec)
+
+
+def compare_cmd(
+    fp32: Path = typer.Argument(..., help="FP32 ONNX model."),
+    qdq: Path = typer.Argument(..., help="Q/DQ (INT8) ONNX model derived from it."),
+    data: Path = typer.Option(..., "--data", "-d", help="Evaluation data (.npz keyed by input name, ...)."),
+    output: Path = typer.Option(..., "--output", "-o", help="compare.json to write."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics (.npz) for the report's histograms."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Also rank the quantized nodes by sensitivity."),
+    sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for --sensitivity at most."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
+    optimization: str = typer.Option("basic", "--ort-optimization",
+                                     help="ONNX Runtime level: disable|basic|extended|all (see docs)."),
+    provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+) -> None:
+    """Compare an FP32 model and its Q/DQ model layer by layer and at the outputs."""
+    from calib.compare import compare
+    from calib.compare.html import write_html
+    from calib.data import open_data
+    from calib.model import load_model
+
+    fm = load_model(fp32)
+    qm = load_model(qdq)
+    source = open_data(data, fm)
+    labs = read_labels(labels, len(source)) if labels is not None else None
+    st = None
+    if stats is not None:
+        from calib.stats import ActivationStats
+
+        st = ActivationStats.load(stats)
+    prog = Progress()
+    try:
+        report = compare(fm, qm, source, batch_size=batch_size, labels=labs, metric=_metric(metric), limit=limit,
+                         optimization=optimization, providers=provider, sensitivity=sensitivity,
+                         sensitivity_samples=sensitivity_samples, progress=prog)
+    finally:
+        prog.close()
+    report.save(output)
+    echo(report.summary())
+    echo(f"-> {output}")
+    if html_path is not None:
+        write_html(html_path, report, stats=st, title=f"calib: {fp32.name} vs {qdq.name}")
+        echo(f"-> {html_path}")
+
+
+def advise_cmd(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
+    stats: Path = typer.Option(..., "--stats", help="Statistics from 'calib collect' (.npz)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Evaluation data (held out from calibration)."),
+    target: str = typer.Option("cosine:0.99", "--target", "-t", help="METRIC:VALUE, e.g. cosine:0.99, top1:0.99."),
+    output: Path = typer.Option(..., "--output", "-o", help="Q/DQ model to write (.onnx)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m",
+                                         help="Calibration methods to try, first = base (default: "
+                                              "entropy,percentile,mse,minmax)."),
+    placement: str = typer.Option("trt", "--placement", help="Q/DQ placement: trt | ort."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
+    optimization: str = typer.Option("basic", "--ort-optimization", help="ONNX Runtime level."),
+    provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+) -> None:
+    """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""
+    from calib.compare.advice import advice_json_path, advise
+    from calib.compare.targets import parse_target
+    from calib.data import open_data
+    from calib.errors import TargetNotMet
+    from calib.model import load_model
+    from calib.stats import ActivationStats
+
+    tgt = parse_target(target)  # fail fast, before any work
+    fm = load_model(model)
+    st = ActivationStats.load(stats)
+    st.check_model(fm)
+    source = open_data(data, fm)
+    labs = read_labels(labels, len(source)) if labels is not None else None
+    methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
+    prog = Progress()
+    try:
+        adv = advise(fm, st, source, target=tgt, methods=methods, placement=placement, batch_size=batch_size,
+                     labels=labs, metric=_metric(metric), sensitivity_samples=sensitivity_samples,
+                     optimization=optimization, providers=provider, output=output, progress=prog)
+    except TargetNotMet as e:
+        _print_advice(e.advice, output, advice_json_path(output))
+        raise
+    finally:
+        prog.close()
+    _print_advice(adv, output, advice_json_path(output))
+    if html_path is not None:
+        from calib.compare import compare
+        from calib.compare.html import write_html
+
+        report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
+                         providers=provider)
+        if adv.sensitivity is not None:
+            report.sensitivity = adv.sensitivity.to_json()
+        write_html(html_path, report, stats=st, advice=adv.to_json(), title=f"calib advise: {model.name}")
+        echo(f"-> {html_path}")
+
+
+def _print_advice(adv, output: Path, side: Path) -> None:
+    first = adv.curve[0]["metric"]
+    echo(f"{adv.target.metric}: {first:.6g} -> {adv.metric:.6g} (target {adv.target.value:g}) with "
+         f"{len(adv.exclude)} float node(s) in {len(adv.curve) - 1} step(s)")
+    if adv.exclude:
+        echo("float nodes: " + ", ".join(adv.exclude))
+    if adv.changed:
+        echo("methods changed: " + ", ".join(f"{t}={m}" for t, m in adv.changed.items()))
+    echo(f"-> {output}\n-> {side}")
