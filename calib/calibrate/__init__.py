@@ -54,9 +54,10 @@ def parse_method(text: str) -> Method:
                           hint=f"did you mean '{close[0]}'?" if close else None)
     if name == "percentile" and arg:
         try:
-            return Percentile(float(arg))
+            p = float(arg)
         except ValueError:
             raise RangesError(f"'{text}': the percentile must be a number, e.g. percentile:99.99") from None
+        return Percentile(p)
     if arg:
         raise RangesError(f"'{text}': method '{name}' takes no parameter")
     return METHODS[name]()

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from calib.errors import RangesError
@@ -24,8 +27,10 @@ def percentile_amax(h: TensorHistogram, p: float = 99.99) -> float:
     if total == 0:
         return 0.0
     cum = np.cumsum(counts)
-    # first bin whose cumulative count reaches p % of the total (integer-exact comparison)
-    need = p / 100.0 * total
+    # first bin whose cumulative count reaches p % of the total, in exact arithmetic with p read as the
+    # decimal it was written as (p / 100.0 * total in floats gives 999.0000000000001 for 99.9 % of 1000,
+    # which would demand all 1000 values)
+    need = math.ceil(Fraction(repr(float(p))) * total / 100)
     k = int(np.searchsorted(cum, need, side="left"))
     k = min(k, len(counts) - 1)
     return min((k + 1) * h.bin_width, h.max_abs)

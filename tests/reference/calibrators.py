@@ -10,7 +10,7 @@ method clips to the data, ``max_abs``. calib's fast code must agree with these.
   i in [128, n] with n = last non-empty bin + 1 (pytorch-quantization's first-batch histogram ends at
   max|x|, so its last bin is the last non-empty one; see calib/calibrate/entropy.py).
 * percentile: the upper edge of the first bin where at least p % of the values lie at or below it,
-  computed with exact rational arithmetic, clipped to max|x| (calib/calibrate/percentile.py).
+  computed with exact rational arithmetic on p as the decimal it was written as, clipped to max|x| (calib/calibrate/percentile.py).
 * mse: for every candidate amax = k*w, the expected squared error of the symmetric int8
   fake-quantizer x -> s*clip(round(x/s), -127, 127), s = amax/127, for values uniform within each
   bin, integrated exactly: each bin is cut at the quantizer's decision points (m + 1/2)*s, and on
@@ -38,8 +38,12 @@ def entropy_divergences_ref(counts: np.ndarray, num_quant_bins: int = 128, start
     n = last_nonempty(counts)
     bins = np.array(counts[:n], dtype=np.int64)  # a copy: the caller's histogram is not touched
     bins[0] = bins[1]
-    candidates, divergences = [], []
-    for i in range(start_bin, len(bins) + 1):
+    candidates = list(range(start_bin, len(bins) + 1))
+    # one row per candidate, zero-padded to n bins (a 0 in both P and Q adds 0 to the KL sum), so that
+    # scipy.stats.entropy runs once over all rows instead of once per candidate (it is slow to call)
+    p_rows = np.zeros((len(candidates), n))
+    q_rows = np.zeros((len(candidates), n))
+    for row, i in enumerate(candidates):
         space = np.linspace(0, i, num=num_quant_bins + 1)
         digitized = np.digitize(range(i), space) - 1
         digitized[bins[:i] == 0] = -1
@@ -49,12 +53,15 @@ def entropy_divergences_ref(counts: np.ndarray, num_quant_bins: int = 128, start
         for level, nonempty in Counter(digitized.tolist()).items():
             if level != -1:
                 level_counts[level] /= nonempty
-        q = np.where(digitized != -1, level_counts[np.maximum(digitized, 0)], 0.0)
-        p = np.array(bins[:i], dtype=np.float64)
-        p[-1] += bins[i:].sum()
-        candidates.append(i)
-        divergences.append(scipy_entropy(p, q))
-    return np.array(candidates), np.array(divergences)
+        q_rows[row, :i] = np.where(kept, level_counts[np.maximum(digitized, 0)], 0.0)
+        p_rows[row, :i] = bins[:i]
+        p_rows[row, i - 1] += bins[i:].sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kl = scipy_entropy(p_rows, q_rows, axis=1)
+    # A threshold below all the data leaves Q empty; scipy then returns NaN (0/0 when normalising)
+    # and np.argmin would pick that NaN. Such a threshold keeps nothing: count it as +inf.
+    kl[q_rows.sum(axis=1) == 0] = np.inf
+    return np.array(candidates), kl
 
 
 def entropy_ref(counts: np.ndarray, w: float, max_abs: float, num_quant_bins: int = 128) -> dict:
@@ -75,7 +82,7 @@ def percentile_ref(counts: np.ndarray, w: float, max_abs: float, p: float = 99.9
     total = int(np.sum(counts))
     if total == 0 or max_abs == 0:
         return 0.0
-    need = Fraction(p) / 100 * total  # exact: the float p as given, no rounding
+    need = Fraction(repr(p)) / 100 * total  # exact, with p the decimal as written (99.9 = 999/10)
     running = 0
     for k, c in enumerate(counts):
         running += int(c)
@@ -89,21 +96,25 @@ def _fakequant(t: np.ndarray, s: float) -> np.ndarray:
     return s * np.clip(np.round(t / s), -127, 127)
 
 
-def mse_cost_ref(counts: np.ndarray, w: float, amax: float) -> float:
-    """Expected squared error per value at ``amax``, values uniform within each bin (exact)."""
+def mse_cost_ref(counts: np.ndarray, w: float, amax) -> np.ndarray | float:
+    """Expected squared error per value at ``amax`` (a number or an array of them), values uniform
+    within each bin, integrated exactly piece by piece."""
     counts = np.asarray(counts, dtype=np.float64)
     n = last_nonempty(counts)
-    s = amax / 127.0
-    edges = np.arange(n + 1, dtype=np.float64) * w
+    amaxes = np.atleast_1d(np.asarray(amax, dtype=np.float64))
+    s = amaxes[:, None] / 127.0  # one row per candidate
+    edges = np.broadcast_to(np.arange(n + 1, dtype=np.float64) * w, (len(amaxes), n + 1))
     decisions = (np.arange(127) + 0.5) * s  # where round(t/s) steps up; saturated past 126.5 s
-    cuts = np.union1d(edges, decisions[decisions < edges[-1]])
-    lo, hi = cuts[:-1], cuts[1:]
+    decisions = np.minimum(decisions, edges[:, -1:])  # cuts past the data collapse onto its end
+    cuts = np.sort(np.concatenate([edges, decisions], axis=1), axis=1)
+    lo, hi = cuts[:, :-1], cuts[:, 1:]  # pieces of zero length add nothing
     mid = (lo + hi) / 2
     q = _fakequant(mid, s)  # the quantizer is constant on each piece
     piece = ((hi - q) ** 3 - (lo - q) ** 3) / 3.0  # integral of (t - q)^2 over the piece
     b = np.minimum((mid // w).astype(np.int64), n - 1)
     density = counts[b] / w  # uniform within the bin: count per unit length
-    return float((density * piece).sum() / counts.sum())
+    cost = (density * piece).sum(axis=1) / counts.sum()
+    return cost if np.ndim(amax) else float(cost[0])
 
 
 def mse_ref(counts: np.ndarray, w: float, max_abs: float) -> dict:
@@ -111,7 +122,8 @@ def mse_ref(counts: np.ndarray, w: float, max_abs: float) -> dict:
     n = last_nonempty(counts)
     if max_abs == 0 or n == 0:
         return {"amax": 0.0, "k": 0, "costs": None}
-    costs = np.array([mse_cost_ref(counts, w, k * w) for k in range(1, n + 1)])
+    ks = np.arange(1, n + 1)
+    costs = np.concatenate([mse_cost_ref(counts, w, ks[i:i + 128] * w) for i in range(0, n, 128)])
     k = len(costs) - int(np.argmin(costs[::-1]))
     return {"amax": min(k * w, max_abs), "k": k, "costs": costs}
 
