@@ -89,7 +89,7 @@ def compare_cmd(
     sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for --sensitivity at most."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
-    optimization: str = typer.Option("basic", "--ort-optimization",
+    optimization: str = typer.Option("disable", "--ort-optimization",
                                      help="ONNX Runtime level: disable|basic|extended|all (see docs)."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
@@ -138,7 +138,7 @@ def advise_cmd(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
-    optimization: str = typer.Option("basic", "--ort-optimization", help="ONNX Runtime level."),
+    optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
     """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""

@@ -149,7 +149,7 @@ def _candidates(tm: TensorMap, node: str, choice: dict[str, str], by: dict[str, 
 def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Target = "cosine:0.99",
            methods: Sequence[str] | None = None, placement: str = "trt", weights: str = "per_channel",
            batch_size: int = 16, labels: Sequence[int] | None = None, metric: Any = None,
-           sensitivity_samples: int = 128, max_steps: int | None = None, optimization: str = "basic",
+           sensitivity_samples: int = 128, max_steps: int | None = None, optimization: str = "disable",
            providers: Sequence[str] | None = None, output: str | os.PathLike | None = None,
            progress: Progress | None = None) -> Advice:
     """Find float nodes and per-tensor methods so the Q/DQ model meets ``target`` (see module docstring).

@@ -39,7 +39,7 @@ class Session:
 
 class Evaluator:
     def __init__(self, fp32: Model, source, *, batch_size: int = 16, labels: Sequence[int] | None = None,
-                 user: UserMetric | None = None, optimization: str = "basic",
+                 user: UserMetric | None = None, optimization: str = "disable",
                  providers: Sequence[str] | None = None, limit: int | None = None,
                  cache_bytes: int = 256 << 20) -> None:
         self.fp32 = fp32

@@ -166,7 +166,7 @@ def _limit(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
 
 def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: int = 16,
             labels: Sequence[int] | None = None, metric: UserMetric | Callable | None = None,
-            layers: bool = True, optimization: str = "basic", providers: Sequence[str] | None = None,
+            layers: bool = True, optimization: str = "disable", providers: Sequence[str] | None = None,
             tensor_map: TensorMap | None = None, limit: int | None = None, sensitivity: bool = False,
             sensitivity_samples: int = 128, progress: Progress | None = None) -> CompareReport:
     """Compare ``fp32`` and ``qdq`` on ``source``: per-layer metrics (``layers``) and output metrics.

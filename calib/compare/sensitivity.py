@@ -117,7 +117,7 @@ def _sessions(base: onnx.ModelProto, variants: list[Variant], outputs: list[str]
 
 
 def sensitivity(fp32: Model | str, qdq: Any, source, *, batch_size: int = 16, max_samples: int = 256,
-                min_samples: int = 32, patience: int = 2, top_k: int = 10, optimization: str = "basic",
+                min_samples: int = 32, patience: int = 2, top_k: int = 10, optimization: str = "disable",
                 providers: Sequence[str] | None = None, tensor_map: TensorMap | None = None,
                 nodes_per_session: int | None = None, progress: Progress | None = None) -> Sensitivity:
     """Rank the Q/DQ model's quantized nodes by the output error each causes (see the module docstring)."""
