@@ -19,6 +19,11 @@ __all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "save_onnx"
 
 def ensure_writable_dir(path: Path) -> None:
     folder = path.parent if path.parent != Path("") else Path(".")
+    if path.is_dir():
+        raise CalibError(f"{path}: is a folder, expected a file path", hint="name the output file")
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise CalibError(f"{path}: cannot write there, {parent} is a file", hint="choose another output path")
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)

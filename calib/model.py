@@ -205,7 +205,7 @@ class Model:
         return {o: self.depth[n.name] for n in self.graph.node for o in n.output if o}
 
     def activation_tensors(self, op_types: frozenset[str] = QUANTIZABLE_OPS) -> list[str]:
-        """Float activation tensors consumed by nodes of ``op_types``, in topological order.
+        """Float activation tensors consumed or produced by nodes of ``op_types``, in graph order.
 
         Initializers, integer tensors (token ids, byte values, shapes) and
         tensors computed only from constants are left out.
@@ -218,7 +218,8 @@ class Model:
         for n in self.graph.node:
             if n.op_type not in op_types:
                 continue
-            for i in n.input:
+            # inputs (what TensorRT's placement quantizes) and outputs (what ORT's placement adds)
+            for i in list(n.input) + list(n.output):
                 if i and i not in constant and i not in seen and self.is_float(i):
                     seen[i] = None
         return list(seen)

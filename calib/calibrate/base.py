@@ -48,6 +48,12 @@ class Ranges(Mapping[str, TensorRange]):
             raise RangesError(f"no range for tensor '{name}' (method {self.method})",
                               hint="collect statistics for this model again") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, default: TensorRange | None = None) -> TensorRange | None:
+        return self.tensors.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
