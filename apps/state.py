@@ -468,6 +468,25 @@ def start_drift(run: Run, eval_path: str, *, limit: int | None = None) -> Job:
     return jobs().start(drift_key(run, eval_path), "drift", f"drift of {run.id}", fn)
 
 
+def histogram_tensors(run: Run, node: str | None, tensor: str) -> tuple[list[str], str]:
+    """Quantized tensors to show for a layer: its output if it was calibrated, else its calibrated inputs.
+
+    Returns (tensors, why). Finding a node's inputs needs the model; without it only the output is tried.
+    """
+    st_ = stats(run)
+    if tensor in st_.tensors:
+        return [tensor], "the layer's output"
+    if not node:
+        return [], ""
+    try:
+        model = model_of(run)
+    except CalibError as e:
+        return [], f"cannot look up the inputs of {node}: {e}"
+    n = model.nodes.get(node)
+    ins = [t for t in (n.input if n is not None else []) if t in st_.tensors]
+    return ins, f"the calibrated input{'s' if len(ins) > 1 else ''} of {node} (its output is not quantized)"
+
+
 # ---- one layer on demand -----------------------------------------------------------------------
 
 

@@ -29,8 +29,9 @@ def _finite(v: Any) -> bool:
 
 
 def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=60, r=20, t=50, b=50),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template="plotly_white")
+    fig.update_layout(title=dict(text=title, y=0.98, yanchor="top"), height=height,
+                      margin=dict(l=60, r=20, t=80, b=50),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), template="plotly_white")
     return fig
 
 
@@ -53,10 +54,10 @@ def depth_figure(layers: Mapping[str, Sequence[Mapping[str, Any]]], metric: str 
         wr = [r for r in rows if r["fp32_tensor"] in marked]
         if wr:
             fig.add_trace(go.Scatter(
-                x=[r["depth"] for r in wr], y=[r[metric] for r in wr], mode="markers+text", showlegend=False,
-                name=f"{method} worst", marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color=c, width=2)),
-                text=[r["node"] for r in wr], textposition="top center", textfont=dict(size=10, color=c),
-                hoverinfo="skip"))
+                x=[r["depth"] for r in wr], y=[r[metric] for r in wr], mode="markers", showlegend=False,
+                name=f"{method} worst", marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(color=c, width=2)),
+                text=[f"worst: {r['node']} ({r['op_type']})" for r in wr],
+                hovertemplate="%{text}<br>depth %{x}<br>" + metric + " %{y:.4g}<extra>" + method + "</extra>"))
     if selected is not None:
         for rows in layers.values():
             for r in rows:
@@ -124,8 +125,8 @@ def drift_figure(rows: Sequence[Mapping[str, Any]], method: str) -> go.Figure:
                              hovertemplate="%{text}<br>depth %{x}<br>clipped %{y:.3f}%<extra></extra>"),
                   secondary_y=True)
     fig.update_xaxes(title="depth (topological)")
-    fig.update_yaxes(title_text="Jensen-Shannon distance", secondary_y=False)
-    fig.update_yaxes(title_text="eval values past amax (%)", secondary_y=True)
+    fig.update_yaxes(title_text="Jensen-Shannon distance", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="eval values past amax (%)", rangemode="tozero", showgrid=False, secondary_y=True)
     return _layout(fig, "Calibration vs evaluation data, per tensor")
 
 
@@ -156,7 +157,7 @@ def novelty_figure(rows: Sequence[Mapping[str, Any]], *, flagged: Sequence[str] 
     """Novelty score of every evaluation sample, most novel first; flagged ones in red."""
     fl = set(flagged)
     fig = go.Figure(go.Bar(x=list(range(len(rows))), y=[r["score"] for r in rows], text=[r["id"] for r in rows],
-                           marker_color=["#d62728" if r["id"] in fl else "#7f7f7f" for r in rows],
+                           textposition="none", marker_color=["#d62728" if r["id"] in fl else "#7f7f7f" for r in rows],
                            hovertemplate="%{text}<br>score %{y:.3f}<extra></extra>"))
     fig.add_hline(y=1.0, line=dict(color="#555", dash="dot"))
     fig.update_xaxes(title="evaluation samples, most novel first")

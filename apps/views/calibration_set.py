@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-import views
+import widgets
 from calib import drift_plots
 from calib.errors import CalibError, InputDataError
 
@@ -30,7 +30,7 @@ if table.skipped:
         st.dataframe([{"file": k, "reason": v} for k, v in table.skipped.items()], hide_index=True)
 
 # ---- the current set ------------------------------------------------------------------
-classes = sorted({state.class_name(table, lab) for lab in table.labels})
+classes = [state.class_name(table, lab) for lab in sorted({lab for lab in table.labels if lab is not None})]
 st.caption(f"{len(table.ids)} samples from `{(run.manifest.get('data') or {}).get('path', '')}`"
            + (f", classes {', '.join(classes)}" if any(classes) else ""))
 c1, c2 = st.columns(2)
@@ -40,7 +40,7 @@ rows = [{"id": sid, "label": state.class_name(table, lab), "file": f, "dropped":
         for sid, lab, f in zip(table.ids, table.labels, table.files)
         if (not want_classes or state.class_name(table, lab) in want_classes) and (not q or q.lower() in sid.lower())]
 view = st.radio("view", ["gallery", "table"], horizontal=True, key="cs_view")
-page, start = views.paged(rows, "cs_page", per_page=24)
+page, start = widgets.paged(rows, "cs_page", per_page=24)
 if view == "gallery" and any(r["file"] for r in page):
     cols = st.columns(6)
     for i, r in enumerate(page):
@@ -146,7 +146,7 @@ with c2.popover("Resample from the run's data"):
         except CalibError as e:
             state.show_error(e, "cannot resample")
 
-job = views.job_progress(job_key)
+job = widgets.job_progress(job_key)
 if job is not None and not job.running and job.result:
     try:
         new_run = state.get_run(job.result)
@@ -155,15 +155,15 @@ if job is not None and not job.running and job.result:
         st.stop()
     st.success(f"new run {new_run.id}")
     st.subheader("The two runs side by side")
-    views.side_by_side([run, new_run], [f"before: {run.id}", f"after: {new_run.id}"])
+    widgets.side_by_side([run, new_run], [f"before: {run.id}", f"after: {new_run.id}"])
     curves = {}
     for label, r in (("before", run), ("after", new_run)):
         meth = r.manifest.get("method", "")
         if meth in state.compare_methods(r):
             curves[f"{label} ({meth})"] = state.compare_report(r, meth)["layers"]
     if curves:
-        metric = views.metric_select("cs_metric")
+        metric = widgets.metric_select("cs_metric")
         st.plotly_chart(drift_plots.overlay_figure(curves, metric), width="stretch", key="cs_overlay")
     if st.button("Open both in Compare runs", key="cs_open_compare"):
         state.select_runs([run.id, new_run.id])
-        st.switch_page("pages/compare_runs.py")
+        st.switch_page("views/compare_runs.py")

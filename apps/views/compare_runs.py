@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 import state
-import views
+import widgets
 from calib import drift, drift_plots
 from calib.errors import CalibError
 
@@ -22,18 +22,19 @@ if run_a.dir == run_b.dir:
     st.info("Pick two different runs (select two on the Runs page, or change run B).")
 
 st.subheader("Runs")
-views.side_by_side([run_a, run_b], [f"A: {run_a.id}", f"B: {run_b.id}"])
+widgets.side_by_side([run_a, run_b], [f"A: {run_a.id}", f"B: {run_b.id}"])
 
 st.subheader("Per-layer metrics")
-metric = views.metric_select("cmp_metric")
+metric = widgets.metric_select("cmp_metric")
 curves = {}
-for label, r in (("A", run_a), ("B", run_b)):
+mcols = st.columns(2)
+for col, (label, r) in zip(mcols, (("A", run_a), ("B", run_b))):
     meths = state.compare_methods(r)
     if not meths:
-        st.caption(f"run {label} has no per-layer comparison")
+        col.caption(f"run {label} has no per-layer comparison")
         continue
     primary = r.manifest.get("method", "")
-    meth = st.selectbox(f"method of run {label}", meths, index=meths.index(primary) if primary in meths else 0,
+    meth = col.selectbox(f"method of run {label}", meths, index=meths.index(primary) if primary in meths else 0,
                         key=f"cmp_meth_{label}")
     try:
         curves[f"{label}: {meth}"] = state.compare_report(r, meth)["layers"]
@@ -60,8 +61,8 @@ rows = drift.range_rows(ra[method], rb[method])
 order = st.radio("order", ["model order", "largest change first"], horizontal=True, key="cmp_order")
 if order != "model order":
     rows = sorted(rows, key=lambda r: r["change"] if r["change"] == r["change"] else -1.0, reverse=True)
-found = views.search(rows, "cmp_search")
-page, _ = views.paged(found, "cmp_page", per_page=50)
+found = widgets.search(rows, "cmp_search")
+page, _ = widgets.paged(found, "cmp_page", per_page=50)
 st.dataframe([{"tensor": r["tensor"], "amax A": r["amax_a"], "amax B": r["amax_b"], "B / A": r["ratio_b_a"]}
               for r in page], hide_index=True, width="stretch",
              column_config={"B / A": st.column_config.NumberColumn(format="%.4f")})

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-import views
+import widgets
 from calib import drift_plots
 from calib.errors import CalibError
 
@@ -38,7 +38,7 @@ if job is None or (not job.running and job.error):
             state.show_error(e, "cannot analyse")
     st.caption("Runs the FP32 model over the evaluation data to collect its statistics and per-sample features; "
                "nothing is written to the run.")
-job = views.job_progress(key)
+job = widgets.job_progress(key)
 if job is None or job.running or job.error:
     st.stop()
 
@@ -57,8 +57,8 @@ order = st.radio("sort by", ["clip rate", "JS distance", "depth"], horizontal=Tr
 sort_key = {"clip rate": f"clip_rate:{method}", "JS distance": "js_distance", "depth": "depth"}[order]
 rows = sorted(res.rows, key=lambda r: (r[sort_key] if r[sort_key] == r[sort_key] else -1.0),
               reverse=order != "depth")
-found = views.search(rows, "data_search")
-page, _ = views.paged(found, "data_page", per_page=50)
+found = widgets.search(rows, "data_search")
+page, _ = widgets.paged(found, "data_page", per_page=50)
 shown = [{"tensor": r["tensor"], "depth": r["depth"], "JS distance": r["js_distance"],
           f"clip rate ({method})": r[f"clip_rate:{method}"], "calib max|x|": r["calib_max_abs"],
           "eval max|x|": r["eval_max_abs"]} for r in page]

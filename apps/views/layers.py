@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 import state
-import views
+import widgets
 from calib import drift, drift_plots
 from calib.errors import CalibError
 
@@ -29,7 +29,7 @@ for m in methods:
     except CalibError as e:
         state.show_error(e, f"comparison of {m}")
 
-metric = views.metric_select("layers_metric")
+metric = widgets.metric_select("layers_metric")
 n_worst = st.slider("worst layers to mark per method", 0, 20, 5, key="layers_worst")
 if layers:
     worst = {m: [r["fp32_tensor"] for r in drift.worst_layers(rows, metric, n_worst)] for m, rows in layers.items()}
@@ -57,8 +57,8 @@ else:
     table = [{"tensor": t, "node": "", "op": "", "depth": None} for t in next(iter(rng.values())).keys()]
 
 st.subheader(f"All layers ({len(table)})")
-found = views.search(table, "layers_search")
-page, start = views.paged(found, "layers_page", per_page=50)
+found = widgets.search(table, "layers_search")
+page, start = widgets.paged(found, "layers_page", per_page=50)
 st.dataframe(page, hide_index=True, width="stretch")
 
 if not found:
@@ -69,26 +69,28 @@ labels = {r["tensor"]: (f"{r['node']} ({r['op']}, depth {r['depth']})" if r["nod
 tensor = st.selectbox("layer", options, key="layers_tensor_pick", format_func=lambda t: labels[t])
 st.session_state["layers_tensor"] = tensor
 
-st.subheader(f"Layer `{tensor}`")
+st.subheader(f"Layer `{labels[tensor]}`")
+node = next((r["node"] for r in page if r["tensor"] == tensor), "")
 try:
     stats = state.stats(run)
+    shown, why = state.histogram_tensors(run, node, tensor)
 except CalibError as e:
     state.show_error(e)
-    stats = None
-if stats is not None and tensor in stats.tensors:
-    h = stats.tensors[tensor]
-    amax = {m: r[tensor].amax for m, r in rng.items() if tensor in r}
+    stats, shown, why = None, [], ""
+if stats is not None and not shown:
+    st.info(f"`{tensor}` is not a quantized tensor of this model; its histogram was not collected. {why}")
+for t in shown:
+    h = stats.tensors[t]
+    amax = {m: r[t].amax for m, r in rng.items() if t in r}
     centres, counts, width = drift.histogram_view(h)
-    st.plotly_chart(drift_plots.histogram_figure(centres, counts, width, amax,
-                                                 title=f"FP32 activations over {stats.n_samples} calibration samples"),
-                    width="stretch", key="layers_hist_fig")
-    st.dataframe([{"method": m, "amax": r[tensor].amax, "scale (amax/127)": r[tensor].scale,
-                   "clipped fraction (calibration data)": h.clipped_fraction(r[tensor].amax)}
-                  for m, r in rng.items() if tensor in r],
-                 hide_index=True, width="stretch")
+    st.markdown(f"`{t}`: {why}")
+    st.plotly_chart(drift_plots.histogram_figure(
+        centres, counts, width, amax, title=f"FP32 activations of {t} over {stats.n_samples} calibration samples"),
+        width="stretch", key=f"layers_hist_fig_{t}")
+    st.dataframe([{"method": m, "amax": r[t].amax, "scale (amax/127)": r[t].scale,
+                   "clipped fraction (calibration data)": h.clipped_fraction(r[t].amax)}
+                  for m, r in rng.items() if t in r], hide_index=True, width="stretch")
     st.caption(f"min {h.min:.5g}, max {h.max:.5g}, {h.n:,} values, bin width 2^{h.exp}")
-elif stats is not None:
-    st.info(f"`{tensor}` is not a quantized tensor of this model; its histogram was not collected.")
 
 if layers:
     st.markdown("**FP32 vs INT8 values** (computed on demand on a few evaluation samples with ONNX Runtime)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-import views
+import widgets
 from calib.errors import CalibError
 
 st.title("Runs")
@@ -52,9 +52,9 @@ else:
     if picked:
         cols = st.columns(2)
         if cols[0].button("Open layers", disabled=len(picked) < 1):
-            st.switch_page("pages/layers.py")
+            st.switch_page("views/layers.py")
         if cols[1].button("Compare these runs", disabled=len(picked) < 2):
-            st.switch_page("pages/compare_runs.py")
+            st.switch_page("views/compare_runs.py")
 
 
 st.header("New run")
@@ -101,6 +101,6 @@ if submitted:
     except CalibError as e:
         state.show_error(e, "cannot start the run")
 
-job = views.job_progress(NEW_RUN_JOB)
+job = widgets.job_progress(NEW_RUN_JOB)
 if job is not None and not job.running and job.result:
     st.success(f"run {job.result} finished")

@@ -36,7 +36,7 @@ def dashboard_command(store: Path, port: int) -> list[str]:
     """The ``streamlit run`` command line: loopback only, headless, no usage statistics."""
     return [sys.executable, "-m", "streamlit", "run", str(app_path()),
             "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--server.fileWatcherType", "none",
             "--", "--store", str(store)]
 
 
