@@ -10,8 +10,10 @@ Three questions the dashboard asks of a run, answered from plain data:
   in [0, 1]) between the calibration and evaluation histograms of one tensor. Both
   ``TensorHistogram``s live on power-of-two grids anchored at 0, so the finer one is
   re-binned to the coarser width exactly as ``TensorHistogram.merge`` does
-  (``calib._kernels.downsample``) and the signed histograms (negative bins mirrored in
-  front of the positive ones) are compared bin for bin.
+  (``calib._kernels.downsample``), both are coarsened further to at most ``JS_BINS``
+  occupied bins per sign (so that sampling noise in thousands of near-empty fine bins
+  does not dominate), and the signed histograms (negative bins mirrored in front of the
+  positive ones) are compared bin for bin.
 * **Samples least like the calibration set** (``novelty``): per-sample features
   (``embed``: one activation of the FP32 model, mean-pooled over spatial axes) are
   standardised with the calibration set's mean and spread; an evaluation sample's
@@ -37,7 +39,7 @@ from calib._kernels import downsample
 from calib.errors import InputDataError, RangesError
 from calib.stats import ActivationStats, TensorHistogram
 
-__all__ = ["rebin", "signed_counts", "histogram_view", "js_distance", "clip_rate", "TensorDrift", "tensor_drift",
+__all__ = ["rebin", "signed_counts", "histogram_view", "common_exp", "JS_BINS", "js_distance", "clip_rate", "TensorDrift", "tensor_drift",
            "Embedding", "feature_tensor", "embed", "Novelty", "novelty", "LayerValues", "layer_values"]
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,30 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
     return float(math.sqrt(max(0.0, 0.5 * (kl_p + kl_q))))
 
 
-def js_distance(a: TensorHistogram, b: TensorHistogram) -> float:
+JS_BINS = 64
+
+
+def common_exp(a: TensorHistogram, b: TensorHistogram, *, bins: int = JS_BINS) -> int:
+    """The width exponent both histograms are compared at: the coarser of the two, coarsened further (by
+    powers of two) until the larger max|x| spans at most ``bins`` bins on each side of 0."""
+    e = max(a.exp, b.exp)
+    span = max(a.max_abs, b.max_abs)
+    if span > 0:
+        occupied = math.floor(span / math.ldexp(1.0, e)) + 1
+        if occupied > bins:
+            e += int(math.ceil(math.log2(occupied / bins)))
+    return e
+
+
+def js_distance(a: TensorHistogram, b: TensorHistogram, *, bins: int = JS_BINS) -> float:
     """Jensen-Shannon distance (base 2, 0 = same distribution, 1 = disjoint) of two histograms of one tensor.
 
-    NaN when either histogram holds no finite value.
+    Compared at ``common_exp``: with 2048 fine bins per side, the sampling noise of a
+    few thousand values would dominate the distance, so both are re-binned (exactly,
+    as ``merge`` does) to at most ``bins`` occupied bins per sign. NaN when either
+    histogram holds no finite value.
     """
-    e = max(a.exp, b.exp)
+    e = common_exp(a, b, bins=bins)
     pa, na = rebin(a, e)
     pb, nb = rebin(b, e)
     return _js(signed_counts(pa, na), signed_counts(pb, nb))
