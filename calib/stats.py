@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from calib._kernels import downsample, fold
+from calib._kernels import downsample, fold, fold_finite
 from calib.errors import CacheFormatError, RangesError
 
 __all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent"]
@@ -96,6 +96,21 @@ class TensorHistogram:
             a = a.astype(np.float32)
         a = np.ascontiguousarray(a).reshape(-1)
         if a.size == 0:
+            return
+        mn, mx = float(a.min()), float(a.max())  # NaN if any value is NaN
+        if math.isfinite(mn) and math.isfinite(mx):
+            # fast path (no NaN/inf): grow the grid once to this batch's max|x|, then bin branch-free.
+            # Same result as growing value by value: downsampling commutes with binning.
+            e = max(self.exp, width_exponent(max(-mn, mx)))
+            if e > self.exp:
+                downsample(self.pos, e - self.exp)
+                downsample(self.neg, e - self.exp)
+                self.exp = e
+            inv = math.ldexp(1.0, -e)
+            fold_finite(a, self.pos, self.neg, np.float32(inv) if a.dtype == np.float32 and e <= 126 else inv)
+            self.n += int(a.size)
+            self.min = min(self.min, mn)
+            self.max = max(self.max, mx)
             return
         exp, mn, mx, nnf = fold(a, self.pos, self.neg, self.exp, self.n_finite > 0)
         self.exp = int(exp)

@@ -146,7 +146,7 @@ def test_integer_token_ids_are_never_collected():
     rng = np.random.default_rng(4)
     samples = samples_of([{"ids": rng.integers(0, 50, 7).astype(np.int64)} for _ in range(5)])
     stats = check_against_oracle(models.token_embedding(), samples, batch_size=2)
-    assert "ids" not in stats.tensors and set(stats.tensors) == {"e", "m"}
+    assert "ids" not in stats.tensors and {"e", "m"} <= set(stats.tensors)
 
 
 # ---- merge of separate collections ---------------------------------------------------------------

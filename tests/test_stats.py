@@ -196,3 +196,16 @@ def test_load_refuses_other_files(tmp_path):
     np.savez(tmp_path / "future.npz", **arrays)
     with pytest.raises(CacheFormatError, match="format version 99"):
         ActivationStats.load(tmp_path / "future.npz")
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "nonfinite"])
+def test_fast_path_equals_value_by_value_path(kind):
+    # a batch without NaN/inf is binned at once after growing the grid; one NaN sends the same
+    # values through the value-by-value kernel: both must give the same histogram
+    x = np.concatenate([make_batch("tiny", 3, 50), make_batch(kind, 4, 500)])
+    fast = fold_all([x])
+    slow = fold_all([np.append(x, np.float32(np.nan))])
+    assert (fast.exp, fast.min, fast.max) == (slow.exp, slow.min, slow.max)
+    np.testing.assert_array_equal(fast.pos, slow.pos)
+    np.testing.assert_array_equal(fast.neg, slow.neg)
+    assert slow.n_nonfinite == 1 and fast.n_nonfinite == 0
