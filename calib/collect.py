@@ -1,9 +1,16 @@
 """Collection: stream samples through the FP32 model on ONNX Runtime into ``ActivationStats``.
 
 The needed intermediate tensors are exposed as outputs on a *copy* of the
-model. While ONNX Runtime runs batch k+1, a worker thread folds batch k into the
+model. While ONNX Runtime runs batch k+1, worker threads fold batch k into the
 histograms (compiled, GIL-free), so both cores work and at most two batches of
 activations are alive at once: memory does not grow with the number of samples.
+
+Thread split (measured on a 2-core machine, bench/results/collect.md): ONNX Runtime
+gets ``cpu_count - fold_threads`` intra-op threads with spinning off, and
+``fold_threads = max(1, cpu_count // 4)`` threads fold. ONNX Runtime's parallel
+sections wait for their slowest thread, so letting its spinning threads share a core
+with the fold thread made collection 1.7-2x slower than a plain ORT pass; with the
+split it is within ~1.15x.
 """
 
 from __future__ import annotations
@@ -68,21 +75,32 @@ def expose_outputs(proto: onnx.ModelProto, tensors: Iterable[str]) -> onnx.Model
 
 def make_session(proto: onnx.ModelProto, providers: Sequence[str] | None = None, *,
                  intra_op_threads: int | None = None,
-                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                 ) -> ort.InferenceSession:
+                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 spinning: bool = True) -> ort.InferenceSession:
+    """An ORT session; ``spinning=False`` when other threads of ours compute beside it."""
     so = ort.SessionOptions()
     so.graph_optimization_level = optimization
     so.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=resolve_providers(providers))
     except Exception as e:
         raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
+def fold_thread_split(intra_op_threads: int | None = None, fold_threads: int | None = None) -> tuple[int, int]:
+    """(ONNX Runtime intra-op threads, fold threads) for this machine (see the module doc)."""
+    cpus = os.cpu_count() or 1
+    folds = fold_threads or max(1, cpus // 4)
+    return intra_op_threads or max(1, cpus - folds), folds
+
+
 def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tensors: Sequence[str] | None = None,
             batch_size: int = 8, providers: Sequence[str] | None = None, limit: int | None = None,
-            intra_op_threads: int | None = None, progress: Progress | None = None) -> ActivationStats:
+            intra_op_threads: int | None = None, fold_threads: int | None = None,
+            progress: Progress | None = None) -> ActivationStats:
     """Collect exact, mergeable statistics of ``tensors`` (default: every quantizable activation).
 
     ``source`` yields ``Sample`` objects (``calib.data``); its ``layout`` attribute
@@ -99,8 +117,9 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     total = len(source) if hasattr(source, "__len__") else None
     if limit is not None:
         total = min(total, limit) if total is not None else limit
+    ort_threads, fold_threads = fold_thread_split(intra_op_threads, fold_threads)
     sess = make_session(expose_outputs(model.proto, [t for t in names if t not in {s.name for s in model.inputs}]),
-                        providers, intra_op_threads=intra_op_threads)
+                        providers, intra_op_threads=ort_threads, spinning=False)
     fetch = [t for t in names if t not in {s.name for s in model.inputs}]
     hists = {t: TensorHistogram() for t in names}
     stats = ActivationStats(hists, model.sha256, meta={"inputs": [s.name for s in model.inputs], "shapes": {},
@@ -109,8 +128,8 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     if progress:
         progress("collect", 0, total)
     t0 = time.perf_counter()
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calib-fold") as pool:
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=fold_threads, thread_name_prefix="calib-fold") as pool:
         for ids, feeds, _labels in batches(_limited(source, limit), model.inputs, batch_size, layout=layout):
             try:
                 outs = sess.run(fetch, feeds)
@@ -121,15 +140,15 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
             for s in model.inputs:
                 if s.name in hists:
                     values[s.name] = feeds[s.name]
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(_fold_batch, stats, values, layout)
+            for f in pending:
+                f.result()
+            pending = [pool.submit(_fold_batch, stats, part, layout) for part in _split(values, fold_threads)]
             stats.add_samples(ids)
             done += len(ids)
             if progress:
                 progress("collect", done, total)
-        if pending is not None:
-            pending.result()
+        for f in pending:
+            f.result()
     if done == 0:
         raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
     for t in list(stats.meta["skipped"]):
@@ -143,6 +162,19 @@ def _limited(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
         if limit is not None and i >= limit:
             return
         yield s
+
+
+def _split(values: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """Split tensors into ``parts`` groups of about equal size (largest first, to the lightest group)."""
+    if parts <= 1:
+        return [values]
+    groups: list[dict[str, np.ndarray]] = [{} for _ in range(parts)]
+    load = [0] * parts
+    for name in sorted(values, key=lambda k: -values[k].size):
+        i = load.index(min(load))
+        groups[i][name] = values[name]
+        load[i] += values[name].size
+    return [g for g in groups if g]
 
 
 def _fold_batch(stats: ActivationStats, values: dict[str, np.ndarray], layout: str) -> None:
