@@ -10,7 +10,7 @@ from PIL import Image
 
 from calib.data import PreprocessSpec, open_source, pad_sequences
 from calib.data.preprocess import check_spec, guess_preprocess
-from calib.data.sources import ImageFolderSource, ManifestSource
+from calib.data.sources import ManifestSource
 from calib.data.tokens import TokenSource
 from calib.errors import ConfigError, InputDataError
 from calib.model import InputSpec, model_from_proto

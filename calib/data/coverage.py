@@ -186,6 +186,9 @@ def figures(report: dict) -> dict:
         f = go.Figure()
         f.add_trace(go.Scatter(x=[p["size"] for p in pts], y=[100 * p["top1_agreement"] for p in pts],
                                mode="lines+markers", name=f"{report['curve']['strategy']} subsets"))
+        f.add_trace(go.Scatter(x=[p["size"] for p in pts], y=[p["mean_cosine"] for p in pts], yaxis="y2",
+                               mode="lines+markers", line_dash="dot", name="mean output cosine (right axis)"))
+        f.update_layout(yaxis2=dict(title="mean cosine", overlaying="y", side="right"))
         if ref:
             f.add_hline(y=100 * ref[0]["top1_agreement"], line_dash="dash",
                         annotation_text=f"whole pool ({ref[0]['size']} samples)")
