@@ -1,6 +1,7 @@
 """Run one job as its own process and measure it: wall time and peak RSS of the whole process tree.
 
-Linux only (reads /proc). The tree is the job's process plus every descendant alive at each poll
+Linux only (reads /proc). Also records the CPU time (user + system) of the tree from
+``getrusage(RUSAGE_CHILDREN)``, which other work on a shared machine disturbs less than wall time. The tree is the job's process plus every descendant alive at each poll
 (polled every ``interval_s``); the peak is the largest sum of their resident set sizes seen at one poll.
 ``ru_maxrss`` of the children (the largest single process, from the kernel) is recorded beside it as a
 cross-check: a short-lived spike between two polls still shows there.
@@ -26,6 +27,7 @@ class JobRun:
     wall_s: float
     peak_rss_mb: float
     max_single_rss_mb: float
+    cpu_s: float
     killed_reason: str | None = None
     stderr_tail: str = ""
     stdout_tail: str = ""
@@ -91,7 +93,8 @@ def run_measured(
     """Run ``argv`` in a new session; kill the whole tree past ``timeout_s`` or ``mem_limit_mb``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = ru0.ru_maxrss
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
@@ -113,7 +116,11 @@ def run_measured(
                 break
             time.sleep(interval_s)
         wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = ru1.ru_maxrss
+    # user+system CPU seconds of the job and every descendant it waited for: less sensitive than wall time
+    # to other work sharing the machine
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     # ru_maxrss of children is the max over all waited-for children so far (KiB on Linux): it only tells
     # this job's figure when it rose during the job.
     single = after / 1024 if after > before else float("nan")
@@ -123,6 +130,7 @@ def run_measured(
         wall_s=wall,
         peak_rss_mb=peak / 2**20,
         max_single_rss_mb=single,
+        cpu_s=cpu,
         killed_reason=killed,
         stderr_tail=_tail(err_path),
         stdout_tail=_tail(out_path, 2000),

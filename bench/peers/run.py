@@ -37,6 +37,8 @@ RUNS = WORK / "runs"
 VENV_TOOLS = ["prep", "ort", "modelopt", "nncf", "polygraphy", "calib"]
 CALIB_METHODS = ["minmax", "percentile", "entropy", "mse"]
 ADVISE_TARGET = "cosine:0.99"
+BATCH = 20  # calibration batch size for every tool (tools/common.py): divides 100, 500 and 2000, because
+# ONNX Runtime's histogram calibrators stack per-batch outputs and fail on a shorter last batch
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def measure(ctx: Ctx, tool: str, argv: list[str], log_dir: Path, env: dict | Non
     load = os.getloadavg()[0]
     run = run_measured(argv, log_dir=log_dir, env=env, cwd=REPO, timeout_s=ctx.suite.timeout_s,
                        mem_limit_mb=ctx.mem_limit_mb)
-    rec = {"wall_s": round(run.wall_s, 3), "peak_rss_mb": round(run.peak_rss_mb, 1),
+    rec = {"wall_s": round(run.wall_s, 3), "cpu_s": round(run.cpu_s, 3), "peak_rss_mb": round(run.peak_rss_mb, 1),
            "max_single_rss_mb": None if run.max_single_rss_mb != run.max_single_rss_mb else round(run.max_single_rss_mb, 1),
            "loadavg_1m_before": round(load, 2), "argv": [str(a).replace(str(REPO) + "/", "") for a in argv]}
     ok = run.returncode == 0 and run.killed_reason is None
@@ -219,7 +221,7 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
         return ok
 
     stats, ranges = d / "stats.npz", d / "ranges.json"
-    ok = step("collect", ["collect", fp32, "--data", str(calib_path(model, n)), "-o", str(stats), "--batch-size", "16"])
+    ok = step("collect", ["collect", fp32, "--data", str(calib_path(model, n)), "-o", str(stats), "--batch-size", str(BATCH)])
     ok_cal = step("calibrate", ["calibrate", str(stats), "--method", "all", "-o", str(ranges)], needs_ok=ok)
     entropy_model = None
     if not full:
@@ -231,7 +233,7 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
             entropy_model = out
     best = d / "best.int8.onnx"
     step("quantize:best", ["quantize", fp32, "--data", str(calib_path(model, n)), "--method", "best",
-                           "--eval-data", str(calib_path(model, n)), "--batch-size", "16", "-o", str(best)], int8=best)
+                           "--eval-data", str(calib_path(model, n)), "--batch-size", str(BATCH), "-o", str(best)], int8=best)
     adv = d / "advised.int8.onnx"
     step(f"advise:{ADVISE_TARGET}", ["advise", fp32, "--stats", str(stats), "--data", str(calib_path(model, n)),
                                      "--target", ADVISE_TARGET, "-o", str(adv)], int8=adv, needs_ok=ok)
@@ -334,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 for tool in ("polygraphy", "calib"):
                     ctx.record({**base(model, tool, "compare", None), "status": "failed",
                                 "error": "no INT8 model to compare (calib entropy export and ORT MinMax both failed)"})
+        update_readmes(out)  # partial tables after each model
     print(f"suite {suite.name} finished in {time.perf_counter() - t0:.0f} s; results: {out}", flush=True)
     update_readmes(out)
     return 0

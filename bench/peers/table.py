@@ -234,15 +234,22 @@ def failures_section(res: Results) -> list[str]:
     return out
 
 
+def rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def render(path: Path) -> tuple[str, str]:
     """(full markdown for bench/README.md, short summary for the main README)."""
     recs = load(path)
     if not recs:
-        return f"_No results yet in `{path.relative_to(REPO)}`._", ""
+        return f"_No results yet in `{rel(path)}`._", ""
     res = Results(recs)
     mach = recs[0]["machine"]
     notes: list[str] = []
-    body = [f"Results: `{path.relative_to(REPO)}` ({len(recs)} jobs, {recs[0]['time']} … {recs[-1]['time']}).",
+    body = [f"Results: `{rel(path)}` ({len(recs)} jobs, {recs[0]['time']} … {recs[-1]['time']}).",
             f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB; command: `{recs[0]['command']}`.", ""]
     body += metric_section(res, notes) + [""] + time_section(res, notes) + [""] + memory_section(res, notes)
     body += [""] + compare_section(res, notes) + [""] + failures_section(res) + ["", "### Goals missed", ""]
@@ -275,10 +282,9 @@ def replace_between(text: str, begin: str, end: str, content: str) -> str | None
     return text[: i + len(begin)] + "\n" + content.strip() + "\n" + text[j:]
 
 
-def update_readmes(path: Path) -> None:
+def update_readmes(path: Path, readme: Path = BENCH / "README.md", main_readme: Path = REPO / "README.md") -> None:
     suite = path.stem.split("-", 1)[1]
     full, summary = render(path)
-    readme = BENCH / "README.md"
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     begin, end = f"<!-- peers:{suite}:begin -->", f"<!-- peers:{suite}:end -->"
     new = replace_between(text, begin, end, full)
@@ -287,7 +293,6 @@ def update_readmes(path: Path) -> None:
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(readme)
-    main_readme = REPO / "README.md"
     if summary and main_readme.exists():
         t = main_readme.read_text()
         new_main = replace_between(t, "<!-- peers:begin -->", "<!-- peers:end -->", summary)

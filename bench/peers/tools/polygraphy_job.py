@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--int8", required=True)
     ap.add_argument("--eval", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=20)
     args = ap.parse_args()
     out = Path(args.out)
     poly = str(Path(sys.executable).parent / "polygraphy")

@@ -7,7 +7,7 @@ import numpy as np
 
 
 def load_data():
-    batch = int(os.environ.get("BENCH_BATCH", "16"))
+    batch = int(os.environ.get("BENCH_BATCH", "20"))
     with np.load(os.environ["BENCH_EVAL_NPZ"], allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files if k != "labels"}
     n = len(next(iter(arrays.values())))
