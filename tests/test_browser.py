@@ -1,0 +1,168 @@
+"""``calib dashboard`` in headless Chromium: every page, a drift analysis, drop a sample and re-calibrate.
+
+Starts the real CLI on a free loopback port against a copy of the session's demo
+store, drives it with Playwright and saves a screenshot of each step under
+``tests/_output/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboard_run import copy_store, shared_store
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent / "_output" / "screenshots"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"calib dashboard exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError("calib dashboard did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'); the browser test needs it")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    src, pages = shared_store(tmp_path_factory)
+    store = copy_store(src, tmp_path_factory.mktemp("dash-browser") / "store")
+    port = _free_port()
+    calib = Path(sys.executable).parent / "calib"
+    cmd = [str(calib)] if calib.exists() else [sys.executable, "-c", "from calib.cli import entry; entry()"]
+    proc = subprocess.Popen([*cmd, "dashboard", "--store", str(store), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield {"url": url, "store": store, "pages": pages, "run": next(d for d in store.iterdir() if d.is_dir())}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+        pg.set_default_timeout(60000)
+        yield pg
+        browser.close()
+
+
+def _settle(pg) -> None:
+    """Wait until Streamlit has finished running the script and drawn its tables and charts."""
+    pg.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60000)
+    pg.wait_for_timeout(1500)
+
+
+def _open(pg, url: str, path: str, title: str) -> None:
+    pg.goto(f"{url}/{path}")
+    pg.get_by_role("heading", name=title).wait_for()
+    _settle(pg)
+
+
+def _shot(pg, name: str) -> Path:
+    out = SHOTS / f"{name}.png"
+    pg.screenshot(path=str(out), full_page=True)
+    assert out.stat().st_size > 10000
+    return out
+
+
+def test_every_page_renders_real_numbers(server, page):
+    url, run = server["url"], server["run"]
+    _open(page, url, "", "Runs")
+    body = page.inner_text("body")
+    assert "Runs" in body and "New run" in body
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    assert run.name in body  # the pick box shows the run
+    _shot(page, "01-runs")
+
+    _open(page, url, "layers", "Layers: drift through depth")
+    assert "Worst layers" in page.inner_text("body")
+    assert page.locator(".js-plotly-plot").count() >= 2  # depth curves and a histogram
+    assert "SQNR (dB) through depth" in page.inner_text("body")
+    _shot(page, "02-layers")
+
+    _open(page, url, "data", "Data drift: calibration vs evaluation")
+    page.get_by_role("button", name="Analyse drift").click()
+    page.get_by_text("Evaluation samples least like the calibration set").wait_for(timeout=90000)
+    _settle(page)
+    body = page.inner_text("body")
+    assert "24 calibration samples vs 16 evaluation samples" in body
+    assert page.locator('[data-testid="stImage"]').count() >= 12  # thumbnails of the most novel eval pages
+    _shot(page, "03-data-drift")
+
+    _open(page, url, "compare_runs", "Compare runs")
+    assert "Calibrated ranges" in page.inner_text("body")
+    _shot(page, "05-compare-runs")
+
+
+def test_drop_a_sample_and_recalibrate(server, page):
+    url, store, run = server["url"], server["store"], server["run"]
+    _open(page, url, "calibration_set", "Calibration set")
+    assert page.locator('[data-testid="stImage"]').count() == 24
+    _shot(page, "04-calibration-set")
+    box = page.locator('[data-testid="stMultiSelect"]').filter(has_text="drop samples")
+    box.locator("input").click()
+    victim = "0/page_00002.jpg"
+    box.locator("input").fill(victim)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    _settle(page)
+    assert page.locator('[data-testid="stMetricValue"]').inner_text().strip() == "23"
+    page.get_by_role("button", name="Re-calibrate with the edited set").click()
+    done = page.get_by_text("The two runs side by side")
+    failed = page.locator('[data-testid="stAlertContentError"]')
+    done.or_(failed).first.wait_for(timeout=150000)
+    _settle(page)
+    assert failed.count() == 0, failed.first.inner_text()
+    new = [d for d in store.iterdir() if d.is_dir() and not d.name.startswith(".") and d != run]
+    assert len(new) == 1 and (new[0] / "COMPLETE").exists()
+    ids = json.loads((new[0] / "calib_ids.json").read_text())
+    assert len(ids) == 23 and victim not in ids
+    body = page.inner_text("body")
+    assert f"after: {new[0].name}" in body and "23 chosen ids" in body
+    _shot(page, "06-recalibrated")
+    page.get_by_role("button", name="Open both in Compare runs").click()
+    page.get_by_role("heading", name="Compare runs").wait_for()
+    _settle(page)
+    body = page.inner_text("body")
+    assert run.name in body and new[0].name in body
+    _shot(page, "07-compare-after-recalibration")
