@@ -43,9 +43,16 @@ def app(store: Path, monkeypatch) -> AppTest:
     return at
 
 
-def goto(at: AppTest, page: str) -> AppTest:
+RUN_PICK = {"layers": "layers_run", "data": "data_run", "calibration_set": "cs_run", "compare_runs": "cmp_a"}
+
+
+def goto(at: AppTest, page: str, run: Path | None = None) -> AppTest:
+    """Switch to a page (and pick ``run`` in its run box)."""
     at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
+    if run is not None:
+        at.selectbox(key=RUN_PICK[page]).set_value(run.name).run()
+        assert not at.exception, [e.value for e in at.exception]
     return at
 
 
@@ -105,11 +112,28 @@ def test_runs_page_refuses_missing_paths_without_starting(demo, monkeypatch, tmp
     at.text_input(key="nr_calib").set_value(str(demo["pages"] / "calib"))
     at.button[-1].click().run()  # the form's submit button
     assert any("model: no such file" in e.value for e in at.error)
-    assert len([d for d in demo["store"].iterdir() if d.is_dir() and not d.name.startswith(".")]) == 1
+    assert not any("-gone-" in d.name for d in demo["store"].iterdir())
+
+
+def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
+    at = app(demo["store"], monkeypatch)
+    manifest = json.loads((demo["run"] / "run.json").read_text())
+    at.text_input(key="nr_model").set_value(manifest["model"]["path"])
+    at.text_input(key="nr_calib").set_value(str(demo["pages"] / "calib"))
+    at.text_input(key="nr_name").set_value("from-the-page")
+    at.multiselect(key="nr_methods").set_value(["entropy"])
+    at.button[-1].click()
+    wait_for(at, lambda a: any(s.value.endswith("finished") for s in a.success))
+    rid = next(s.value for s in at.success if s.value.endswith("finished")).split()[1]
+    new = demo["store"] / rid
+    assert rid.split("-")[2] == "from" and (new / "COMPLETE").exists()
+    m = json.loads((new / "run.json").read_text())
+    assert m["command"] == ["calib", "dashboard"] and m["n_samples"] == 24
+    assert rid in frame(at, "key metrics")["id"].tolist()
 
 
 def test_layers_page_shows_worst_layers_histogram_and_errors(demo, monkeypatch):
-    at = goto(app(demo["store"], monkeypatch), "layers")
+    at = goto(app(demo["store"], monkeypatch), "layers", demo["run"])
     assert at.title[0].value.startswith("Layers")
     rep = {m: compare_json(demo["run"], m) for m in ("entropy", "minmax")}
     worst = frame(at, "method")
@@ -158,7 +182,7 @@ def test_data_page_clip_rate_and_js_distance_match_ort_reference(demo, monkeypat
 
     from calib.stats import width_exponent
 
-    at = goto(app(demo["store"], monkeypatch), "data")
+    at = goto(app(demo["store"], monkeypatch), "data", demo["run"])
     at.button(key="data_go").click()
     wait_for(at, lambda a: "Evaluation samples least like the calibration set" in [s.value for s in a.subheader])
     t = frame(at, "JS distance")
@@ -191,7 +215,7 @@ def test_data_page_clip_rate_and_js_distance_match_ort_reference(demo, monkeypat
 
 
 def test_calibration_set_drop_and_recalibrate_makes_a_new_run(demo, monkeypatch, tmp_path):
-    at = goto(app(demo["store"], monkeypatch), "calibration_set")
+    at = goto(app(demo["store"], monkeypatch), "calibration_set", demo["run"])
     assert len(at.get("image")) == 24  # the gallery: one thumbnail per calibration page
     drop = at.multiselect(key=f"cs_drop_{demo['run']}")
     ids = drop.options

@@ -67,7 +67,8 @@ with st.form("new_run"):
     from calib.calibrate import METHODS
 
     methods = c1.multiselect("methods", list(METHODS), default=list(METHODS), key="nr_methods")
-    primary = c2.selectbox("method of the exported model", list(METHODS), key="nr_primary")
+    primary = c2.selectbox("method of the exported model", list(METHODS), key="nr_primary",
+                           index=list(METHODS).index("entropy") if "entropy" in METHODS else 0)
     strategy = c1.selectbox("calibration subset", ["", "random", "stratified", "kmeans", "kcenter"],
                             format_func=lambda s: s or "all samples", key="nr_strategy")
     size = c2.number_input("subset size", 0, 100000, 0, key="nr_size")
