@@ -150,3 +150,55 @@ def mse_costs_kernel(b):
         total += s2[j0] - 2.0 * k * s1[j0] + k * k * s0[j0] + s1[j0] - k * s0[j0] + s0[j0] / 3.0
         costs[kk - 1] = total
     return costs
+
+
+@njit(nogil=True, cache=True)
+def entropy_kl_kernel(bins, num_quant_bins):
+    """KL(P || Q) of every candidate i = num_quant_bins..n (see calib.calibrate.entropy for the formula).
+
+    ``bins`` is float64 with bins[0] already replaced by bins[1]; returns kl[i - num_quant_bins].
+    """
+    n = bins.shape[0]
+    nq = num_quant_bins
+    c = np.zeros(n + 1)
+    m = np.zeros(n + 1)
+    plogp = np.zeros(n + 1)
+    for j in range(n):
+        b = bins[j]
+        c[j + 1] = c[j] + b
+        m[j + 1] = m[j] + (1.0 if b > 0 else 0.0)
+        plogp[j + 1] = plogp[j] + (b * math.log(b) if b > 0 else 0.0)
+    total = c[n]
+    kl = np.empty(n - nq + 1)
+    for i in range(nq, n + 1):
+        level = 0.0
+        s_last = 0.0
+        m_last = 0.0
+        start = 0
+        for k in range(nq):
+            stop = ((k + 1) * i + nq - 1) // nq  # ceil((k + 1) i / nq)
+            s = c[stop] - c[start]
+            mm = m[stop] - m[start]
+            if s > 0:
+                level += s * math.log(s / mm)
+            s_last = s
+            m_last = mm
+            start = stop
+        ci = c[i]
+        outliers = total - ci
+        last = bins[i - 1]
+        if outliers > 0 and last == 0:
+            kl[i - nq] = np.inf
+            continue
+        p_last = last + outliers
+        pl = plogp[i - 1] + (p_last * math.log(p_last) if p_last > 0 else 0.0)
+        out_term = 0.0
+        if outliers > 0:
+            q_last = s_last / m_last if m_last > 0 else 0.0
+            if q_last > 0:
+                out_term = outliers * math.log(q_last)
+        if ci > 0:
+            kl[i - nq] = (pl - level - out_term) / total + math.log(ci / total)
+        else:
+            kl[i - nq] = np.inf
+    return kl
