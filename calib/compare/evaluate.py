@@ -96,6 +96,8 @@ class Evaluator:
                     for v, w in s.where.items():
                         key = v if v != "base" else ("base" if si == 0 else f"base{si}")
                         metrics[key].update(ref, {o: out[t] for o, t in w.items()}, ids, labs)
+                out = None
+                del outs, ref
                 done += len(ids) if ids is not None else 1
                 if progress:
                     progress(stage, done, self.n_samples)

@@ -152,6 +152,7 @@ def run_batches(source: Iterable[Sample], model: Model, batch_size: int, runners
                     hint="check that the evaluation data fits the model's inputs") from None
         seen += len(ids)
         yield (ids if layout == "batch" else None), labs, outs
+        del outs, feeds  # drop this batch before the next runs: peak memory stays at one batch
 
 
 def _limit(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
@@ -203,6 +204,7 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
                     raise ModelError(f"tensor '{p.fp32}' (node '{p.node}'): {e}",
                                      hint="the Q/DQ model computes a different shape here") from None
             om.update(fa, qa, ids, labs)
+            del fa, qa
             done += len(ids) if ids is not None else 1
             if progress:
                 progress("compare", done, total)
