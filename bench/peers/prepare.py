@@ -238,13 +238,25 @@ def minilm_samples(sentences: list[str], seq_len: int = 64) -> tuple[dict, None]
     }, None
 
 
+def sentence_paragraphs() -> list[str]:
+    """corpus_text() plus the prose of /usr/share/doc/*/README* and */copyright files (sorted, plain text)."""
+    paras = corpus_text()
+    for p in sorted(Path("/usr/share/doc").glob("*/README*")) + sorted(Path("/usr/share/doc").glob("*/copyright")):
+        if p.suffix in ("", ".md", ".txt", ".rst") and p.is_file() and not p.is_symlink():
+            text = p.read_text(errors="replace")
+            paras += [" ".join(x.split()) for x in text.split("\n\n") if len(x.split()) > 6]
+    return paras
+
+
 def sentences(count: int, seed: int) -> list[str]:
+    """Distinct sentences (4+ words, mostly letters), seeded shuffle."""
     rng = np.random.default_rng(seed)
     out: list[str] = []
-    for para in corpus_text():
+    for para in sentence_paragraphs():
         for s in para.replace("? ", ". ").split(". "):
             s = s.strip()
-            if 20 <= len(s) and len(s.split()) >= 4:
+            letters = sum(c.isalpha() or c == " " for c in s)
+            if 20 <= len(s) <= 400 and len(s.split()) >= 4 and letters >= 0.85 * len(s):
                 out.append(s)
     out = sorted(set(out))
     rng.shuffle(out)

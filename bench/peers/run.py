@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import BENCH, DATA_DIR, MODELS, WORK, calib_path, eval_path  # noqa: E402
+from models import BENCH, DATA_DIR, MODELS, WORK, calib_path, eval_path, model_path  # noqa: E402
 from procmon import run_measured  # noqa: E402
 
 REPO = BENCH.parent
@@ -157,7 +157,7 @@ def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path) -> dict:
     """Task metrics of an INT8 model (unmeasured helper job in the ort venv)."""
     if "ort" in ctx.venv_errors:
         return {"eval_error": ctx.venv_errors["ort"]}
-    argv = [str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--fp32", str(WORK / "models" / f"{model}.onnx"),
+    argv = [str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--fp32", str(model_path(model)),
             "--int8", str(int8), "--eval", str(eval_path(model)), "--task", MODELS[model].task,
             "--cache", str(WORK / "fp32_outputs")]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
@@ -179,7 +179,7 @@ def run_peer(ctx: Ctx, model: str, tool: str, variant: str, n: int) -> dict:
         return ctx.record({**rec, "status": "failed", "error": ctx.venv_errors[tool]})
     d = RUNS / ctx.suite.name / model / f"{tool}-{variant}-{n}"
     d.mkdir(parents=True, exist_ok=True)
-    argv = [str(venv_python(tool)), str(TOOLS_DIR / f"{tool}_job.py"), "--model", str(WORK / "models" / f"{model}.onnx"),
+    argv = [str(venv_python(tool)), str(TOOLS_DIR / f"{tool}_job.py"), "--model", str(model_path(model)),
             "--calib", str(calib_path(model, n)), "--out", str(d), "--method", variant]
     m, ok = measure(ctx, tool, argv, d)
     rec.update(m)
@@ -198,7 +198,7 @@ def calib_cmd() -> str:
 def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
     """collect -> calibrate (all methods) -> export per method -> quantize --method best -> advise.
     Returns the entropy Q/DQ model (for the compare jobs) when it was made."""
-    fp32 = str(WORK / "models" / f"{model}.onnx")
+    fp32 = str(model_path(model))
     d = RUNS / ctx.suite.name / model / f"calib-{n}"
     d.mkdir(parents=True, exist_ok=True)
 
@@ -246,7 +246,7 @@ def run_compare(ctx: Ctx, model: str, int8: Path, int8_from: str, k: int | None)
     n_eval = MODELS[model].n_eval
     k = n_eval if k is None else min(k, n_eval)
     data = DATA_DIR / model / ("eval.npz" if k == n_eval else f"eval_{k}.npz")
-    fp32 = str(WORK / "models" / f"{model}.onnx")
+    fp32 = str(model_path(model))
     d = RUNS / ctx.suite.name / model / f"compare-{k}"
     for tool, argv in [
         ("polygraphy", [str(venv_python("polygraphy")), str(TOOLS_DIR / "polygraphy_job.py"), "--fp32", fp32,
