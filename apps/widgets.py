@@ -57,6 +57,9 @@ def search(rows: Sequence[dict], key: str, field: str = "tensor", label: str = "
     return [r for r in rows if ql in str(r.get(field, "")).lower() or ql in str(r.get("node", "")).lower()]
 
 
+KEY_OUTPUT_METRICS = ("cosine", "sqnr_db", "top1_agreement", "accuracy_int8", "accuracy_fp32")
+
+
 def run_summary(run) -> dict[str, Any]:
     """Plain facts of a run for a side-by-side table (read from its manifest and artifacts)."""
     m = run.manifest
@@ -80,13 +83,14 @@ def run_summary(run) -> dict[str, Any]:
         adv = None
     if adv:
         out["float nodes (advise)"] = ", ".join(adv.get("exclude", [])) or "none"
-    for k, v in (m.get("metrics") or {}).items():
-        if isinstance(v, (int, float, str, bool)):
-            out[f"metric: {k}"] = v
+    for k in ("target", "target_met", "float_nodes", "advised_metric"):
+        if k in (m.get("metrics") or {}):
+            out[k] = m["metrics"][k]
     for meth, vals in (m.get("metrics_by_method") or {}).items():
-        for k, v in (vals or {}).items():
+        for k in KEY_OUTPUT_METRICS:
+            v = (vals or {}).get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{meth}: {k}"] = v
+                out[f"{meth}: output {k}"] = v
     return out
 
 
@@ -95,10 +99,8 @@ def side_by_side(runs: Sequence, labels: Sequence[str] | None = None) -> None:
     sums = [run_summary(r) for r in runs]
     keys = list(dict.fromkeys(k for s in sums for k in s))
     labels = list(labels or [r.id for r in runs])
-    table = {"": keys}
-    for lab, s in zip(labels, sums):
-        table[lab] = [_fmt(s.get(k, "")) for k in keys]
-    st.dataframe(table, hide_index=True, width="stretch")
+    rows = [{"": k, **{lab: _fmt(s.get(k, "")) for lab, s in zip(labels, sums)}} for k in keys]
+    st.table(rows, hide_index=True)
 
 
 def _fmt(v: Any) -> str:

@@ -126,7 +126,8 @@ def drift_figure(rows: Sequence[Mapping[str, Any]], method: str) -> go.Figure:
                   secondary_y=True)
     fig.update_xaxes(title="depth (topological)")
     fig.update_yaxes(title_text="Jensen-Shannon distance", rangemode="tozero", secondary_y=False)
-    fig.update_yaxes(title_text="eval values past amax (%)", rangemode="tozero", showgrid=False, secondary_y=True)
+    fig.update_yaxes(title_text="eval values past amax (%)", rangemode="tozero", showgrid=False, tickformat=".2f",
+                     secondary_y=True)
     return _layout(fig, "Calibration vs evaluation data, per tensor")
 
 

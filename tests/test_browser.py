@@ -80,7 +80,7 @@ def page(server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1600})
+        pg = browser.new_page(viewport={"width": 1400, "height": 1800})
         pg.set_default_timeout(60000)
         yield pg
         browser.close()
@@ -89,7 +89,7 @@ def page(server):
 def _settle(pg) -> None:
     """Wait until Streamlit has finished running the script and drawn its tables and charts."""
     pg.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60000)
-    pg.wait_for_timeout(1500)
+    pg.wait_for_timeout(800)
 
 
 def _open(pg, url: str, path: str, title: str) -> None:
@@ -98,9 +98,9 @@ def _open(pg, url: str, path: str, title: str) -> None:
     _settle(pg)
 
 
-def _shot(pg, name: str) -> Path:
+def _shot(pg, name: str, full: bool = True) -> Path:
     out = SHOTS / f"{name}.png"
-    pg.screenshot(path=str(out), full_page=True)
+    pg.screenshot(path=str(out), full_page=full)
     assert out.stat().st_size > 10000
     return out
 
@@ -159,7 +159,9 @@ def test_drop_a_sample_and_recalibrate(server, page):
     assert len(ids) == 23 and victim not in ids
     body = page.inner_text("body")
     assert f"after: {new[0].name}" in body and "23 chosen ids" in body
-    _shot(page, "06-recalibrated")
+    page.get_by_text("The two runs side by side").evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(300)
+    _shot(page, "06-recalibrated", full=False)
     page.get_by_role("button", name="Open both in Compare runs").click()
     page.get_by_role("heading", name="Compare runs").wait_for()
     _settle(page)

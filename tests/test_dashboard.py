@@ -239,7 +239,7 @@ def test_calibration_set_drop_and_recalibrate_makes_a_new_run(demo, monkeypatch,
     assert (new / "COMPLETE").exists()
     kept = json.loads((new / "calib_ids.json").read_text())
     assert len(kept) == 21 and not set(kept) & set(ids[:3])
-    side = frame(at, f"after: {new_id}")
+    side = at.table[0].value
     facts = dict(zip(side[""], side[f"after: {new_id}"]))
     assert facts["calibration samples"] == "21" and facts["calibration set"] == "21 chosen ids"
     before = json.loads((demo["run"] / "ranges.json").read_text())["methods"]["entropy"]

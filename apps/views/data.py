@@ -63,7 +63,7 @@ shown = [{"tensor": r["tensor"], "depth": r["depth"], "JS distance": r["js_dista
           f"clip rate ({method})": r[f"clip_rate:{method}"], "calib max|x|": r["calib_max_abs"],
           "eval max|x|": r["eval_max_abs"]} for r in page]
 st.dataframe(shown, hide_index=True, width="stretch",
-             column_config={f"clip rate ({method})": st.column_config.NumberColumn(format="%.5f"),
+             column_config={f"clip rate ({method})": st.column_config.NumberColumn(format="percent"),
                             "JS distance": st.column_config.NumberColumn(format="%.4f")})
 
 st.subheader("Evaluation samples least like the calibration set")
