@@ -65,19 +65,32 @@ def _count_cases() -> dict[str, tuple[np.ndarray, int]]:
     rng = np.random.default_rng(7)
     c = {}
 
-    def z():
-        return np.zeros(NUM_BINS, np.int64)
+    def hist(**bins) -> np.ndarray:
+        a = np.zeros(NUM_BINS, np.int64)
+        for k, v in bins.items():
+            a[int(k[1:])] = v
+        return a
 
-    a = z(); a[1500] = 1000; c["single_bin"] = (a, -8)
-    a = z(); a[0], a[1] = 5, 3; c["first_two_bins"] = (a, -3)
-    a = z(); a[rng.choice(NUM_BINS, 5, replace=False)] = 1; c["five_ones"] = (a, 0)
-    a = rng.integers(0, 5, NUM_BINS).astype(np.int64); c["random_small_counts"] = (a, -2)
-    a = z(); a[:300] = rng.poisson(50 * np.exp(-np.arange(300) / 40)); a[2047] = 1; c["gap_then_outlier"] = (a, -6)
-    a = z(); a[:300] = rng.integers(0, 1000, 300); c["n_300"] = (a, 1)
-    a = z(); a[:200] = 1; c["flat_200"] = (a, -1)
-    a = z(); a[3] = 10**6; a[900] = 10**6; c["two_spikes"] = (a, -5)
-    a = z(); a[:1200] = (1e9 * np.exp(-np.arange(1200) / 150)).astype(np.int64); c["large_counts"] = (a, -7)
-    a = z(); a[129] = 4; a[127] = 1; c["just_past_128"] = (a, 0)
+    c["single_bin"] = (hist(b1500=1000), -8)
+    c["first_two_bins"] = (hist(b0=5, b1=3), -3)
+    a = np.zeros(NUM_BINS, np.int64)
+    a[rng.choice(NUM_BINS, 5, replace=False)] = 1
+    c["five_ones"] = (a, 0)
+    c["random_small_counts"] = (rng.integers(0, 5, NUM_BINS).astype(np.int64), -2)
+    a = hist(b2047=1)
+    a[:300] = rng.poisson(50 * np.exp(-np.arange(300) / 40))
+    c["gap_then_outlier"] = (a, -6)
+    a = np.zeros(NUM_BINS, np.int64)
+    a[:300] = rng.integers(0, 1000, 300)
+    c["n_300"] = (a, 1)
+    a = np.zeros(NUM_BINS, np.int64)
+    a[:200] = 1
+    c["flat_200"] = (a, -1)
+    c["two_spikes"] = (hist(b3=10**6, b900=10**6), -5)
+    a = np.zeros(NUM_BINS, np.int64)
+    a[:1200] = (1e9 * np.exp(-np.arange(1200) / 150)).astype(np.int64)
+    c["large_counts"] = (a, -7)
+    c["just_past_128"] = (hist(b129=4, b127=1), 0)
     return c
 
 
