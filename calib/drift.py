@@ -40,7 +40,7 @@ from calib.errors import InputDataError, RangesError
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["rebin", "signed_counts", "histogram_view", "common_exp", "JS_BINS", "js_distance", "clip_rate", "TensorDrift", "tensor_drift",
-           "Embedding", "feature_tensor", "embed", "Novelty", "novelty", "LayerValues", "layer_values"]
+           "Embedding", "feature_tensor", "embed", "Novelty", "novelty", "LayerValues", "layer_values", "worst_layers", "range_rows", "layer_deltas"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
@@ -378,3 +378,21 @@ def range_rows(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any
         ratio = xb / xa if (xa == xa and xb == xb and xa != 0) else math.nan
         rows.append({"tensor": t, "amax_a": xa, "amax_b": xb, "ratio_b_a": ratio, "change": abs(ratio - 1.0)})
     return rows
+
+
+def layer_deltas(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], metric: str = "sqnr_db"
+                 ) -> list[dict[str, Any]]:
+    """Per-layer change of ``metric`` from compare rows ``a`` to ``b`` (paired by FP32 tensor, a's order):
+    ``delta = b - a``; layers in only one of them, or with a non-finite value, are left out."""
+    rb = {r["fp32_tensor"]: r for r in b}
+    out = []
+    for r in a:
+        s = rb.get(r["fp32_tensor"])
+        if s is None:
+            continue
+        va, vb = r.get(metric), s.get(metric)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (va, vb)):
+            continue
+        out.append({"fp32_tensor": r["fp32_tensor"], "node": r["node"], "op_type": r["op_type"],
+                    "depth": r["depth"], "a": float(va), "b": float(vb), "delta": float(vb) - float(va)})
+    return out

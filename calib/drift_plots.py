@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = ["METRIC_LABELS", "depth_figure", "histogram_figure", "error_figure", "drift_figure",
-           "overlay_figure", "ranges_figure", "novelty_figure"]
+           "overlay_figure", "delta_figure", "ranges_figure", "novelty_figure"]
 
 METRIC_LABELS = {"cosine": "cosine (mean over samples)", "sqnr_db": "SQNR (dB)",
                  "relative_error": "relative error ||e|| / ||fp32||", "max_abs_error": "max |error|",
@@ -136,6 +136,19 @@ def overlay_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], metric: str 
     fig = depth_figure(runs, metric)
     fig.update_layout(title=f"{METRIC_LABELS.get(metric, metric)} through depth, runs overlaid")
     return fig
+
+
+def delta_figure(deltas: Sequence[Mapping[str, Any]], metric: str, names: tuple[str, str]) -> go.Figure:
+    """Per-layer change of ``metric`` from run A to run B (rows of ``calib.drift.layer_deltas``)."""
+    better_up = HIGHER_IS_BETTER.get(metric, True)
+    colors = ["#2ca02c" if (d["delta"] > 0) == better_up else "#d62728" for d in deltas]
+    fig = go.Figure(go.Bar(x=[d["depth"] for d in deltas], y=[d["delta"] for d in deltas], marker_color=colors,
+                           text=[f"{d['node']} ({d['op_type']})" for d in deltas], textposition="none",
+                           hovertemplate="%{text}<br>depth %{x}<br>change %{y:.4g}<extra></extra>"))
+    fig.add_hline(y=0, line=dict(color="#555", width=1))
+    fig.update_xaxes(title="depth (topological)")
+    fig.update_yaxes(title=f"{METRIC_LABELS.get(metric, metric)}: {names[1]} − {names[0]}")
+    return _layout(fig, f"Change per layer, {names[0]} → {names[1]} (green = better)", height=320)
 
 
 def ranges_figure(amax_a: Mapping[str, float], amax_b: Mapping[str, float], names: tuple[str, str]) -> go.Figure:

@@ -264,7 +264,7 @@ def test_compare_runs_page_shows_both_runs_ranges(demo, monkeypatch):
     assert top["B / A"] == pytest.approx(rb[top["tensor"]]["amax"] / ra[top["tensor"]]["amax"])
     change = {k: abs(rb[k]["amax"] / ra[k]["amax"] - 1) for k in ra if ra[k]["amax"]}
     assert abs(top["B / A"] - 1) == pytest.approx(max(change.values()))
-    assert len(at.get("plotly_chart")) == 2  # per-layer curves overlaid, ranges scatter
+    assert len(at.get("plotly_chart")) == 3  # per-layer curves overlaid, their change, ranges scatter
 
 
 # ---- bad input ---------------------------------------------------------------------------

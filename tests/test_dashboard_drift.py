@@ -13,6 +13,7 @@ from calib.drift import (
     Embedding,
     histogram_view,
     js_distance,
+    layer_deltas,
     novelty,
     range_rows,
     rebin,
@@ -148,3 +149,8 @@ def test_worst_layers_and_range_rows():
     got = {r["tensor"]: r for r in range_rows(a, b)}
     assert got["x"]["ratio_b_a"] == 1.5 and got["x"]["change"] == 0.5
     assert math.isnan(got["y"]["amax_b"]) and math.isnan(got["z"]["ratio_b_a"])
+    ra = [{"fp32_tensor": "p", "node": "n1", "op_type": "Conv", "depth": 1, "sqnr_db": 10.0},
+          {"fp32_tensor": "q", "node": "n2", "op_type": "Relu", "depth": 2, "sqnr_db": float("inf")},
+          {"fp32_tensor": "r", "node": "n3", "op_type": "Add", "depth": 3, "sqnr_db": 7.0}]
+    rb = [dict(ra[2], sqnr_db=9.5), dict(ra[0], sqnr_db=8.0), dict(ra[1])]
+    assert [(d["fp32_tensor"], d["delta"]) for d in layer_deltas(ra, rb)] == [("p", -2.0), ("r", 2.5)]

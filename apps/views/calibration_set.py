@@ -8,7 +8,7 @@ import streamlit as st
 
 import state
 import widgets
-from calib import drift_plots
+from calib import drift, drift_plots
 from calib.errors import CalibError, InputDataError
 
 st.title("Calibration set")
@@ -164,6 +164,10 @@ if job is not None and not job.running and job.result:
     if curves:
         metric = widgets.metric_select("cs_metric")
         st.plotly_chart(drift_plots.overlay_figure(curves, metric), width="stretch", key="cs_overlay")
+        if len(curves) == 2:
+            (_, rows_a), (_, rows_b) = curves.items()
+            st.plotly_chart(drift_plots.delta_figure(drift.layer_deltas(rows_a, rows_b, metric), metric,
+                                                     ("before", "after")), width="stretch", key="cs_delta")
     if st.button("Open both in Compare runs", key="cs_open_compare"):
         state.select_runs([run.id, new_run.id])
         st.switch_page("views/compare_runs.py")

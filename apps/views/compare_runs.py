@@ -42,6 +42,10 @@ for col, (label, r) in zip(mcols, (("A", run_a), ("B", run_b))):
         state.show_error(e)
 if curves:
     st.plotly_chart(drift_plots.overlay_figure(curves, metric), width="stretch", key="cmp_overlay")
+if len(curves) == 2:
+    (la, rows_a), (lb, rows_b) = curves.items()
+    st.plotly_chart(drift_plots.delta_figure(drift.layer_deltas(rows_a, rows_b, metric), metric, ("A", "B")),
+                    width="stretch", key="cmp_delta")
 
 st.subheader("Calibrated ranges")
 try:
