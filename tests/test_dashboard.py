@@ -316,3 +316,15 @@ def test_incomplete_old_format_and_moved_model_are_reported(demo, monkeypatch, t
 def test_no_page_modified_an_existing_run(demo):
     for name, digests in demo["before"].items():
         assert hash_tree(demo["store"] / name) == digests, name
+
+
+def test_cli_refuses_a_bad_port_and_builds_a_loopback_command(tmp_path, capsys):
+    from calib.cli import main
+    from calib.cli.dashboard import dashboard_command
+
+    assert main(["dashboard", "--store", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port 70000: expected 1-65535" in capsys.readouterr().err
+    cmd = dashboard_command(tmp_path, 8600)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8600"
+    assert cmd[-2:] == ["--store", str(tmp_path)] and Path(cmd[4]) == Path(APP)
