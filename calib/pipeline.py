@@ -69,28 +69,56 @@ def _stats_key(model: Model, tensors: Sequence[str], extra: dict) -> str:
     return h.hexdigest()
 
 
+def task_metrics(report) -> dict[str, Any]:
+    """The output metrics of a ``CompareReport`` as one flat dict (single-output models: that output;
+    several outputs: the worst value of each metric, so a summary never hides a bad output)."""
+    outs = {k: v for k, v in report.outputs.items() if not k.startswith("_")}
+    flat: dict[str, Any] = {}
+    for r in outs.values():
+        for k, v in r.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            better_high = not any(x in k for x in ("error", "abs"))
+            if k not in flat:
+                flat[k] = v
+            else:
+                flat[k] = min(flat[k], v) if better_high else max(flat[k], v)
+    if "cosine" in flat:
+        flat["output_cosine"] = flat["cosine"]
+    user = report.outputs.get("_user_metric")
+    if user:
+        flat["metric"] = user.get("value")
+    return flat
+
+
 def _compare_method(model: Model, qdq_proto, eval_source, *, batch_size: int, metric: str, stats, ranges,
                     progress: Progress | None, html: Path | None, json_path: Path | None):
-    from calib.compare import compare, write_report
+    from calib.compare import compare, load_metric, write_html
 
-    rep = compare(model, qdq_proto, eval_source, batch_size=batch_size, metric=metric or None, progress=progress)
-    if json_path is not None or html is not None:
-        write_report(rep, json_path=json_path, html_path=html, stats=stats, ranges=ranges)
+    rep = compare(model, qdq_proto, eval_source, batch_size=batch_size,
+                  metric=load_metric(metric) if metric else None, progress=progress)
+    if json_path is not None:
+        rep.save(json_path)
+    if html is not None:
+        write_html(html, rep, stats=stats, methods=list(ranges) if ranges else ("minmax", "percentile", "entropy",
+                                                                                  "mse"))
     return rep
 
 
 def _score(task: dict[str, Any], target: str) -> float:
     """The number 'best' and targets maximise: the target's metric if given, else top-1 agreement,
     else output cosine."""
-    if target:
-        name = target.split(":", 1)[0]
-        if name in task and isinstance(task[name], (int, float)):
-            return float(task[name])
-    for k in ("top1_agreement", "top1", "output_cosine", "cosine"):
+    key = {"top1": "top1_agreement", "accuracy": "accuracy_int8", "cosine": "cosine", "sqnr": "sqnr_db",
+           "metric": "metric"}.get(target.split(":", 1)[0], "") if target else ""
+    for k in ([key] if key else []) + ["top1_agreement", "cosine"]:
         v = task.get(k)
         if isinstance(v, (int, float)):
             return float(v)
     return float("-inf")
+
+
+def _methods_first(primary: str, labels: Sequence[str]) -> list[str]:
+    return [primary] + [m for m in labels if m != primary]
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -122,7 +150,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
             q = export_qdq(model, r, placement=placement, exclude=exclude)
             rep = _compare_method(model, q.model, ev, batch_size=batch_size, metric=metric, stats=None,
                                   ranges=None, progress=progress, html=None, json_path=None)
-            result.metrics[label] = rep.task
+            result.metrics[label] = task_metrics(rep)
         chosen = max(result.metrics, key=lambda k: _score(result.metrics[k], target))
         result.best = chosen
     chosen_label = parse_method(chosen).label
@@ -131,8 +159,13 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     if target:
         from calib.compare import advise
 
-        adv = advise(model, stats, ev, target=target, methods=list(ranges), start_method=chosen_label,
-                     placement=placement, exclude=exclude, batch_size=batch_size, metric=metric or None,
+        from calib.compare import load_metric
+
+        if exclude:
+            raise InputDataError("--exclude with --target: advise chooses the float nodes itself",
+                                 hint="drop --exclude, or drop --target and exclude by hand")
+        adv = advise(model, stats, ev, target=target, methods=_methods_first(chosen_label, list(ranges)),
+                     placement=placement, batch_size=batch_size, metric=load_metric(metric) if metric else None,
                      progress=progress)
         result.advice = adv
         result.target_met = bool(adv.met)
@@ -144,7 +177,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         write_cache(cache, ranges[chosen_label])
         result.artifacts["cache"] = Path(cache)
     if report is not None:
-        write_scale_report(report, scale_report(qdq, ranges, chosen=chosen_label, stats=stats, model=model))
+        write_scale_report(report, scale_report(qdq, ranges, chosen=chosen_label, stats=stats))
         result.artifacts["report"] = Path(report)
     if result.advice is not None and not result.target_met:
         raise TargetNotMet(f"target {target} not met even with {len(result.excluded)} float nodes; "
@@ -245,7 +278,7 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
                     html=run.add_artifact(f"report:{label}", f"report.{method_file_label(label)}.html")
                     if cfg.html else None,
                     json_path=run.add_artifact(f"compare:{label}", f"compare.{method_file_label(label)}.json"))
-            metrics[label] = rep.task
+            metrics[label] = task_metrics(rep)
     if primary == "best":
         if not metrics:
             raise InputDataError("calibrate.primary = 'best' needs evaluation data and compare enabled")
@@ -257,20 +290,22 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
     if cfg.target:
         from calib.compare import advise
 
+        from calib.compare import load_metric
+
         with run.timing("advise"):
-            adv = advise(model, stats, ev, target=cfg.target, methods=list(ranges), start_method=primary,
-                         placement=cfg.placement, exclude=cfg.exclude, batch_size=cfg.batch_size,
-                         metric=cfg.compare_metric or None, max_float_nodes=cfg.max_float_nodes or None,
-                         progress=progress)
+            adv = advise(model, stats, ev, target=cfg.target, methods=_methods_first(primary, list(ranges)),
+                         placement=cfg.placement, batch_size=cfg.batch_size,
+                         metric=load_metric(cfg.compare_metric) if cfg.compare_metric else None,
+                         max_steps=cfg.max_float_nodes or None, progress=progress)
         write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         final = adv.qdq
         summary.update({"target": cfg.target, "target_met": bool(adv.met), "float_nodes": len(adv.exclude),
-                        "advised_metric": adv.metric_value})
+                        "advised_metric": adv.metric})
     final.save(run.add_artifact("model", "model.int8.onnx"))
     if cfg.cache:
         write_cache(run.add_artifact("cache", "model.cache"), ranges[primary])
     write_scale_report(run.add_artifact("scales", "scales.json"),
-                       scale_report(final, ranges, chosen=primary, stats=stats, model=model))
+                       scale_report(final, ranges, chosen=primary, stats=stats))
     if "report:" + primary in run.manifest.get("artifacts", {}) and cfg.html:
         shutil.copyfile(run.dir / run.manifest["artifacts"]["report:" + primary], run.dir / ".report.tmp")
         os.replace(run.dir / ".report.tmp", run.add_artifact("report", "report.html"))

@@ -218,9 +218,12 @@ def _print_summary(run) -> None:
         worst = ""
         p = run.artifact(f"compare:{label}")
         if p is not None and p.exists():
-            from calib.compare import worst_layers
+            import json
 
-            worst = ", ".join(worst_layers(p, 3))
+            from calib.compare import CompareReport
+
+            rep = CompareReport.from_json(json.loads(p.read_text()))
+            worst = ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in rep.worst(3))
         mark = " (chosen)" if label == m.get("method") else ""
         t.add_row(label + mark, _fmt(task.get("top1_agreement")), _fmt(task.get("accuracy_int8")),
                   _fmt(task.get("accuracy_fp32")), _fmt(task.get("output_cosine")), worst)
