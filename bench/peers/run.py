@@ -49,10 +49,13 @@ class Suite:
     compare_sizes: tuple[int | None, ...]  # evaluation-sample counts for the compare jobs (None = whole eval set)
     timeout_s: float
     models: tuple[str, ...] = tuple(MODELS)
+    goal_models: tuple[str, ...] = tuple(MODELS)  # models that get the goal_sizes runs
+    eval_k: int | None = None  # evaluation samples for the task metrics (a prefix of eval.npz; None = all)
 
 
 SUITES = {
-    "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(100,), timeout_s=300),
+    "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(100,), timeout_s=600,
+                   goal_models=("orientation",), eval_k=200),
     "full": Suite("full", sizes=(100, 500, 2000), goal_sizes=(), compare_sizes=(100, None), timeout_s=1200),
 }
 PEER_VARIANTS = {
@@ -153,12 +156,19 @@ def measure(ctx: Ctx, tool: str, argv: list[str], log_dir: Path, env: dict | Non
     return rec, ok
 
 
+def eval_file(model: str, k: int | None) -> Path:
+    """The first ``k`` evaluation samples (written by prepare.py), or the whole set."""
+    if k is None or k >= MODELS[model].n_eval:
+        return eval_path(model)
+    return DATA_DIR / model / f"eval_{k}.npz"
+
+
 def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path) -> dict:
     """Task metrics of an INT8 model (unmeasured helper job in the ort venv)."""
     if "ort" in ctx.venv_errors:
         return {"eval_error": ctx.venv_errors["ort"]}
     argv = [str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--fp32", str(model_path(model)),
-            "--int8", str(int8), "--eval", str(eval_path(model)), "--task", MODELS[model].task,
+            "--int8", str(int8), "--eval", str(eval_file(model, ctx.suite.eval_k)), "--task", MODELS[model].task,
             "--cache", str(WORK / "fp32_outputs")]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     (log_dir / "evaluate.txt").write_text(r.stdout + r.stderr)
@@ -236,7 +246,8 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
                            "--eval-data", str(calib_path(model, n)), "--batch-size", str(BATCH), "-o", str(best)], int8=best)
     adv = d / "advised.int8.onnx"
     step(f"advise:{ADVISE_TARGET}", ["advise", fp32, "--stats", str(stats), "--data", str(calib_path(model, n)),
-                                     "--target", ADVISE_TARGET, "-o", str(adv)], int8=adv, needs_ok=ok)
+                                     "--target", ADVISE_TARGET, "--batch-size", str(BATCH), "-o", str(adv)],
+         int8=adv, needs_ok=ok)
     del ok_cal
     return entropy_model
 
@@ -245,13 +256,14 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
 def run_compare(ctx: Ctx, model: str, int8: Path, int8_from: str, k: int | None) -> None:
     n_eval = MODELS[model].n_eval
     k = n_eval if k is None else min(k, n_eval)
-    data = DATA_DIR / model / ("eval.npz" if k == n_eval else f"eval_{k}.npz")
+    data = eval_file(model, k)
     fp32 = str(model_path(model))
     d = RUNS / ctx.suite.name / model / f"compare-{k}"
     for tool, argv in [
         ("polygraphy", [str(venv_python("polygraphy")), str(TOOLS_DIR / "polygraphy_job.py"), "--fp32", fp32,
                         "--int8", str(int8), "--eval", str(data), "--out", str(d / "polygraphy")]),
-        ("calib", [calib_cmd(), "compare", fp32, str(int8), "--data", str(data), "-o", str(d / "calib" / "compare.json")]),
+        ("calib", [calib_cmd(), "compare", fp32, str(int8), "--data", str(data), "-o", str(d / "calib" / "compare.json"),
+                   "--batch-size", str(BATCH)]),
     ]:
         rec = {**base(model, tool, "compare", k), "int8_compared": int8_from}
         if tool in ctx.venv_errors:
@@ -265,7 +277,7 @@ def run_compare(ctx: Ctx, model: str, int8: Path, int8_from: str, k: int | None)
 # ------------------------------------------------------------------ driver
 def prepare_data(ctx: Ctx, models: list[str]) -> None:
     sizes = sorted(set(ctx.suite.sizes) | set(ctx.suite.goal_sizes) | {100, 500, 2000})
-    ks = sorted({k for k in ctx.suite.compare_sizes if k is not None})
+    ks = sorted({k for k in ctx.suite.compare_sizes if k is not None} | ({ctx.suite.eval_k} - {None}))
     argv = [str(venv_python("prep")), str(PEERS / "prepare.py"), "--models", ",".join(models),
             "--sizes", ",".join(map(str, sizes)), "--eval-prefixes", ",".join(map(str, ks))]
     print("[prep] " + shlex.join(argv), flush=True)
@@ -315,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 if tool in tools:
                     for variant in PEER_VARIANTS[tool]:
                         run_peer(ctx, model, tool, variant, n)
-        for n in [n for n in suite.goal_sizes if n <= spec.max_n and n not in sizes]:
+        goal_sizes = [n for n in suite.goal_sizes if n <= spec.max_n and n not in sizes and model in suite.goal_models]
+        for n in goal_sizes:
             if "ort" in tools:
                 run_peer(ctx, model, "ort", "entropy2048", n)
         entropy_model = None
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 m = run_calib(ctx, model, n, full=True)
                 entropy_model = entropy_model or m
-            for n in [n for n in suite.goal_sizes if n <= spec.max_n and n not in sizes]:
+            for n in goal_sizes:
                 run_calib(ctx, model, n, full=False)
         if "compare" in tools:
             n0 = sizes[0]

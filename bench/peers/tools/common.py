@@ -43,6 +43,9 @@ def make_reader(arrays: dict[str, np.ndarray], batch: int = BATCH):
             self._i += 1
             return self._items[self._i - 1]
 
+        def get_first(self):  # ModelOpt reads the first batch to find output shapes
+            return self._items[0] if self._items else None
+
         def __len__(self) -> int:
             return len(self._items)
 
