@@ -1,0 +1,186 @@
+"""Issue 7: one-shot quantize end to end, recorded runs, the store under kill, runs/show/diff, --help."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calib.cli import app, main
+from calib.runs import COMPLETE, RunStore
+from tests.dashboard_run import copy_store, demo_model, hash_tree, shared_store
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return shared_store(tmp_path_factory)
+
+
+def _sha(p: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_quantize_one_shot_end_to_end(demo, tmp_path, capsys):
+    _, pages = demo
+    model = demo_model()
+    before = _sha(model)
+    out = tmp_path / "m.int8.onnx"
+    rc = main(["quantize", str(model), "--data", str(pages / "calib"), "-o", str(out), "--cache",
+               str(tmp_path / "m.cache"), "--report", str(tmp_path / "scales.json"), "-b", "8"])
+    assert rc == 0, capsys.readouterr().err
+    assert _sha(model) == before  # the input model is never written
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q)
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    y = sess.run(None, {"x": x})[0]
+    assert y.shape == (2, 4) and np.isfinite(y).all()
+    cache = (tmp_path / "m.cache").read_text().splitlines()
+    assert cache[0] == "TRT-100300-EntropyCalibration2" and all(": " in line for line in cache[1:])
+    rep = json.loads((tmp_path / "scales.json").read_text())
+    assert rep["chosen_method"] == "entropy" and rep["activations"] and rep["weights"]
+    assert {"entropy", "minmax", "percentile", "mse"} <= set(rep["methods"])
+
+
+def test_quantize_best_with_target_picks_a_method_and_meets_it(demo, tmp_path, capsys):
+    _, pages = demo
+    out = tmp_path / "best.onnx"
+    rc = main(["quantize", str(demo_model()), "--data", str(pages / "calib"), "--eval-data", str(pages / "eval"),
+               "--method", "best", "--target", "top1:0.9", "-o", str(out), "-b", "8"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "best method on the evaluation data:" in text and "met: True" in text
+    assert out.exists() and out.with_name("best.advice.json").exists() is False  # advice lives in runs only
+
+
+def test_quantize_bad_target_is_exit_2(demo, tmp_path, capsys):
+    _, pages = demo
+    rc = main(["quantize", str(demo_model()), "--data", str(pages / "calib"), "--eval-data", str(pages / "eval"),
+               "--target", "top1=0.9", "-o", str(tmp_path / "x.onnx")])
+    assert rc == 2
+    assert "expected METRIC:VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def _config(tmp: Path, pages: Path, store: Path, **extra) -> Path:
+    lines = ["[run]", 'name = "t"', f'store = "{store}"', "[model]", f'path = "{demo_model()}"', "[data]",
+             f'calib = "{pages / "calib"}"', f'eval = "{pages / "eval"}"', "batch_size = 8",
+             "[calibrate]", 'methods = ["entropy", "minmax"]', "[compare]", "html = false"]
+    for sec, body in extra.items():
+        lines.append(f"[{sec}]")
+        lines.extend(body)
+    p = tmp / "c.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_run_records_everything_and_reuses_statistics(demo, tmp_path, capsys):
+    src_store, pages = demo
+    store = copy_store(src_store, tmp_path / "store")
+    cfg = _config(tmp_path, pages, store)
+    assert main(["run", str(cfg)]) == 0
+    assert main(["run", str(cfg)]) == 0
+    runs = RunStore(store).runs()
+    new = [r for r in runs if r.manifest["name"] == "t"]
+    assert len(new) == 2 and all(r.is_complete for r in new)
+    latest, first = new
+    m = latest.manifest
+    assert m["versions"]["onnx"] and m["versions"]["polygraphy"] and m["model"]["sha256"]
+    assert m["data"]["fingerprint"] and "collect" in m["timings_s"]
+    assert m.get("stats_reused_from") == first.id  # same model + data: statistics reused
+    for key in ("config", "stats", "ranges", "qdq:entropy", "qdq:minmax", "compare:entropy", "model", "cache",
+                "scales"):
+        assert latest.artifact(key).exists(), key
+    assert json.loads((latest.dir / "config.json").read_text())["batch_size"] == 8
+    capsys.readouterr()
+    assert main(["runs", "--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert latest.id in listing and "complete" in listing
+    assert main(["show", latest.id, "--store", str(store)]) == 0
+    shown = capsys.readouterr().out
+    assert "stats.npz" in shown and "timings" in shown
+    assert main(["diff", first.id, latest.id, "--store", str(store)]) == 0
+    assert "0 of" in capsys.readouterr().out  # identical statistics: no range changed
+
+
+def test_show_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "store" / "x").mkdir(parents=True)
+    assert main(["show", str(tmp_path / "store" / "x"), "--store", str(tmp_path / "store")]) == 2
+    assert "not a calib run" in capsys.readouterr().err
+
+
+def test_killed_run_is_incomplete_and_others_are_intact(demo, tmp_path):
+    src_store, pages = demo
+    store = copy_store(src_store, tmp_path / "store")
+    before = hash_tree(store)
+    cfg = _config(tmp_path, pages, store)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-c", "from calib.cli import entry; entry()", "-q", "run", str(cfg)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        victim = None
+        while time.time() < deadline and victim is None:
+            for d in store.iterdir():
+                mf = d / "run.json"
+                if d.name not in {p.split("/")[0] for p in before} and mf.exists():
+                    try:
+                        m = json.loads(mf.read_text())
+                    except ValueError:
+                        continue
+                    if "collect" in m.get("timings_s", {}):  # past collection, inside export/compare
+                        victim = d
+            time.sleep(0.05)
+        assert victim is not None, "the run did not reach its compare stage"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after = hash_tree(store)
+    assert {k: v for k, v in after.items() if k in before} == before  # earlier runs untouched
+    st = RunStore(store)
+    killed = st.get(victim.name)
+    assert killed.status == "incomplete" and not (victim / COMPLETE).exists()
+    assert [i.status for i in st.list() if i.id == victim.name] == ["incomplete"]
+    for f in victim.iterdir():  # whatever was written is whole; temp files are hidden
+        if f.name.startswith("."):
+            continue
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".onnx":
+            onnx.load(str(f))
+        elif f.suffix == ".npz":
+            from calib.stats import ActivationStats
+
+            ActivationStats.load(f)
+
+
+def test_every_command_has_help_with_examples():
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for name, sub in cmd.commands.items():
+        if name in {"dashboard"}:
+            continue
+        assert sub.epilog and "calib " in sub.epilog, f"'calib {name} --help' has no example"
+
+
+def test_console_script_exit_code_and_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from calib.cli import entry; entry()", "run",
+                        str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("calib: error: ") and "Traceback" not in r.stderr
