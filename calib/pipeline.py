@@ -171,7 +171,11 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         result.target_met = bool(adv.met)
         qdq = adv.qdq
         result.excluded = list(adv.exclude)
-    qdq.save(output)
+    if result.advice is not None:
+        _, side = result.advice.save(output)  # the model plus the exclude list and per-step curve beside it
+        result.artifacts["advice"] = side
+    else:
+        qdq.save(output)
     result.artifacts["model"] = output
     if cache is not None:
         write_cache(cache, ranges[chosen_label])

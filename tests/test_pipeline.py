@@ -63,7 +63,8 @@ def test_quantize_best_with_target_picks_a_method_and_meets_it(demo, tmp_path, c
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "best method on the evaluation data:" in text and "met: True" in text
-    assert out.exists() and out.with_name("best.advice.json").exists() is False  # advice lives in runs only
+    advice = json.loads(out.with_name("best.advice.json").read_text())
+    assert out.exists() and advice["met"] is True and advice["curve"][0]["step"] == 0
 
 
 def test_quantize_bad_target_is_exit_2(demo, tmp_path, capsys):
