@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from calib._memory import steady_malloc
 from calib.data.base import Sample, batches
 from calib.errors import InputDataError, ModelError
 from calib.model import Model, load_model
@@ -106,6 +107,7 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     ``source`` yields ``Sample`` objects (``calib.data``); its ``layout`` attribute
     ("batch" or "feed") says whether samples are stacked into batches.
     """
+    steady_malloc()  # flat peak RSS over many batches (see calib._memory)
     if not isinstance(model, Model):
         model = load_model(model)
     names = list(model.activation_tensors() if tensors is None else tensors)
