@@ -122,8 +122,9 @@ class RawStream:
     def __init__(self, path: Path, name: str) -> None:
         self.path, self.name = path, name
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            self.shape, _, self.dtype = np.lib.format._read_array_header(f, version)
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(f)
             self.offset = f.tell()
         self.item = int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
 
@@ -160,6 +161,62 @@ def calib_child(work: Path, n: int, stream: bool = False) -> None:
                       "samples": r.n_samples, "output": r.outputs}))
 
 
+def advise_rows(work: Path, n_eval: int, target: str) -> list[dict]:
+    """calib advise on the same model, beside plain INT8 and ONNX Runtime's quantize_static (same data)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from calib.calibrate import calibrate
+    from calib.collect import collect
+    from calib.compare import advise, compare
+    from calib.data import ListSource, Sample
+    from calib.export import export_qdq
+    from calib.model import load_model
+
+    fm = load_model(work / "fp32.onnx")
+    name = fm.inputs[0].name
+    cal = crops(64, seed=1)
+    ev = crops(n_eval, seed=3)
+    cal_src = ListSource([Sample(f"c{i}", {name: cal[i]}) for i in range(len(cal))])
+    ev_src = ListSource([Sample(f"e{i}", {name: ev[i]}) for i in range(len(ev))])
+    stats = collect(fm, cal_src)
+    rows = []
+
+    def score(label: str, qdq, seconds: float, n_float: int | str = 0) -> None:
+        r = compare(fm, qdq, ev_src, layers=False).outputs[fm.output_names[0]]
+        rows.append({"quantizer": label, "cosine": round(r["cosine"], 5), "top1": round(r["top1_agreement"], 4),
+                     "float_nodes": n_float, "seconds": round(seconds, 1)})
+        print(rows[-1], flush=True)
+
+    for m in ("entropy", "percentile", "minmax"):
+        t0 = time.perf_counter()
+        q = export_qdq(fm, calibrate(stats, m))
+        score(f"calib export {m} (plain INT8)", q, time.perf_counter() - t0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{name: cal[i:i + 1]} for i in range(len(cal))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    for method_name in ("MinMax", "Percentile"):
+        from onnxruntime.quantization import CalibrationMethod
+
+        t0 = time.perf_counter()
+        out = work / f"ort_{method_name}.onnx"
+        quantize_static(str(work / "fp32.onnx"), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=getattr(CalibrationMethod, method_name),
+                        extra_options={"ActivationSymmetric": True})
+        score(f"ONNX Runtime quantize_static {method_name}", load_model(out), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    adv = advise(fm, stats, ev_src, target=target, output=work / "advised.onnx")
+    score(f"calib advise --target {target}", adv.qdq, time.perf_counter() - t0, len(adv.exclude))
+    rows[-1]["changed_methods"] = len(adv.changed)
+    rows[-1]["steps"] = len(adv.curve) - 1
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or ""
     try:
@@ -187,6 +244,9 @@ def main() -> None:
                     help="Sizes to run Polygraphy at (default: all --sizes).")
     ap.add_argument("--reuse-polygraphy", action="store_true",
                     help="Reuse Polygraphy rows measured earlier (WORK/rows.json) instead of running them again.")
+    ap.add_argument("--advise", action="store_true", help="Also run calib advise against plain INT8 and ORT.")
+    ap.add_argument("--advise-target", default="cosine:0.99")
+    ap.add_argument("--advise-eval", type=int, default=200)
     ap.add_argument("--child-calib", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-stream", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -232,10 +292,11 @@ def main() -> None:
 
     write_json(a.work / "rows.json", rows + [r for r in old if (r["tool"], r["n"]) not in
                                              {(x["tool"], x["n"]) for x in rows}])
-    write_results(a, rows)
+    adv = advise_rows(a.work, a.advise_eval, a.advise_target) if a.advise else []
+    write_results(a, rows, adv)
 
 
-def write_results(a, rows: list[dict]) -> None:
+def write_results(a, rows: list[dict], adv: list[dict]) -> None:
     from calib.io import write_text
 
     by = {(r["tool"], r["n"]): r for r in rows}
@@ -272,6 +333,17 @@ def write_results(a, rows: list[dict]) -> None:
                  "(node outputs, not Q/DQ intermediates), runs batches of 16 and folds each batch into "
                  "streaming float64 sums; Polygraphy runs one sample per iteration, keeps every iteration's "
                  "outputs, writes them to JSON, reads them back and compares output by output.")
+    if adv:
+        lines += ["", f"## Mixed precision: calib advise (target {a.advise_target}) on the same model", "",
+                  f"Calibration: 64 crops (seed 1); evaluation: {a.advise_eval} other crops (seed 3); metric: output "
+                  "cosine (mean per sample) and top-1 agreement against FP32, ONNX Runtime with optimisations off "
+                  "(exact Q/DQ semantics). ONNX Runtime's quantize_static: QDQ, int8 symmetric activations, "
+                  "per-channel int8 weights, same 64 crops.", "",
+                  "| quantizer | output cosine | top-1 agreement | float nodes | seconds |", "|---|---:|---:|---:|---:|"]
+        for r in adv:
+            extra = f" ({r['steps']} steps, {r['changed_methods']} tensors with another method)" if "steps" in r else ""
+            lines.append(f"| {r['quantizer']}{extra} | {r['cosine']} | {r['top1']} | {r['float_nodes']} | "
+                         f"{r['seconds']} |")
     write_text(a.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
