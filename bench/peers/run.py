@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,9 +54,9 @@ class Suite:
 
 
 SUITES = {
-    "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(100,), timeout_s=600,
-                   goal_models=("orientation",), eval_k=200),
-    "full": Suite("full", sizes=(100, 500, 2000), goal_sizes=(), compare_sizes=(100, None), timeout_s=1200),
+    "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(20, 100), timeout_s=600,
+                   goal_models=("orientation", "resnet_fmnist"), eval_k=200),
+    "full": Suite("full", sizes=(100, 500, 2000), goal_sizes=(), compare_sizes=(20, 100, None), timeout_s=1200),
 }
 PEER_VARIANTS = {
     "ort": ["minmax", "entropy", "entropy2048", "percentile"],
@@ -290,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--tools", default="ort,modelopt,nncf,calib,compare", help="subset of ort,modelopt,nncf,calib,compare")
     ap.add_argument("--mem-limit-mb", type=float, default=10240, help="kill a job whose process tree passes this RSS")
+    ap.add_argument("--compare-sizes", default=None, help="override the suite's compare sample counts, e.g. 20,100")
     ap.add_argument("--append", action="store_true", help="append to the results file instead of starting it anew")
     ap.add_argument("--table-only", action="store_true", help="only regenerate the tables from the results file")
     args = ap.parse_args(argv)
     suite = SUITES[args.suite]
+    if args.compare_sizes:
+        suite = replace(suite, compare_sizes=tuple(int(k) for k in args.compare_sizes.split(",")))
     out = RESULTS / f"peers-{suite.name}.jsonl"
     from table import update_readmes
 
@@ -332,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             if "ort" in tools:
                 run_peer(ctx, model, "ort", "entropy2048", n)
         entropy_model = None
-        if "calib" in tools or "compare" in tools:
+        if "calib" not in tools:  # compare-only run: reuse the entropy model of an earlier calib run
+            prev = RUNS / suite.name / model / f"calib-{sizes[0]}" / "entropy.int8.onnx"
+            entropy_model = prev if prev.exists() else None
+        if "calib" in tools:
             for n in sizes:
                 m = run_calib(ctx, model, n, full=True)
                 entropy_model = entropy_model or m
