@@ -1,7 +1,7 @@
 """calib: an INT8 calibration workbench for ONNX models.
 
 Pipeline: ``collect`` (statistics) -> ``calibrate`` (ranges) -> ``export_qdq`` /
-TensorRT cache -> ``compare`` / ``advise``. Every stage is a function from plain
+TensorRT cache -> ``calib.compare.compare`` / ``advise``. Every stage is a function from plain
 data to plain data; the CLI and the dashboard only parse, call these, and show.
 """
 
@@ -54,7 +54,6 @@ def __getattr__(name: str):
     # Later stages are imported lazily so `import calib` stays light.
     lazy = {
         "export_qdq": ("calib.export", "export_qdq"),
-        "compare": ("calib.compare", "compare"),
         "advise": ("calib.compare", "advise"),
     }
     if name in lazy:

@@ -35,6 +35,9 @@ def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only er
     set_quiet(quiet)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # ORT's own warnings (e.g. "Removing initializer") are noise here
 
 
 for _name in _MODULES:

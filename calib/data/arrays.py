@@ -77,12 +77,71 @@ class NpzSource:
         return f"NpzSource({str(self.path)!r}, {len(self)} samples, layout={self.layout})"
 
 
+class _NpzMember:
+    """One C-ordered array inside an ``.npz``, read sample by sample from the zip stream.
+
+    Iterating in increasing index order streams; going backwards reopens the member.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, member: str, path: Path, key: str) -> None:
+        self._zf, self._member, self._path, self._key = zf, member, path, key
+        f = zf.open(member)
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+        except ValueError as e:
+            raise InputDataError(f"{path}: array '{key}' has a bad .npy header ({e})") from None
+        finally:
+            f.close()
+        if dtype.hasobject:
+            raise InputDataError(f"{path}: array '{key}' holds Python objects, which calib refuses to unpickle",
+                                 hint="save plain numeric arrays")
+        if not shape:
+            raise InputDataError(f"{path}: array '{key}' is a scalar; the first axis must be the sample axis")
+        self.shape, self.dtype, self.fortran = tuple(shape), dtype, fortran
+        self.ndim = len(self.shape)
+        self._item = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._f = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rewind(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._f = self._zf.open(self._member)
+        version = np.lib.format.read_magic(self._f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(self._f)
+        self._next = 0
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if self._f is None or i < self._next:
+            self._rewind()
+        while self._next < i:  # skip forward
+            skip = min(i - self._next, max(1, (1 << 24) // max(self._item, 1)))
+            self._read_exact(skip * self._item)
+            self._next += skip
+        buf = self._read_exact(self._item)
+        self._next += 1
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape[1:]).copy()
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if len(data) != n:
+            raise InputDataError(f"{self._path}: array '{self._key}' is truncated (sample {self._next})")
+        return data
+
+
 def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     if not path.exists():
         raise InputDataError(f"{path}: no such file", hint="check the data path")
     try:
-        obj = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else np.load(
-            path, allow_pickle=False)
+        obj = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else _open_npz(path)
+    except InputDataError:
+        raise
     except ValueError as e:
         if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise InputDataError(f"{path}: holds object arrays, which calib refuses to unpickle",
@@ -97,16 +156,11 @@ def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.
         return {inputs[0].name: obj}, None
     arrays: dict[str, np.ndarray] = {}
     labels = None
-    for k in obj.files:
-        try:
-            a = obj[k]
-        except ValueError:
-            raise InputDataError(f"{path}: array '{k}' holds Python objects, which calib refuses to unpickle",
-                                 hint="save plain numeric arrays") from None
+    for k, a in obj.items():
         if a.dtype.kind not in "biuf":
             raise InputDataError(f"{path}: array '{k}' has dtype {a.dtype}; only numeric arrays are accepted")
         if k == LABELS_KEY:
-            labels = a
+            labels = np.asarray([a[i] for i in range(len(a))]).reshape(a.shape)
         else:
             arrays[k] = a
     if not arrays:
@@ -124,6 +178,17 @@ def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.
     if labels is not None and labels.dtype.kind not in "iub":
         raise InputDataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
     return arrays, labels
+
+
+def _open_npz(path: Path) -> dict[str, "_NpzMember | np.ndarray"]:
+    zf = zipfile.ZipFile(path)
+    out: dict[str, _NpzMember | np.ndarray] = {}
+    for member in zf.namelist():
+        key = member[:-4] if member.endswith(".npy") else member
+        m = _NpzMember(zf, member, path, key)
+        # Fortran-ordered members cannot be streamed by sample: read them whole (rare; np.savez writes C order)
+        out[key] = np.load(path, allow_pickle=False)[key] if m.fortran else m
+    return out
 
 
 def _layout(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[InputSpec] | None) -> str:
