@@ -139,3 +139,12 @@ def test_evaluator_metrics_against_numpy():
     assert m["cosine_mean"] == pytest.approx(np.mean(cos), rel=1e-6)
     dense = evaluate.metrics("dense", np.array([[0.9, 0.1, 0.5, 0.2]]), np.array([[0.8, 0.4, 0.1, 0.1]]), None)
     assert dense["map_iou"] == pytest.approx(100 * 1 / 3)  # fp32 {0, 2}, int8 {0, 1}: 1 common of 3
+
+
+def test_rerun_supersedes_an_earlier_failure(tmp_path):
+    recs = [rec("cnn", "ort", "entropy2048", 500, status="failed", error="killed: memory guard of 10240 MB"),
+            rec("cnn", "ort", "entropy2048", 500, wall=80.0, rss=12000.0, metric=94.0),
+            rec("cnn", "ort", "minmax", 500, metric=93.0)]
+    md, _ = table.render(write(tmp_path / "peers-quick.jsonl", recs))
+    assert "- earlier attempt, re-run later in this file: ort:entropy2048 cnn@500 — killed: memory guard of 10240 MB" in md
+    assert "94.00 (ORT entropy 2048 bins)" in md  # the re-run's result is the one in the tables

@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--tools", default="ort,modelopt,nncf,calib,compare", help="subset of ort,modelopt,nncf,calib,compare")
     ap.add_argument("--mem-limit-mb", type=float, default=10240, help="kill a job whose process tree passes this RSS")
+    ap.add_argument("--jobs", default=None, help="run only these peer jobs, e.g. ort:entropy2048@500,nncf:default@100")
     ap.add_argument("--compare-sizes", default=None, help="override the suite's compare sample counts, e.g. 20,100")
     ap.add_argument("--append", action="store_true", help="append to the results file instead of starting it anew")
     ap.add_argument("--table-only", action="store_true", help="only regenerate the tables from the results file")
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink()
     ctx = Ctx(suite, out, args.mem_limit_mb, machine(), "python bench/peers/run.py " + " ".join(argv or sys.argv[1:]))
     t0 = time.perf_counter()
+    if args.jobs:
+        tools = [j.split(":")[0] for j in args.jobs.split(",")]
     needed = ["prep", "ort"] + [t for t in ("modelopt", "nncf", "calib") if t in tools]
     if "compare" in tools:
         needed += ["polygraphy", "calib"]
@@ -322,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         print("cannot prepare data without the prep venv", file=sys.stderr)
         return 2
     prepare_data(ctx, models)
+    if args.jobs:  # just these peer jobs, e.g. a re-run with a larger --mem-limit-mb
+        for model in models:
+            for job in args.jobs.split(","):
+                tool_variant, _, n = job.partition("@")
+                tool, _, variant = tool_variant.partition(":")
+                run_peer(ctx, model, tool, variant, int(n))
+        update_readmes(out)
+        return 0
     for model in models:
         spec = MODELS[model]
         sizes = [n for n in suite.sizes if n <= spec.max_n]

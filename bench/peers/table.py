@@ -223,10 +223,17 @@ def compare_section(res: Results, notes: list[str]) -> list[str]:
 
 
 def failures_section(res: Results) -> list[str]:
-    fails = [r for r in res.recs if r["status"] != "ok"]
+    def latest(r):
+        return res.by[(r["model"], r["tool"], r["variant"], r.get("n"))] is r
+
+    fails = [r for r in res.recs if r["status"] != "ok" and latest(r)]
+    earlier = [r for r in res.recs if r["status"] != "ok" and not latest(r)]
     out = ["### ¹ Failures (recorded, not left out)", ""]
     if not fails:
-        return out + ["None."]
+        out.append("None.")
+    for r in earlier:
+        out.append(f"- earlier attempt, re-run later in this file: {r['tool']}:{r['variant']} {r['model']}@{r.get('n')} — "
+                   + re.sub(r"\s+", " ", r.get("error", "?")).replace("|", "\\|")[:300])
     seen: dict[str, list[str]] = {}
     for r in fails:
         err = re.sub(r"\s+", " ", r.get("error", "?")).replace("|", "\\|")[:300]
