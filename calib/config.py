@@ -78,7 +78,9 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     },
     "target": {
         "metric": (str, "", "Accuracy target, e.g. 'cosine:0.99' or 'top1:0.99'; runs advise when set."),
-        "max_float_nodes": (int, 0, "Give up after this many float nodes (0 = no limit)."),
+        "max_float_nodes": (int, 0, "Give up after this many advise steps (0 = no limit)."),
+        "sensitivity_samples": (int, 128, "Evaluation samples used to rank nodes and pick each step's action "
+                                          "(every step is verified on all of them)."),
     },
 }
 
@@ -109,6 +111,7 @@ class RunConfig:
     html: bool = True
     target: str = ""
     max_float_nodes: int = 0
+    sensitivity_samples: int = 128
     source: Path | None = None  # the config file
 
     def to_dict(self) -> dict:
@@ -210,6 +213,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         cache=get("export", "cache"), all_methods=get("export", "all_methods"),
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
         target=target, max_float_nodes=get("target", "max_float_nodes"),
+        sensitivity_samples=get("target", "sensitivity_samples"),
     )
 
 

