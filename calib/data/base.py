@@ -104,10 +104,15 @@ def batches(samples: Iterable[Sample], inputs: Sequence[InputSpec], batch_size: 
             layout: str = "batch") -> Iterator[tuple[list[str], dict[str, np.ndarray], list[int | None]]]:
     """Group samples into ``(ids, feeds, labels)`` batches, checking and casting each sample.
 
-    With ``layout == "feed"`` every sample is its own batch (a complete feed).
+    With ``layout == "feed"`` every sample is its own batch (a complete feed). A model whose
+    batch axis is fixed gets batches of exactly that size.
     """
     if batch_size < 1:
         raise InputDataError(f"batch size must be >= 1, got {batch_size}")
+    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
+    if layout == "batch" and len(fixed) == 1:
+        # the model's batch axis is fixed (e.g. [1, 3, 800, 608]): batches must have exactly that size
+        batch_size = fixed.pop()
     dtypes = {s.name: s.dtype for s in inputs}
     ids: list[str] = []
     labels: list[int | None] = []
@@ -120,14 +125,23 @@ def batches(samples: Iterable[Sample], inputs: Sequence[InputSpec], batch_size: 
         for k in buf:
             buf[k].append(np.asarray(s.feeds[k], dtype=dtypes[k]))
         if len(ids) == step:
-            yield ids, _stack(buf, layout), labels
+            yield ids, _stack(buf, layout, ids), labels
             ids, labels = [], []
             buf = {k: [] for k in buf}
     if ids:
-        yield ids, _stack(buf, layout), labels
+        yield ids, _stack(buf, layout, ids), labels
 
 
-def _stack(buf: dict[str, list[np.ndarray]], layout: str) -> dict[str, np.ndarray]:
+def _stack(buf: dict[str, list[np.ndarray]], layout: str, ids: list[str]) -> dict[str, np.ndarray]:
     if layout == "feed":
         return {k: v[0] for k, v in buf.items()}
-    return {k: np.stack(v) for k, v in buf.items()}
+    out = {}
+    for k, v in buf.items():
+        shapes = [a.shape for a in v]
+        if len(set(shapes)) > 1:
+            j = next(i for i, sh in enumerate(shapes) if sh != shapes[0])
+            raise InputDataError(
+                f"sample {ids[j]}: input '{k}' has shape {shapes[j]}, but sample {ids[0]} in the same batch has "
+                f"{shapes[0]}", hint="resize the inputs to one shape, or use --batch-size 1")
+        out[k] = np.stack(v)
+    return out
