@@ -215,9 +215,11 @@ def compare_section(res: Results, notes: list[str]) -> list[str]:
                 if sp < 10:
                     notes.append(f"{model} compare on {k} samples: {sp:.1f}× faster than Polygraphy (goal 10×).")
                 sps = f"{sp:.1f}×"
+            elif c and c["status"] == "ok":
+                sps, goal = "–", "n/a (Polygraphy failed¹)"
             else:
-                sps, goal = "–", "**missed** (a side failed)"
-                notes.append(f"{model} compare on {k} samples: no speed-up measured (see failures).")
+                sps, goal = "–", "**missed** (calib compare failed¹)"
+                notes.append(f"{model} compare on {k} samples: calib compare failed (see failures).")
             out.append(f"| {model} | {k} | {src} | {fmt(p)} | {fmt(c)} | {sps} | {goal} |")
     return out
 
