@@ -37,6 +37,8 @@ def read_idx(path: Path) -> np.ndarray:
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Return images as float32 [N,1,28,28] normalised as the model expects, and int64 labels."""
     prefix = "train" if split == "train" else "t10k"
+    if not (FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"Fashion-MNIST not found in {FMNIST_DIR}: run `apt-get install -y dataset-fashion-mnist`")
     images = read_idx(FMNIST_DIR / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
     labels = read_idx(FMNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
     return ((images - MEAN) / STD)[:, None, :, :], labels
