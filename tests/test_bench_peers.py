@@ -148,3 +148,15 @@ def test_rerun_supersedes_an_earlier_failure(tmp_path):
     md, _ = table.render(write(tmp_path / "peers-quick.jsonl", recs))
     assert "- earlier attempt, re-run later in this file: ort:entropy2048 cnn@500 — killed: memory guard of 10240 MB" in md
     assert "94.00 (ORT entropy 2048 bins)" in md  # the re-run's result is the one in the tables
+
+
+def test_main_summary_comes_from_the_suite_covering_most_models(tmp_path):
+    write(tmp_path / "peers-quick.jsonl", [rec("cnn", "ort", "minmax", 100, metric=93.0),
+                                           rec("det", "ort", "minmax", 100, metric=90.0)])
+    full = write(tmp_path / "peers-full.jsonl", [rec("cnn", "ort", "minmax", 100, metric=91.0)])
+    main = tmp_path / "main.md"
+    main.write_text("<!-- peers:begin -->\n<!-- peers:end -->\n")
+    table.update_readmes(full, readme=tmp_path / "bench.md", main_readme=main)
+    text = main.read_text()
+    assert "| det |" in text and "93.00" in text and "91.00" not in text
+    assert "91.00" in (tmp_path / "bench.md").read_text()

@@ -296,6 +296,12 @@ def replace_between(text: str, begin: str, end: str, content: str) -> str | None
 def update_readmes(path: Path, readme: Path = BENCH / "README.md", main_readme: Path = REPO / "README.md") -> None:
     suite = path.stem.split("-", 1)[1]
     full, summary = render(path)
+    # the main README's summary comes from the suite file covering the most models (full on a tie), so a
+    # partial run of one suite does not replace a complete one
+    candidates = [path] + [p for p in sorted(path.parent.glob("peers-*.jsonl")) if p != path]
+    best = max(candidates, key=lambda p: (len({r["model"] for r in load(p)}), p.stem.endswith("full")))
+    if best != path:
+        summary = render(best)[1]
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     begin, end = f"<!-- peers:{suite}:begin -->", f"<!-- peers:{suite}:end -->"
     new = replace_between(text, begin, end, full)
