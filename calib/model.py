@@ -218,8 +218,13 @@ class Model:
         for n in self.graph.node:
             if n.op_type not in op_types:
                 continue
-            # inputs (what TensorRT's placement quantizes) and outputs (what ORT's placement adds)
-            for i in list(n.input) + list(n.output):
+            # inputs (what TensorRT's placement quantizes) and outputs (what ORT's placement adds);
+            # an output read only by BatchNormalization is skipped: BN folds into the op before either
+            # placement quantizes its output, so that pre-BN tensor never exists in a quantized model
+            outs = [o for o in n.output
+                    if not (self.consumers.get(o) and all(c.op_type == "BatchNormalization"
+                                                          for c in self.consumers[o]))]
+            for i in list(n.input) + outs:
                 if i and i not in constant and i not in seen and self.is_float(i):
                     seen[i] = None
         return list(seen)
