@@ -3,6 +3,7 @@ onnxruntime's CalibrationDataReader where the tool has it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -89,3 +90,13 @@ def versions(*modules: str) -> dict[str, str]:
         except Exception as e:  # a missing optional module is recorded, not fatal
             out[m] = f"unavailable: {e}"
     return out
+
+
+def job_args(methods: list[str]) -> argparse.Namespace:
+    """The arguments every peer quantization job takes: model, calibration data, output folder, method."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", required=True, choices=methods)
+    return ap.parse_args()

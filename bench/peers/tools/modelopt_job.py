@@ -3,21 +3,15 @@ CPU execution provider for calibration, ``high_precision_dtype="fp32"`` so ONNX 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Phases, load_npz, make_reader, versions, write_result  # noqa: E402
+from common import Phases, job_args, load_npz, make_reader, versions, write_result  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--method", required=True, choices=["entropy", "max"])
-    args = ap.parse_args()
+    args = job_args(["entropy", "max"])
     ph = Phases()
     from modelopt.onnx.quantization import quantize
 

@@ -4,21 +4,15 @@ estimator for activations. ``subset_size`` is set to the number of calibration b
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Phases, batches, load_npz, versions, write_result  # noqa: E402
+from common import Phases, batches, job_args, load_npz, versions, write_result  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--method", required=True, choices=["default", "histogram"])
-    args = ap.parse_args()
+    args = job_args(["default", "histogram"])
     ph = Phases()
     import nncf
     import onnx

@@ -16,22 +16,16 @@ which then quantizes from those ranges without a second calibration pass.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Phases, load_npz, make_reader, versions, write_result  # noqa: E402
+from common import Phases, job_args, load_npz, make_reader, versions, write_result  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--method", required=True, choices=["minmax", "entropy", "entropy2048", "percentile"])
-    args = ap.parse_args()
+    args = job_args(["minmax", "entropy", "entropy2048", "percentile"])
     ph = Phases()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
