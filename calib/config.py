@@ -79,6 +79,8 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "target": {
         "metric": (str, "", "Accuracy target, e.g. 'cosine:0.99' or 'top1:0.99'; runs advise when set."),
         "max_float_nodes": (int, 0, "Give up after this many advise steps (0 = no limit)."),
+        "time_budget_s": (float, 0.0, "Start no advise step after this many seconds; keep the best model so far "
+                                      "(0 = no limit)."),
         "sensitivity_samples": (int, 128, "Evaluation samples used to rank nodes and pick each step's action "
                                           "(every step is verified on all of them)."),
     },
@@ -111,6 +113,7 @@ class RunConfig:
     html: bool = True
     target: str = ""
     max_float_nodes: int = 0
+    time_budget_s: float = 0.0
     sensitivity_samples: int = 128
     source: Path | None = None  # the config file
 
@@ -212,7 +215,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         methods=list(methods), primary=primary, placement=placement, exclude=list(get("export", "exclude")),
         cache=get("export", "cache"), all_methods=get("export", "all_methods"),
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
-        target=target, max_float_nodes=get("target", "max_float_nodes"),
+        target=target, max_float_nodes=get("target", "max_float_nodes"), time_budget_s=get("target", "time_budget_s"),
         sensitivity_samples=get("target", "sensitivity_samples"),
     )
 

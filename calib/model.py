@@ -289,12 +289,11 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> Model:
             raise ModelError(f"{path}: onnx.checker rejects the model: {str(e).splitlines()[0]}") from None
     if any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(proto)):
         onnx.load_external_data_for_model(proto, str(path.parent))
-    model = model_from_proto(proto, path=path, _copy=False)
-    model.sha256 = _sha256_file(path)
-    return model
+    return model_from_proto(proto, path=path, _copy=False, _sha256=_sha256_file(path))
 
 
-def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy: bool = True) -> Model:
+def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy: bool = True,
+                     _sha256: str = "") -> Model:
     """Build a working ``Model`` from an in-memory proto (the proto passed in is not changed)."""
     proto = copy.deepcopy(proto) if _copy else proto
     notes: list[str] = []
@@ -316,6 +315,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     if not proto.ir_version:
         proto.ir_version = MAX_IR_VERSION
     m = Model(proto=proto, path=path, notes=notes)
+    m.sha256 = _sha256
     if not m.sha256:
         m.sha256 = hashlib.sha256(proto.SerializeToString()).hexdigest()
     return m

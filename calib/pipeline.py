@@ -70,9 +70,11 @@ def _stats_key(model: Model, tensors: Sequence[str], extra: dict) -> str:
 
 
 def task_metrics(report) -> dict[str, Any]:
-    """The output metrics of a ``CompareReport`` as one flat dict (single-output models: that output;
-    several outputs: the worst value of each metric, so a summary never hides a bad output)."""
-    outs = {k: v for k, v in report.outputs.items() if not k.startswith("_")}
+    """The output metrics of a ``CompareReport`` (or its ``outputs`` dict, as ``OutputMetrics.result()``
+    gives) as one flat dict (single-output models: that output; several outputs: the worst value of each
+    metric, so a summary never hides a bad output)."""
+    outputs = report if isinstance(report, dict) else report.outputs
+    outs = {k: v for k, v in outputs.items() if not k.startswith("_")}
     flat: dict[str, Any] = {}
     for r in outs.values():
         for k, v in r.items():
@@ -85,7 +87,7 @@ def task_metrics(report) -> dict[str, Any]:
                 flat[k] = min(flat[k], v) if better_high else max(flat[k], v)
     if "cosine" in flat:
         flat["output_cosine"] = flat["cosine"]
-    user = report.outputs.get("_user_metric")
+    user = outputs.get("_user_metric")
     if user:
         flat["metric"] = user.get("value")
     return flat
@@ -103,6 +105,22 @@ def _compare_method(model: Model, qdq_proto, eval_source, *, batch_size: int, me
         write_html(html, rep, stats=stats, methods=list(ranges) if ranges else ("minmax", "percentile", "entropy",
                                                                                   "mse"))
     return rep
+
+
+def score_methods(model: Model, qdqs: dict[str, Any], source, *, batch_size: int, metric: str = "",
+                  providers: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, dict]:
+    """Output metrics (``task_metrics``) of each method's Q/DQ model on ``source`` in one pass: the FP32
+    model runs once per batch and every Q/DQ model beside it, graph outputs only (no per-layer taps)."""
+    from calib.compare import load_metric
+    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.targets import UserMetric
+
+    user = UserMetric.wrap(load_metric(metric)) if metric else None
+    ev = Evaluator(model, source, batch_size=batch_size, user=user, providers=providers, cache_bytes=0)
+    outs = list(model.output_names)
+    sessions = [Session(q.model, {label: {o: o for o in outs}}) for label, q in qdqs.items()]
+    metrics, _ = ev.evaluate(sessions, stage="scoring methods", progress=progress)
+    return {label: task_metrics(metrics[label].result()) for label in qdqs}
 
 
 def _score(task: dict[str, Any], target: str) -> float:
@@ -145,16 +163,15 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     result = QuantizeResult(output, method, ranges, stats)
     ev = open_run_data(Path(eval_data), model) if eval_data is not None else None
     chosen = method if method != "best" else None
+    qdqs: dict[str, Any] = {}
     if method == "best":
-        for label, r in ranges.items():
-            q = export_qdq(model, r, placement=placement, exclude=exclude)
-            rep = _compare_method(model, q.model, ev, batch_size=batch_size, metric=metric, stats=None,
-                                  ranges=None, progress=progress, html=None, json_path=None)
-            result.metrics[label] = task_metrics(rep)
+        qdqs = {label: export_qdq(model, r, placement=placement, exclude=exclude) for label, r in ranges.items()}
+        result.metrics = score_methods(model, qdqs, ev, batch_size=batch_size, metric=metric, providers=providers,
+                                       progress=progress)
         chosen = max(result.metrics, key=lambda k: _score(result.metrics[k], target))
         result.best = chosen
     chosen_label = parse_method(chosen).label
-    qdq = export_qdq(model, ranges[chosen_label], placement=placement, exclude=exclude)
+    qdq = qdqs.get(chosen_label) or export_qdq(model, ranges[chosen_label], placement=placement, exclude=exclude)
     result.method = chosen_label
     if target:
         from calib.compare import advise
@@ -300,7 +317,8 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
             adv = advise(model, stats, ev, target=cfg.target, methods=_methods_first(primary, list(ranges)),
                          placement=cfg.placement, batch_size=cfg.batch_size,
                          metric=load_metric(cfg.compare_metric) if cfg.compare_metric else None,
-                         max_steps=cfg.max_float_nodes or None, sensitivity_samples=cfg.sensitivity_samples,
+                         max_steps=cfg.max_float_nodes or None, time_budget_s=cfg.time_budget_s or None,
+                         sensitivity_samples=cfg.sensitivity_samples,
                          progress=progress)
         write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         final = adv.qdq

@@ -116,6 +116,20 @@ def test_unreachable_target_keeps_the_best_model(setup, tmp_path):
     assert fp32_acc == pytest.approx(adv.metric)
 
 
+@pytest.mark.parametrize("budget", [{"max_steps": 1}, {"time_budget_s": 0.0}])
+def test_a_step_or_time_budget_stops_the_search_and_keeps_the_best(setup, tmp_path, budget):
+    m, src, stats, _, _ = setup
+    out = tmp_path / "best.onnx"
+    with pytest.raises(TargetNotMet) as e:
+        advise(m, stats, src, target="accuracy:0.99", methods=["minmax"], output=out, **budget)
+    adv = e.value.advice
+    steps = budget.get("max_steps", 0)
+    assert len(adv.curve) == 1 + steps  # the start plus exactly the allowed steps
+    assert adv.stopped.startswith("max_steps" if steps else "time budget") and "stopped by" in str(e.value)
+    assert json.loads(advice_json_path(out).read_text())["stopped"] == adv.stopped
+    assert adv.metric == max(c["metric"] for c in adv.curve)
+
+
 def test_already_met_target_changes_nothing(setup):
     m, src, _, ranges, _ = setup
     a = advise(m, ranges, src, target="cosine:0.5")

@@ -67,6 +67,28 @@ def test_quantize_best_with_target_picks_a_method_and_meets_it(demo, tmp_path, c
     assert out.exists() and advice["met"] is True and advice["curve"][0]["step"] == 0
 
 
+def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
+    """quantize --method best scores the methods in one pass (FP32 once, outputs only); its numbers must
+    equal a separate full ``compare`` of each method's exported model."""
+    from calib.compare import compare
+    from calib.data import open_source
+    from calib.export import export_qdq
+    from calib.model import load_model
+    from calib.pipeline import quantize, task_metrics
+
+    _, pages = demo
+    res = quantize(demo_model(), pages / "calib", tmp_path / "b.onnx", method="best", eval_data=pages / "eval",
+                   batch_size=8, limit=32)
+    assert set(res.metrics) == set(res.ranges) and res.best in res.metrics
+    model = load_model(demo_model())
+    ev = open_source(pages / "eval", model)
+    for label, r in res.ranges.items():
+        rep = compare(model, export_qdq(model, r).model, ev, batch_size=8, layers=False)
+        ref = task_metrics(rep)
+        for k in ("cosine", "sqnr_db", "top1_agreement"):
+            assert res.metrics[label][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), (label, k)
+
+
 def test_quantize_bad_target_is_exit_2(demo, tmp_path, capsys):
     _, pages = demo
     rc = main(["quantize", str(demo_model()), "--data", str(pages / "calib"), "--eval-data", str(pages / "eval"),

@@ -61,6 +61,8 @@ def cell_metric(res: Results, model, tool, variant, n) -> str:
     s = f"{m['primary']:.2f}"
     if m.get("float_nodes"):
         s += f" ({m['float_nodes']} float)"
+    if r.get("target_met") is False:
+        s += " (target not met²)"
     return s
 
 
@@ -242,6 +244,12 @@ def failures_section(res: Results) -> list[str]:
         seen.setdefault(f"{r['tool']}:{r['variant']} — {err}", []).append(f"{r['model']}@{r.get('n')}")
     for k, where in seen.items():
         out.append(f"- {k} ({', '.join(where)})")
+    missed = [r for r in res.recs if r.get("target_met") is False and latest(r)]
+    if missed:
+        out += ["", "### ² advise: target not met within the job's budget (its best model is scored)", ""]
+        for r in missed:
+            err = re.sub(r"\s+", " ", r.get("target_error", "?")).replace("|", "\\|")[:300]
+            out.append(f"- {r['model']}@{r.get('n')}: {err}")
     return out
 
 

@@ -138,6 +138,12 @@ def advise_cmd(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
+    candidate_samples: Optional[int] = typer.Option(
+        None, "--candidate-samples", help="Samples to compare a step's candidates on (default: all; every "
+                                          "chosen step is verified on all)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many greedy steps."),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", help="Seconds: start no new step after this; keep the best model so far."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
@@ -160,6 +166,7 @@ def advise_cmd(
     try:
         adv = advise(fm, st, source, target=tgt, methods=methods, placement=placement, batch_size=batch_size,
                      labels=labs, metric=_metric(metric), sensitivity_samples=sensitivity_samples,
+                     candidate_samples=candidate_samples, max_steps=max_steps, time_budget_s=time_budget,
                      optimization=optimization, providers=provider, output=output, progress=prog)
     except TargetNotMet as e:
         _print_advice(e.advice, output, advice_json_path(output))

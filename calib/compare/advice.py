@@ -62,6 +62,7 @@ class Advice:
     seconds: float = 0.0
     changed: dict[str, str] = field(default_factory=dict)  # tensors whose method differs from base_method
     skipped: list[str] = field(default_factory=list)  # nodes where neither float nor another range helped
+    stopped: str = ""  # why the search ended: target met, max_steps, time budget, nodes exhausted
 
     @property
     def n_float_nodes(self) -> int:
@@ -72,7 +73,8 @@ class Advice:
             "format": "calib.advice", "version": 1, "target": str(self.target), "metric": self.metric,
             "met": self.met, "exclude": self.exclude, "n_float_nodes": len(self.exclude),
             "base_method": self.base_method, "changed_methods": self.changed, "methods": self.methods,
-            "curve": self.curve, "skipped_nodes": self.skipped, "sensitivity": self.sensitivity.to_json() if self.sensitivity else None,
+            "curve": self.curve, "skipped_nodes": self.skipped, "stopped": self.stopped,
+            "sensitivity": self.sensitivity.to_json() if self.sensitivity else None,
             "seconds": round(self.seconds, 3)})
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
@@ -152,13 +154,16 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
            methods: Sequence[str] | None = None, placement: str = "trt", weights: str = "per_channel",
            batch_size: int = 16, labels: Sequence[int] | None = None, metric: Any = None,
            sensitivity_samples: int = 128, candidate_samples: int | None = None, max_steps: int | None = None,
-           optimization: str = "disable",
+           time_budget_s: float | None = None, optimization: str = "disable",
            providers: Sequence[str] | None = None, output: str | os.PathLike | None = None,
            progress: Progress | None = None) -> Advice:
     """Find float nodes and per-tensor methods so the Q/DQ model meets ``target`` (see module docstring).
 
     ``output``: where to write the final (or, when the target is not met, the
     best) Q/DQ model; the advice JSON goes beside it (``advice_json_path``).
+    ``max_steps`` / ``time_budget_s``: start no greedy step after that many steps / seconds
+    (the ranking itself always completes); the best model so far is kept, and ``TargetNotMet``
+    is raised if it misses the target (``Advice.stopped`` says why the search ended).
     """
     from calib.export import export_qdq
 
@@ -199,6 +204,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     best = (value, q, list(exclude), dict(choice))
     sens = None
     skipped: list[str] = []
+    stopped: list[str] = []
     if not tgt.met(value):
         tm = map_models(fm, model_from_proto(q.model))
         sens = sensitivity(fm, q, eval_source, batch_size=batch_size, max_samples=sensitivity_samples,
@@ -217,8 +223,17 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
                 best = (value, q, list(exclude), dict(choice))
 
         # pass 1: per node, the better of float and another method's range (skip if neither helps)
+        def out_of_budget() -> bool:
+            if max_steps is not None and step >= max_steps:
+                stopped.append(f"max_steps ({max_steps})")
+                return True
+            if time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s:
+                stopped.append(f"time budget ({time_budget_s:g} s)")
+                return True
+            return False
+
         for node in order:
-            if tgt.met(value) or (max_steps is not None and step >= max_steps):
+            if tgt.met(value) or out_of_budget():
                 break
             tm = map_models(fm, model_from_proto(q.model))
             if node not in tm.quantized:
@@ -236,7 +251,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
                 record(f"method {detail[1]}", node, detail[0])
         # pass 2: the target still fails: leave the remaining nodes in float, in ranking order
         for node in order:
-            if tgt.met(value) or (max_steps is not None and step >= max_steps):
+            if tgt.met(value) or stopped or out_of_budget():
                 break
             if node in exclude:
                 continue
@@ -246,13 +261,14 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     value, q, exclude, choice = best
     advice = Advice(qdq=q, exclude=exclude, curve=curve, methods=dict(choice), target=tgt, metric=value,
                     met=tgt.met(value), base_method=base, sensitivity=sens, seconds=time.perf_counter() - t0,
-                    changed={t: m for t, m in choice.items() if m != base}, skipped=skipped)
+                    changed={t: m for t, m in choice.items() if m != base}, skipped=skipped,
+                    stopped=stopped[0] if stopped else ("target met" if tgt.met(value) else "every node tried"))
     if output is not None:
         advice.save(output)
     if not advice.met:
         err = TargetNotMet(
             f"target {tgt} not met: best {tgt.metric} = {value:.6g} with {len(exclude)} float nodes after "
-            f"{len(curve) - 1} steps" + (f" (best model written to {output})" if output is not None else ""),
+            f"{len(curve) - 1} steps" + (f", stopped by {stopped[0]}" if stopped else "") + (f" (best model written to {output})" if output is not None else ""),
             hint=_fp32_hint(tgt, last.get("metrics")))
         err.advice = advice
         raise err
