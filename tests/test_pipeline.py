@@ -80,6 +80,8 @@ def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
     res = quantize(demo_model(), pages / "calib", tmp_path / "b.onnx", method="best", eval_data=pages / "eval",
                    batch_size=8, limit=32)
     assert set(res.metrics) == set(res.ranges) and res.best in res.metrics
+    # without a target, best = highest output SQNR (top-1 agreement ties are noise at this size)
+    assert res.metrics[res.best]["sqnr_db"] == max(m["sqnr_db"] for m in res.metrics.values())
     model = load_model(demo_model())
     ev = open_source(pages / "eval", model)
     for label, r in res.ranges.items():
@@ -87,6 +89,17 @@ def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
         ref = task_metrics(rep)
         for k in ("cosine", "sqnr_db", "top1_agreement"):
             assert res.metrics[label][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), (label, k)
+
+
+def test_best_prefers_the_target_metric_then_sqnr():
+    from calib.pipeline import _score
+
+    a = {"top1_agreement": 0.98, "sqnr_db": 26.0, "cosine": 0.998}
+    b = {"top1_agreement": 0.96, "sqnr_db": 30.0, "cosine": 0.999}
+    assert max([a, b], key=lambda m: _score(m, "")) is b
+    assert max([a, b], key=lambda m: _score(m, "top1:0.99")) is a
+    assert max([a, dict(b, top1_agreement=0.98)], key=lambda m: _score(m, "top1:0.99"))["sqnr_db"] == 30.0
+    assert _score({"sqnr_db": float("nan")}, "") < _score({"sqnr_db": 1.0}, "")
 
 
 def test_quantize_bad_target_is_exit_2(demo, tmp_path, capsys):

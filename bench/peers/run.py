@@ -37,6 +37,7 @@ RUNS = WORK / "runs"
 VENV_TOOLS = ["prep", "ort", "modelopt", "nncf", "polygraphy", "calib"]
 CALIB_METHODS = ["minmax", "percentile", "entropy", "mse"]
 ADVISE_TARGET = "cosine:0.99"
+SELECT_N = 100  # calibration samples (a prefix) that quantize --method best and advise choose on
 BATCH = 20  # calibration batch size for every tool (tools/common.py): divides 100, 500 and 2000, because
 # ONNX Runtime's histogram calibrators stack per-batch outputs and fail on a shorter last batch
 
@@ -49,17 +50,20 @@ class Suite:
     compare_sizes: tuple[int | None, ...]  # evaluation-sample counts for the compare jobs (None = whole eval set)
     timeout_s: float
     advise_args: tuple[str, ...] = ()  # search budget of the advise job (calib advise options)
+    compare_override: tuple[tuple[str, tuple[int | None, ...]], ...] = ()  # (model, compare sizes) pairs
     models: tuple[str, ...] = tuple(MODELS)
     goal_models: tuple[str, ...] = tuple(MODELS)  # models that get the goal_sizes runs
     eval_k: int | None = None  # evaluation samples for the task metrics (a prefix of eval.npz; None = all)
 
 
 SUITES = {
-    # quick: one calibration size, one compare size, advise on a budget (rank on 32 samples, compare each
-    # step's candidates on 32, no step after 60 s): about 15 minutes on 2 cores
+    # quick: one calibration size, one compare size (10 samples on the detector, where Polygraphy needs
+    # 10.1 GB for 20), advise on a budget (rank on 32 samples, compare each step's candidates on 32, no
+    # step after 30 s): under 15 minutes on 2 cores
     "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(20,), timeout_s=600,
                    goal_models=("resnet_fmnist",), eval_k=200,
-                   advise_args=("--sensitivity-samples", "32", "--candidate-samples", "32", "--time-budget", "60")),
+                   advise_args=("--sensitivity-samples", "32", "--candidate-samples", "32", "--time-budget", "30"),
+                   compare_override=(("ppocr_det", (10,)),)),
     "full": Suite("full", sizes=(100, 500, 2000), goal_sizes=(), compare_sizes=(20, 100, None), timeout_s=1200,
                   advise_args=("--sensitivity-samples", "64", "--time-budget", "480")),
 }
@@ -120,6 +124,7 @@ class Ctx:
     machine: dict
     command: str
     venv_errors: dict[str, str] = field(default_factory=dict)
+    evaluator: "EvalServer | None" = None
 
     def record(self, rec: dict) -> dict:
         rec = {"suite": self.suite.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec,
@@ -169,19 +174,54 @@ def eval_file(model: str, k: int | None) -> Path:
     return DATA_DIR / model / f"eval_{k}.npz"
 
 
+class EvalServer:
+    """``tools/evaluate.py --serve`` in the ort venv, started once: it keeps the evaluation set and FP32
+    outputs in memory, so scoring an INT8 model costs only its own run (unmeasured: not part of any job)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
+                                     text=True, cwd=REPO)
+
+    def request(self, req: dict) -> dict:
+        for _ in range(2):  # restart once if it died (e.g. killed for memory)
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            try:
+                self.proc.stdin.write(json.dumps(req) + "\n")
+                self.proc.stdin.flush()
+                for line in self.proc.stdout:
+                    if line.startswith("RESULT "):
+                        return json.loads(line[7:])
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc = None
+        return {"error": f"the evaluator exited (log: {self.log})"}
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
 def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path) -> dict:
-    """Task metrics of an INT8 model (unmeasured helper job in the ort venv)."""
+    """Task metrics of an INT8 model (the unmeasured evaluator, in the ort venv)."""
     if "ort" in ctx.venv_errors:
         return {"eval_error": ctx.venv_errors["ort"]}
-    argv = [str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--fp32", str(model_path(model)),
-            "--int8", str(int8), "--eval", str(eval_file(model, ctx.suite.eval_k)), "--task", MODELS[model].task,
-            "--cache", str(WORK / "fp32_outputs")]
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
-    (log_dir / "evaluate.txt").write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-        return {"eval_error": (lines[-1] if lines else f"exit {r.returncode}")[:600]}
-    return {"metrics": json.loads(r.stdout.strip().splitlines()[-1])}
+    if ctx.evaluator is None:
+        ctx.evaluator = EvalServer(VENVS / "evaluate.log")
+    out = ctx.evaluator.request({"fp32": str(model_path(model)), "int8": str(int8),
+                                 "eval": str(eval_file(model, ctx.suite.eval_k)), "task": MODELS[model].task,
+                                 "cache": str(WORK / "fp32_outputs")})
+    (log_dir / "evaluate.txt").write_text(json.dumps(out) + "\n")
+    if "error" in out:
+        return {"eval_error": out["error"]}
+    return {"metrics": out}
 
 
 def base(model: str, tool: str, variant: str, n: int | None) -> dict:
@@ -254,12 +294,15 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
         if step(f"export:{method}", ["export", fp32, "--stats", str(stats), "--method", method, "-o", str(out)],
                 int8=out, needs_ok=ok) and method == "entropy":
             entropy_model = out
+    # best and advise choose on the calibration samples, at most the first SELECT_N of them (a prefix of
+    # the calibration set, never the evaluation set): every greedy advise step re-runs its selection data
+    select = str(calib_path(model, min(n, SELECT_N)))
     best = d / "best.int8.onnx"
     step("quantize:best", ["quantize", fp32, "--data", str(calib_path(model, n)), "--method", "best",
-                           "--eval-data", str(calib_path(model, n)), "--batch-size", str(BATCH), "-o", str(best)], int8=best)
+                           "--eval-data", select, "--batch-size", str(BATCH), "-o", str(best)], int8=best)
     adv = d / "advised.int8.onnx"
     adv.unlink(missing_ok=True)  # a model left by an earlier run must not pass for this one's
-    step(f"advise:{ADVISE_TARGET}", ["advise", fp32, "--stats", str(stats), "--data", str(calib_path(model, n)),
+    step(f"advise:{ADVISE_TARGET}", ["advise", fp32, "--stats", str(stats), "--data", select,
                                      "--target", ADVISE_TARGET, "--batch-size", str(BATCH), "-o", str(adv),
                                      *ctx.suite.advise_args],
          int8=adv, needs_ok=ok, target=True)
@@ -292,7 +335,8 @@ def run_compare(ctx: Ctx, model: str, int8: Path, int8_from: str, k: int | None)
 # ------------------------------------------------------------------ driver
 def prepare_data(ctx: Ctx, models: list[str]) -> None:
     sizes = sorted(set(ctx.suite.sizes) | set(ctx.suite.goal_sizes) | {100, 500, 2000})
-    ks = sorted({k for k in ctx.suite.compare_sizes if k is not None} | ({ctx.suite.eval_k} - {None}))
+    ks = sorted({k for k in ctx.suite.compare_sizes if k is not None} | ({ctx.suite.eval_k} - {None})
+                | {k for _, sizes in ctx.suite.compare_override for k in sizes if k is not None})
     argv = [str(venv_python("prep")), str(PEERS / "prepare.py"), "--models", ",".join(models),
             "--sizes", ",".join(map(str, sizes)), "--eval-prefixes", ",".join(map(str, ks))]
     print("[prep] " + shlex.join(argv), flush=True)
@@ -375,13 +419,15 @@ def main(argv: list[str] | None = None) -> int:
             pair = (entropy_model, f"calib export entropy N={n0}") if entropy_model else (
                 RUNS / suite.name / model / f"ort-minmax-{n0}" / "model.int8.onnx", f"ORT quantize_static MinMax N={n0}")
             if pair[0].exists():
-                for k in suite.compare_sizes:
+                for k in dict(suite.compare_override).get(model, suite.compare_sizes):
                     run_compare(ctx, model, pair[0], pair[1], k)
             else:
                 for tool in ("polygraphy", "calib"):
                     ctx.record({**base(model, tool, "compare", None), "status": "failed",
                                 "error": "no INT8 model to compare (calib entropy export and ORT MinMax both failed)"})
         update_readmes(out)  # partial tables after each model
+    if ctx.evaluator is not None:
+        ctx.evaluator.close()
     print(f"suite {suite.name} finished in {time.perf_counter() - t0:.0f} s; results: {out}", flush=True)
     update_readmes(out)
     return 0

@@ -1,7 +1,10 @@
 """Evaluate one INT8 model against its FP32 model on the evaluation set (runs in the ``ort`` venv).
 
 The same evaluator, runtime (ONNX Runtime CPU, 2 threads) and samples for every tool. FP32 outputs are
-computed once per model and cached under bench/.work/fp32_outputs/. Prints one JSON object.
+computed once per model and cached under bench/.work/fp32_outputs/. Prints one JSON object; with
+``--serve`` it answers one request per stdin line instead (a JSON object with the same keys as the
+options), each answer one stdout line starting with ``RESULT``, keeping the last evaluation set and its
+FP32 outputs in memory between requests (the driver starts it once per suite run).
 
 Metrics by task:
 - classify: top-1 agreement with FP32 (%), accuracy of FP32 and INT8 with labels (%), mean per-sample
@@ -106,25 +109,54 @@ def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | No
     return m
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="FP32 vs INT8 task metrics on the evaluation set")
-    ap.add_argument("--fp32", required=True)
-    ap.add_argument("--int8", required=True)
-    ap.add_argument("--eval", required=True)
-    ap.add_argument("--task", required=True, choices=["classify", "dense", "embed"])
-    ap.add_argument("--cache", required=True, type=Path)
-    args = ap.parse_args()
-    arrays, labels = load_npz(args.eval)
+def evaluate(fp32: str, int8: str, eval_npz: str, task: str, cache: Path, memo: dict | None = None) -> dict:
+    memo = {} if memo is None else memo
+    key = (fp32, eval_npz)
     t0 = time.perf_counter()
-    ref = fp32_outputs(args.fp32, args.eval, arrays, args.cache)
+    if key not in memo:
+        memo.clear()
+        arrays, labels = load_npz(eval_npz)
+        memo[key] = (arrays, labels, fp32_outputs(fp32, eval_npz, arrays, cache))
+    arrays, labels, ref = memo[key]
     t1 = time.perf_counter()
-    got = run_all(args.int8, arrays)
+    got = run_all(int8, arrays)
     t2 = time.perf_counter()
-    out = metrics(args.task, ref, got, labels)
-    out["float_nodes"], out["weighted_nodes"] = float_nodes(args.int8)
+    out = metrics(task, ref, got, labels)
+    out["float_nodes"], out["weighted_nodes"] = float_nodes(int8)
     out["eval_samples"] = len(ref)
     out["fp32_run_s"], out["int8_run_s"] = round(t1 - t0, 3), round(t2 - t1, 3)
-    print(json.dumps(out))
+    return out
+
+
+def serve() -> None:
+    memo: dict = {}
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            out = evaluate(r["fp32"], r["int8"], r["eval"], r["task"], Path(r["cache"]), memo)
+        except Exception as e:  # answer every request: the driver records the error against the job
+            out = {"error": f"{type(e).__name__}: {e}"[:600]}
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="FP32 vs INT8 task metrics on the evaluation set")
+    ap.add_argument("--serve", action="store_true", help="answer JSON requests from stdin, one per line")
+    ap.add_argument("--fp32")
+    ap.add_argument("--int8")
+    ap.add_argument("--eval")
+    ap.add_argument("--task", choices=["classify", "dense", "embed"])
+    ap.add_argument("--cache", type=Path)
+    args = ap.parse_args()
+    if args.serve:
+        serve()
+        return
+    missing = [k for k in ("fp32", "int8", "eval", "task", "cache") if getattr(args, k) is None]
+    if missing:
+        ap.error("missing " + ", ".join("--" + k for k in missing))
+    print(json.dumps(evaluate(args.fp32, args.int8, args.eval, args.task, args.cache)))
 
 
 if __name__ == "__main__":
