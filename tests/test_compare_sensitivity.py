@@ -130,6 +130,20 @@ def test_a_step_or_time_budget_stops_the_search_and_keeps_the_best(setup, tmp_pa
     assert adv.metric == max(c["metric"] for c in adv.curve)
 
 
+def test_without_an_order_advise_starts_from_the_best_method(setup):
+    m, src, stats, _, _ = setup
+    with pytest.raises(TargetNotMet) as e:  # unreachable, and no step allowed: only the start is measured
+        advise(m, stats, src, target="sqnr:80", max_steps=0)
+    a = e.value.advice
+    assert set(a.base_scores) == {"entropy", "percentile", "mse", "minmax"}
+    assert a.base_method == max(a.base_scores, key=a.base_scores.get)
+    assert a.curve[0]["metric"] == a.base_scores[a.base_method]
+    # the start equals a from-scratch comparison of that method's all-INT8 model
+    from calib.calibrate import calibrate, parse_method
+    q = export_qdq(m, calibrate(stats, parse_method(a.base_method)))
+    assert compare(m, q, src, layers=False).outputs["logits"]["sqnr_db"] == pytest.approx(a.curve[0]["metric"])
+
+
 def test_already_met_target_changes_nothing(setup):
     m, src, _, ranges, _ = setup
     a = advise(m, ranges, src, target="cosine:0.5")

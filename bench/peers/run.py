@@ -65,7 +65,7 @@ SUITES = {
                    advise_args=("--sensitivity-samples", "32", "--candidate-samples", "32", "--time-budget", "30"),
                    compare_override=(("ppocr_det", (10,)),)),
     "full": Suite("full", sizes=(100, 500, 2000), goal_sizes=(), compare_sizes=(20, 100, None), timeout_s=1200,
-                  advise_args=("--sensitivity-samples", "64", "--time-budget", "480")),
+                  advise_args=("--sensitivity-samples", "64", "--time-budget", "120")),
 }
 PEER_VARIANTS = {
     "ort": ["minmax", "entropy", "entropy2048", "percentile"],

@@ -131,7 +131,7 @@ def advise_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ model to write (.onnx)."),
     method: Optional[str] = typer.Option(None, "--method", "-m",
                                          help="Calibration methods to try, first = base (default: "
-                                              "entropy,percentile,mse,minmax)."),
+                                              "all four, starting from the best on --data)."),
     placement: str = typer.Option("trt", "--placement", help="Q/DQ placement: trt | ort."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),

@@ -1,7 +1,9 @@
 """``advise``: automatic mixed precision: the fewest float nodes (or better ranges) that meet a target.
 
 1. Export the Q/DQ model with the first calibration method and measure the
-   target metric on the evaluation data (step 0 of the curve).
+   target metric on the evaluation data (step 0 of the curve). With no
+   ``methods`` given, every default method is scored in one pass and the best
+   (target metric, then output SQNR) becomes the first.
 2. Rank the quantized nodes by how much leaving each alone in float helps
    (``calib.compare.sensitivity``).
 3. Greedily, in that order, for the next node X: measure, in one multi-variant
@@ -63,6 +65,7 @@ class Advice:
     changed: dict[str, str] = field(default_factory=dict)  # tensors whose method differs from base_method
     skipped: list[str] = field(default_factory=list)  # nodes where neither float nor another range helped
     stopped: str = ""  # why the search ended: target met, max_steps, time budget, nodes exhausted
+    base_scores: dict[str, float] = field(default_factory=dict)  # method -> target metric, all INT8 (auto base)
 
     @property
     def n_float_nodes(self) -> int:
@@ -72,7 +75,8 @@ class Advice:
         return safe_float({
             "format": "calib.advice", "version": 1, "target": str(self.target), "metric": self.metric,
             "met": self.met, "exclude": self.exclude, "n_float_nodes": len(self.exclude),
-            "base_method": self.base_method, "changed_methods": self.changed, "methods": self.methods,
+            "base_method": self.base_method, "base_scores": self.base_scores,
+            "changed_methods": self.changed, "methods": self.methods,
             "curve": self.curve, "skipped_nodes": self.skipped, "stopped": self.stopped,
             "sensitivity": self.sensitivity.to_json() if self.sensitivity else None,
             "seconds": round(self.seconds, 3)})
@@ -186,6 +190,20 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
         fm, eval_source, batch_size=batch_size, labels=labels, user=user, optimization=optimization,
         providers=providers, limit=n_pick)
     outputs = list(fm.output_names)
+    pre = None
+    if methods is None and len(by) > 1:  # no order given: start from the method that scores best here
+        qs = {m: export_qdq(fm, r, placement=placement, weights=weights, exclude=[]) for m, r in by.items()}
+        ms, _ = ev.evaluate([Session(qm.model, {m: {o: o for o in outputs}}) for m, qm in qs.items()],
+                            stage="advise: scoring methods", progress=progress)
+
+        def num(m: str, k: str) -> float:
+            v = ms[m].value(k)
+            return v if v == v else -math.inf
+
+        base = max(by, key=lambda m: (num(m, tgt.metric), num(m, "sqnr")))
+        by = {base: by[base], **{m: r for m, r in by.items() if m != base}}
+        choice = {t: base for t in by[base].tensors}
+        pre = (qs[base], num(base, tgt.metric), ms[base], {m: num(m, tgt.metric) for m in by})
 
     def export():
         return export_qdq(fm, _mixed(by, choice, base), placement=placement, weights=weights, exclude=exclude)
@@ -198,8 +216,11 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
         last["metrics"] = m["base"]
         return m["base"].value(tgt.metric)
 
-    q = export()
-    value = verify(q, 0)
+    if pre is not None:  # step 0 was measured with the methods, on the same data
+        q, value, last["metrics"], base_scores = pre
+    else:
+        q, base_scores = export(), {}
+        value = verify(q, 0)
     curve = [{"step": 0, "action": "start", "node": None, "n_float_nodes": 0, "metric": value}]
     best = (value, q, list(exclude), dict(choice))
     sens = None
@@ -262,7 +283,8 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     advice = Advice(qdq=q, exclude=exclude, curve=curve, methods=dict(choice), target=tgt, metric=value,
                     met=tgt.met(value), base_method=base, sensitivity=sens, seconds=time.perf_counter() - t0,
                     changed={t: m for t, m in choice.items() if m != base}, skipped=skipped,
-                    stopped=stopped[0] if stopped else ("target met" if tgt.met(value) else "every node tried"))
+                    stopped=stopped[0] if stopped else ("target met" if tgt.met(value) else "every node tried"),
+                    base_scores=base_scores)
     if output is not None:
         advice.save(output)
     if not advice.met:
