@@ -143,7 +143,7 @@ def advise_cmd(
                                           "chosen step is verified on all)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many greedy steps."),
     time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", help="Seconds: start no new step after this; keep the best model so far."),
+        None, "--time-budget", help="Seconds: try no new node after this (at least one is tried); keep the best model so far."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:

@@ -166,7 +166,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     ``output``: where to write the final (or, when the target is not met, the
     best) Q/DQ model; the advice JSON goes beside it (``advice_json_path``).
     ``max_steps`` / ``time_budget_s``: start no greedy step after that many steps / seconds
-    (the ranking itself always completes); the best model so far is kept, and ``TargetNotMet``
+    (the ranking itself always completes, and a time budget always lets one node be tried); the best model so far is kept, and ``TargetNotMet``
     is raised if it misses the target (``Advice.stopped`` says why the search ended).
     """
     from calib.export import export_qdq
@@ -226,6 +226,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     sens = None
     skipped: list[str] = []
     stopped: list[str] = []
+    tried = 0  # nodes tried; a time budget lets at least one through, so a search spent ranking still acts
     if not tgt.met(value):
         tm = map_models(fm, model_from_proto(q.model))
         sens = sensitivity(fm, q, eval_source, batch_size=batch_size, max_samples=sensitivity_samples,
@@ -248,7 +249,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
             if max_steps is not None and step >= max_steps:
                 stopped.append(f"max_steps ({max_steps})")
                 return True
-            if time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s:
+            if time_budget_s is not None and tried and time.perf_counter() - t0 >= time_budget_s:
                 stopped.append(f"time budget ({time_budget_s:g} s)")
                 return True
             return False
@@ -259,6 +260,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
             tm = map_models(fm, model_from_proto(q.model))
             if node not in tm.quantized:
                 continue
+            tried += 1
             action, detail, score, current = _step(tm, node, choice, by, ev_pick, outputs, tgt, progress, step + 1)
             if score <= current:
                 skipped.append(node)
@@ -276,6 +278,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
                 break
             if node in exclude:
                 continue
+            tried += 1
             step += 1
             exclude.append(node)
             record("float", node, None)
