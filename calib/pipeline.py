@@ -112,15 +112,13 @@ def score_methods(model: Model, qdqs: dict[str, Any], source, *, batch_size: int
     """Output metrics (``task_metrics``) of each method's Q/DQ model on ``source`` in one pass: the FP32
     model runs once per batch and every Q/DQ model beside it, graph outputs only (no per-layer taps)."""
     from calib.compare import load_metric
-    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.evaluate import Evaluator
     from calib.compare.targets import UserMetric
 
     user = UserMetric.wrap(load_metric(metric)) if metric else None
     ev = Evaluator(model, source, batch_size=batch_size, user=user, providers=providers, cache_bytes=0)
-    outs = list(model.output_names)
-    sessions = [Session(q.model, {label: {o: o for o in outs}}) for label, q in qdqs.items()]
-    metrics, _ = ev.evaluate(sessions, stage="scoring methods", progress=progress)
-    return {label: task_metrics(metrics[label].result()) for label in qdqs}
+    metrics = ev.score({label: q.model for label, q in qdqs.items()}, stage="scoring methods", progress=progress)
+    return {label: task_metrics(m.result()) for label, m in metrics.items()}
 
 
 def _score(task: dict[str, Any], target: str) -> tuple[float, ...]:

@@ -165,9 +165,9 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
 
     ``output``: where to write the final (or, when the target is not met, the
     best) Q/DQ model; the advice JSON goes beside it (``advice_json_path``).
-    ``max_steps`` / ``time_budget_s``: start no greedy step after that many steps / seconds
-    (the ranking itself always completes, and a time budget always lets one node be tried); the best model so far is kept, and ``TargetNotMet``
-    is raised if it misses the target (``Advice.stopped`` says why the search ended).
+    ``max_steps`` / ``time_budget_s``: start no greedy step after that many steps / seconds (the
+    ranking itself always completes, and a time budget always lets one node be tried); the best model
+    so far is kept, and ``TargetNotMet`` is raised if it misses the target (``Advice.stopped`` says why).
     """
     from calib.export import export_qdq
 
@@ -193,8 +193,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     pre = None
     if methods is None and len(by) > 1:  # no order given: start from the method that scores best here
         qs = {m: export_qdq(fm, r, placement=placement, weights=weights, exclude=[]) for m, r in by.items()}
-        ms, _ = ev.evaluate([Session(qm.model, {m: {o: o for o in outputs}}) for m, qm in qs.items()],
-                            stage="advise: scoring methods", progress=progress)
+        ms = ev.score({m: qm.model for m, qm in qs.items()}, stage="advise: scoring methods", progress=progress)
 
         def num(m: str, k: str) -> float:
             v = ms[m].value(k)
@@ -261,7 +260,9 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
             if node not in tm.quantized:
                 continue
             tried += 1
-            action, detail, score, current = _step(tm, node, choice, by, ev_pick, outputs, tgt, progress, step + 1)
+            # on all samples the current model's score is ``value``; on a subset it is measured beside
+            action, detail, score, current = _step(tm, node, choice, by, ev_pick, outputs, tgt, progress, step + 1,
+                                                   now=value if ev_pick is ev else None)
             if score <= current:
                 skipped.append(node)
                 continue
@@ -293,7 +294,8 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     if not advice.met:
         err = TargetNotMet(
             f"target {tgt} not met: best {tgt.metric} = {value:.6g} with {len(exclude)} float nodes after "
-            f"{len(curve) - 1} steps" + (f", stopped by {stopped[0]}" if stopped else "") + (f" (best model written to {output})" if output is not None else ""),
+            f"{len(curve) - 1} steps" + (f", stopped by {stopped[0]}" if stopped else "")
+            + (f" (best model written to {output})" if output is not None else ""),
             hint=_fp32_hint(tgt, last.get("metrics")))
         err.advice = advice
         raise err
@@ -309,19 +311,22 @@ def _fp32_hint(tgt: Target, metrics) -> str:
     return hint
 
 
-def _step(tm: TensorMap, node: str, choice, by, ev: Evaluator, outputs, tgt: Target, progress, step: int
-          ) -> tuple[str, tuple[str, str] | None, float, float]:
-    """Measure X in float against X's tensors under other methods, beside the current model, on ``ev``'s
-    samples; return the better action, its score and the current model's score on the same samples."""
+def _step(tm: TensorMap, node: str, choice, by, ev: Evaluator, outputs, tgt: Target, progress, step: int,
+          now: float | None = None) -> tuple[str, tuple[str, str] | None, float, float]:
+    """Measure X in float against X's tensors under other methods on ``ev``'s samples (and the current
+    model beside them unless its score there, ``now``, is known); return the better action, its score and
+    the current model's score on the same samples."""
     base_proto = copy.deepcopy(tm.qdq.proto)
     cands = _candidates(tm, node, choice, by, base_proto)
     proto, where = build_multi(base_proto, [v for v, _ in cands], outputs)
     prune(proto, {t for w in where.values() for t in w.values()})
-    current = Session(base_proto, {"current": {o: o for o in outputs}})
-    metrics, _ = ev.evaluate([Session(proto, where), current], stage=f"advise step {step} candidates",
-                             progress=progress)
+    sessions = [Session(proto, where)]
+    if now is None:
+        sessions.append(Session(base_proto, {"current": {o: o for o in outputs}}))
+    metrics, _ = ev.evaluate(sessions, stage=f"advise step {step} candidates", progress=progress)
     scores = {v.name: metrics[v.name].value(tgt.metric) for v, _ in cands}
-    now = metrics["current"].value(tgt.metric)
+    if now is None:
+        now = metrics["current"].value(tgt.metric)
     float_score = scores["float"]
     best_m = max((c for c in cands if c[1] is not None), key=lambda c: scores[c[0].name], default=None)
     if best_m is not None and scores[best_m[0].name] >= float_score:

@@ -107,3 +107,10 @@ class Evaluator:
         if store is not None and not use_cache:
             self._cache = store
         return metrics, done
+
+    def score(self, models: dict[str, onnx.ModelProto], *, stage: str = "scoring",
+              progress: Progress | None = None) -> dict[str, OutputMetrics]:
+        """Output metrics of each whole model (label -> proto) in one pass beside FP32."""
+        sessions = [Session(proto, {label: {o: o for o in self.outputs}}) for label, proto in models.items()]
+        metrics, _ = self.evaluate(sessions, stage=stage, progress=progress)
+        return {label: metrics[label] for label in models}
