@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 
+BC_SUFFIX = "+bc"  # a method's label with bias correction, as scored by quantize --method best --bias-correction
+
+
 def method_file_label(label: str) -> str:
     return label.replace(":", "-")
 
@@ -47,6 +50,7 @@ class QuantizeResult:
     advice: Any = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     target_met: bool | None = None
+    bias: dict[str, Any] | None = None  # bias correction: nodes, samples, largest shifts, kept or not and why
 
 
 def open_run_data(path: Path, model: Model, *, preprocess: dict | None = None, skip_bad: bool = False):
@@ -107,17 +111,25 @@ def _compare_method(model: Model, qdq_proto, eval_source, *, batch_size: int, me
     return rep
 
 
-def score_methods(model: Model, qdqs: dict[str, Any], source, *, batch_size: int, metric: str = "",
-                  providers: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, dict]:
-    """Output metrics (``task_metrics``) of each method's Q/DQ model on ``source`` in one pass: the FP32
-    model runs once per batch and every Q/DQ model beside it, graph outputs only (no per-layer taps)."""
+def score_outputs(model: Model, protos: dict[str, Any], source, *, batch_size: int, metric: str = "",
+                  providers: Sequence[str] | None = None, progress: Progress | None = None,
+                  stage: str = "scoring") -> dict[str, Any]:
+    """``OutputMetrics`` of each whole model (label -> proto) on ``source`` in one pass: the FP32 model
+    runs once per batch and every model beside it, graph outputs only (no per-layer taps)."""
     from calib.compare import load_metric
     from calib.compare.evaluate import Evaluator
     from calib.compare.targets import UserMetric
 
     user = UserMetric.wrap(load_metric(metric)) if metric else None
     ev = Evaluator(model, source, batch_size=batch_size, user=user, providers=providers, cache_bytes=0)
-    metrics = ev.score({label: q.model for label, q in qdqs.items()}, stage="scoring methods", progress=progress)
+    return ev.score(protos, stage=stage, progress=progress)
+
+
+def score_methods(model: Model, qdqs: dict[str, Any], source, *, batch_size: int, metric: str = "",
+                  providers: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, dict]:
+    """Output metrics (``task_metrics``) of each method's Q/DQ model on ``source`` in one pass."""
+    metrics = score_outputs(model, {label: q.model for label, q in qdqs.items()}, source, batch_size=batch_size,
+                            metric=metric, providers=providers, progress=progress, stage="scoring methods")
     return {label: task_metrics(m.result()) for label, m in metrics.items()}
 
 
@@ -147,9 +159,17 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              report: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
              target: str = "", placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = 8,
              limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
+             bias_correction: bool = False, bias_samples: int | None = 128,
              progress: Progress | None = None) -> QuantizeResult:
-    """Collect, calibrate, export; with eval data and a target, compare and advise."""
+    """Collect, calibrate, export; with eval data and a target, compare and advise.
+
+    ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples``
+    calibration samples (``calib.export.bias``). With evaluation data the corrected model is
+    kept only if it scores at least as well as the uncorrected one (``best`` scores both
+    versions of every method in one pass); without, it is applied as measured.
+    """
     from calib.export import export_qdq, scale_report, write_cache, write_scale_report
+    from calib.export.bias import correct_bias
 
     output = Path(output)
     model = load_model(model_path)
@@ -167,14 +187,26 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     ev = open_run_data(Path(eval_data), model) if eval_data is not None else None
     chosen = method if method != "best" else None
     qdqs: dict[str, Any] = {}
+    corrected: dict[str, Any] = {}
     if method == "best":
         qdqs = {label: export_qdq(model, r, placement=placement, exclude=exclude) for label, r in ranges.items()}
-        result.metrics = score_methods(model, qdqs, ev, batch_size=batch_size, metric=metric, providers=providers,
+        if bias_correction:  # every method's shifts in one pass, then both versions of each scored
+            corrected = correct_bias(model, qdqs, source, batch_size=batch_size, limit=bias_samples,
+                                     providers=providers, progress=progress)
+        scored = {**qdqs, **{label + BC_SUFFIX: bc.qdq for label, bc in corrected.items()}}
+        result.metrics = score_methods(model, scored, ev, batch_size=batch_size, metric=metric, providers=providers,
                                        progress=progress)
         chosen = max(result.metrics, key=lambda k: _score(result.metrics[k], target))
         result.best = chosen
-    chosen_label = parse_method(chosen).label
+    use_bc = chosen.endswith(BC_SUFFIX)
+    chosen_label = parse_method(chosen.removesuffix(BC_SUFFIX)).label
     qdq = qdqs.get(chosen_label) or export_qdq(model, ranges[chosen_label], placement=placement, exclude=exclude)
+    if corrected:
+        bc = corrected[chosen_label]
+        result.bias = {**bc.to_json(), "kept": use_bc,
+                       "why": "scored better on the evaluation data" if use_bc else
+                       "the uncorrected model scored at least as well on the evaluation data"}
+        qdq = bc.qdq if use_bc else qdq
     result.method = chosen_label
     if target:
         from calib.compare import advise
@@ -191,6 +223,30 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         result.target_met = bool(adv.met)
         qdq = adv.qdq
         result.excluded = list(adv.exclude)
+    if bias_correction and (method != "best" or target):  # (best without a target was corrected above)
+        bc = correct_bias(model, qdq, source, batch_size=batch_size, limit=bias_samples, providers=providers,
+                          progress=progress)
+        result.bias = {**bc.to_json(), "kept": True, "why": "no evaluation data: applied as measured"}
+        if ev is not None:  # verify: keep the corrected model only if it scores at least as well
+            outs = score_outputs(model, {"without": qdq.model, "with": bc.qdq.model}, ev, batch_size=batch_size,
+                                 metric=metric, providers=providers, progress=progress)
+            ms = {k: task_metrics(m.result()) for k, m in outs.items()}
+            keep = _score(ms["with"], target) >= _score(ms["without"], target)
+            result.bias.update(kept=keep, scores=ms, why="scored at least as well on the evaluation data" if keep
+                               else "the uncorrected model scored better on the evaluation data")
+            if keep and result.advice is not None:  # the advice now describes the corrected model
+                adv = result.advice
+                adv.metric = outs["with"].value(adv.target.metric)
+                adv.met = adv.target.met(adv.metric)
+                adv.curve.append({"step": len(adv.curve), "action": "bias correction", "node": None,
+                                  "n_float_nodes": len(adv.exclude), "metric": adv.metric})
+                result.target_met = bool(adv.met)
+        if result.advice is not None:
+            result.advice.bias = {k: v for k, v in result.bias.items() if k != "scores"}
+        if result.bias["kept"]:
+            qdq = bc.qdq
+            if result.advice is not None:
+                result.advice.qdq = qdq
     if result.advice is not None:
         _, side = result.advice.save(output)  # the model plus the exclude list and per-step curve beside it
         result.artifacts["advice"] = side

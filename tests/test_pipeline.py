@@ -91,6 +91,72 @@ def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
             assert res.metrics[label][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), (label, k)
 
 
+def test_best_with_bias_correction_scores_both_versions_and_writes_the_winner(demo, tmp_path):
+    """Each method is scored with and without bias correction in one pass; the model written is the winner,
+    and a separate full ``compare`` of it reproduces the winner's numbers."""
+    from calib.compare import compare
+    from calib.data import open_source
+    from calib.model import load_model
+    from calib.pipeline import BC_SUFFIX, quantize, task_metrics
+
+    _, pages = demo
+    out = tmp_path / "bc.onnx"
+    res = quantize(demo_model(), pages / "calib", out, method="best", eval_data=pages / "eval", batch_size=8,
+                   limit=32, bias_correction=True, bias_samples=16)
+    assert set(res.metrics) == set(res.ranges) | {m + BC_SUFFIX for m in res.ranges}
+    assert res.metrics[res.best]["sqnr_db"] == max(m["sqnr_db"] for m in res.metrics.values())
+    assert res.bias["kept"] == res.best.endswith(BC_SUFFIX) and res.bias["n_samples"] == 16
+    written = onnx.load(str(out))
+    corrected = any(t.name.endswith("_bias_corrected") for t in written.graph.initializer)
+    assert corrected == res.bias["kept"]
+    model = load_model(demo_model())
+    ref = task_metrics(compare(model, written, open_source(pages / "eval", model), batch_size=8, layers=False))
+    for k in ("cosine", "sqnr_db"):
+        assert res.metrics[res.best][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+
+
+def test_bias_correction_without_eval_data_is_applied_and_export_takes_it_too(demo, tmp_path, capsys):
+    _, pages = demo
+    a, b, c = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    stats = tmp_path / "s.npz"
+    assert main(["quantize", str(demo_model()), "--data", str(pages / "calib"), "-o", str(a), "-m", "mse",
+                 "--bias-correction", "--bias-samples", "8", "--limit", "16", "-b", "8"]) == 0
+    assert "kept (no evaluation data: applied as measured)" in capsys.readouterr().out
+    assert main(["collect", str(demo_model()), "--data", str(pages / "calib"), "-o", str(stats), "--limit", "16",
+                 "-b", "8"]) == 0
+    assert main(["export", str(demo_model()), "--stats", str(stats), "-m", "mse", "-o", str(b),
+                 "--bias-data", str(pages / "calib"), "--bias-samples", "8"]) == 0
+    assert "bias correction:" in capsys.readouterr().out
+    assert main(["export", str(demo_model()), "--stats", str(stats), "-m", "mse", "-o", str(c)]) == 0
+
+    def biases(p):
+        m = onnx.load(str(p))
+        return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "bias_corrected" in t.name}
+
+    got_a, got_b = biases(a), biases(b)
+    assert got_a and set(got_a) == set(got_b) and not biases(c)
+    for k in got_a:  # the same statistics and samples give the same correction either way
+        np.testing.assert_allclose(got_a[k], got_b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_bias_correction_after_advise_is_verified_and_recorded(demo, tmp_path):
+    from calib.pipeline import quantize
+
+    _, pages = demo
+    out = tmp_path / "adv.onnx"
+    res = quantize(demo_model(), pages / "calib", out, method="percentile", eval_data=pages / "eval",
+                   target="cosine:0.9", batch_size=8, limit=32, bias_correction=True, bias_samples=16)
+    side = json.loads(out.with_name("adv.advice.json").read_text())
+    assert side["bias_correction"]["kept"] == res.bias["kept"]
+    with_, without = (res.bias["scores"][k]["cosine"] for k in ("with", "without"))
+    assert res.bias["kept"] == (with_ >= without)
+    written = onnx.load(str(out))
+    assert any(t.name.endswith("_bias_corrected") for t in written.graph.initializer) == res.bias["kept"]
+    if res.bias["kept"]:  # the advice describes the model written
+        assert side["curve"][-1]["action"] == "bias correction"
+        assert side["metric"] == pytest.approx(with_, rel=1e-9)
+
+
 def test_best_prefers_the_target_metric_then_sqnr():
     from calib.pipeline import _score
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from calib.cli._common import echo
+from calib.cli._common import Progress, echo
 from calib.errors import ConfigError
 
 __all__ = ["register"]
@@ -107,6 +107,10 @@ def export_cmd(
     trt_version: Optional[int] = typer.Option(None, "--trt-version", help="Version in the cache header, "
                                               "NV_TENSORRT_VERSION style (default 100300 = TensorRT 10.3.0)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON scale report."),
+    bias_data: Optional[Path] = typer.Option(None, "--bias-data", help="Correct each quantized layer's bias for "
+                                             "the mean error INT8 adds, measured on these samples (calibration "
+                                             "data)."),
+    bias_samples: int = typer.Option(128, "--bias-samples", help="Samples of --bias-data to use."),
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
     from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
@@ -126,6 +130,20 @@ def export_cmd(
     else:
         chosen, all_ranges = _ranges_from_file(ranges, method)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
+    if bias_data is not None:
+        from calib.export.bias import correct_bias
+        from calib.pipeline import open_run_data
+
+        prog = Progress()
+        try:
+            bc = correct_bias(m, qdq, open_run_data(bias_data, m), limit=bias_samples, progress=prog)
+        finally:
+            prog.close()
+        qdq = bc.qdq
+        largest = bc.to_json()["largest"][:1]
+        echo(f"bias correction: {len(bc.shifts)} layer(s) on {bc.n_samples} samples"
+             + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
+             + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")

@@ -66,6 +66,7 @@ class Advice:
     skipped: list[str] = field(default_factory=list)  # nodes where neither float nor another range helped
     stopped: str = ""  # why the search ended: target met, max_steps, time budget, nodes exhausted
     base_scores: dict[str, float] = field(default_factory=dict)  # method -> target metric, all INT8 (auto base)
+    bias: dict[str, Any] | None = None  # bias correction applied afterwards (calib quantize --bias-correction)
 
     @property
     def n_float_nodes(self) -> int:
@@ -79,7 +80,7 @@ class Advice:
             "changed_methods": self.changed, "methods": self.methods,
             "curve": self.curve, "skipped_nodes": self.skipped, "stopped": self.stopped,
             "sensitivity": self.sensitivity.to_json() if self.sensitivity else None,
-            "seconds": round(self.seconds, 3)})
+            "seconds": round(self.seconds, 3), **({"bias_correction": self.bias} if self.bias else {})})
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write the Q/DQ model to ``path`` and the advice (exclude list, curve, methods) beside it."""

@@ -2,9 +2,10 @@
 
 ``export_qdq`` (Q/DQ ONNX for TensorRT and ONNX Runtime), ``write_cache`` /
 ``read_cache`` (TensorRT calibration cache), ``scale_report`` (JSON of every
-scale). The TensorRT engine build lives in ``calib.trt``.
+scale), ``correct_bias`` (bias correction of an exported model on real data). The TensorRT engine build lives in ``calib.trt``.
 """
 
+from calib.export.bias import BiasCorrection, correct_bias
 from calib.export.placement import HUGE_AMAX, PLACEMENTS, Plan, resolve_exclude
 from calib.export.qdq import QdqModel, WeightQuant, export_qdq, weight_scales
 from calib.export.scales import scale_report, write_scale_report
@@ -19,6 +20,8 @@ from calib.export.trt_cache import (
 )
 
 __all__ = [
+    "BiasCorrection",
+    "correct_bias",
     "HUGE_AMAX",
     "PLACEMENTS",
     "Plan",
