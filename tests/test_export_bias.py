@@ -80,17 +80,25 @@ def test_conv_shift_matches_a_numpy_reference():
     m = conv_model()
     src = source((3, 6, 6))
     q = quantized(m, src)
-    shifts, skipped, n = measure_bias_shifts(m, {"m": q}, src, batch_size=5, limit=None)
+    shifts, skipped, n = measure_bias_shifts(m, {"m": q}, src, batch_size=5, limit=None, robust=False)
+    robust, _, _ = measure_bias_shifts(m, {"m": q}, src, batch_size=5, limit=None)
     assert n == len(src) and not skipped["m"]
     assert set(shifts["m"]) == {"conv1", "conv2"}
     vals, xs = fp32_tensors(m, src, ["r1"])
+    kept = 0
     for node, x, w_name, t in (("conv1", xs, "w1", "x"), ("conv2", vals["r1"], "w2", "r1")):
         w = m.weight(w_name)
         xq = fake_quant(x, q.amax[t] / 127.0)
         wq = fake_quant_per_channel(w, 0)
-        ref = (conv2d_ref(xq, wq, 1) - conv2d_ref(x, w, 1)).mean(axis=(0, 2, 3))
+        err = conv2d_ref(xq, wq, 1) - conv2d_ref(x, w, 1)
+        ref = err.mean(axis=(0, 2, 3))
         assert np.abs(ref).max() > 1e-4, "the test needs a visible shift"
         np.testing.assert_allclose(shifts["m"][node], ref, rtol=2e-3, atol=2e-6)
+        # robust: a channel keeps its shift only where that lowers its mean absolute error
+        better = np.abs(err - ref[None, :, None, None]).mean(axis=(0, 2, 3)) < np.abs(err).mean(axis=(0, 2, 3))
+        np.testing.assert_allclose(robust["m"][node], np.where(better, ref, 0), rtol=2e-3, atol=2e-6)
+        kept += int(better.sum())
+    assert 0 < kept
 
 
 def test_corrected_single_layer_has_no_mean_error_and_inputs_are_untouched():
@@ -98,7 +106,7 @@ def test_corrected_single_layer_has_no_mean_error_and_inputs_are_untouched():
     src = source((3, 6, 6))
     q = quantized(m, src, "percentile")
     before_model, before_qdq = m.proto.SerializeToString(), q.model.SerializeToString()
-    bc = correct_bias(m, q, src, batch_size=7, limit=None)
+    bc = correct_bias(m, q, src, batch_size=7, limit=None, robust=False)
     assert m.proto.SerializeToString() == before_model and q.model.SerializeToString() == before_qdq
     # end to end on the whole two-layer models: the first layer's output error has zero mean per channel
     def run(proto):
@@ -116,7 +124,7 @@ def test_corrected_single_layer_has_no_mean_error_and_inputs_are_untouched():
     # conv2 had no bias: it gets one; measuring again finds nothing left to correct
     conv2 = next(n for n in bc.qdq.model.graph.node if n.name == "conv2")
     assert len(conv2.input) == 3 and conv2.input[2]
-    again, _, _ = measure_bias_shifts(m, {"m": bc.qdq}, src, batch_size=7, limit=None)
+    again, _, _ = measure_bias_shifts(m, {"m": bc.qdq}, src, batch_size=7, limit=None, robust=False)
     for node, s in again["m"].items():
         np.testing.assert_allclose(s, 0, atol=2e-6, err_msg=node)
     assert bc.to_json()["nodes"] == 2
@@ -141,7 +149,7 @@ def test_an_opset_12_model_is_measured_after_its_upgrade():
     for opset in (12, 17):
         m = conv_model(opset=opset)  # model_from_proto upgrades opset 12 (Q/DQ per channel needs 13)
         q = export_qdq(m, calibrate(collect(m, src, batch_size=6), "minmax"))
-        got[opset], _, _ = measure_bias_shifts(m, {"m": q}, src, batch_size=6, limit=None)
+        got[opset], _, _ = measure_bias_shifts(m, {"m": q}, src, batch_size=6, limit=None, robust=False)
     for node in ("conv1", "conv2"):
         np.testing.assert_allclose(got[12]["m"][node], got[17]["m"][node], rtol=1e-5, atol=1e-8)
 
@@ -159,7 +167,7 @@ def test_matmul_add_is_corrected_and_a_bare_matmul_is_skipped():
                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(w2, "w2")])
     src = source((4, 8), n=16)
     q = quantized(m, src)
-    bc = correct_bias(m, q, src, batch_size=4, limit=None)
+    bc = correct_bias(m, q, src, batch_size=4, limit=None, robust=False)
     assert "mm2" in bc.skipped and "Add" in bc.skipped["mm2"]
     xs = np.stack([smp.feeds["x"] for smp in src]).astype(np.float64)
     xq = fake_quant(xs, q.amax["x"] / 127.0)
@@ -193,3 +201,29 @@ def test_corrected_model_runs_in_onnx_runtime(placement):
     s = ort.InferenceSession(bc.qdq.model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = s.run(None, {"x": np.stack([smp.feeds["x"] for smp in src])})[0]
     assert y.shape == (8, 5, 6, 6) and np.isfinite(y).all()
+
+
+def test_robust_correction_leaves_alone_an_error_concentrated_on_a_few_positions():
+    """A clipped outlier that appears at one position in a hundred: the mean shift would move every
+    position to fix one; the robust rule keeps that channel's bias, the plain mean changes it."""
+    w = np.eye(4, dtype=np.float32)
+    b = np.zeros(4, np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["y"], name="add")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", F, [None, 100, 4])],
+               [helper.make_tensor_value_info("y", F, [None, 100, 4])],
+               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(8):
+        x = rng.uniform(-1, 1, (100, 4)).astype(np.float32)
+        x[rng.integers(100), 0] = 50.0  # channel 0: one outlier per sample, clipped at amax 1
+        samples.append(Sample(f"s{i}", {"x": x}))
+    src = ListSource(samples)
+    from calib.calibrate.base import Ranges, TensorRange
+
+    q = export_qdq(m, Ranges("manual", {"x": TensorRange(1.0, "manual")}, m.sha256))
+    plain, _, _ = measure_bias_shifts(m, {"m": q}, src, batch_size=4, limit=None, robust=False)
+    robust, _, _ = measure_bias_shifts(m, {"m": q}, src, batch_size=4, limit=None)
+    assert plain["m"]["mm"][0] == pytest.approx(-49 / 100, rel=0.02)  # the clipped 50 -> 1, over 100 positions
+    assert robust["m"]["mm"][0] == 0.0

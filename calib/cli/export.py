@@ -111,6 +111,9 @@ def export_cmd(
                                              "the mean error INT8 adds, measured on these samples (calibration "
                                              "data)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Samples of --bias-data to use."),
+    bias_mode: str = typer.Option("robust", "--bias-mode", help="robust: take a channel's mean shift off only "
+                                  "where that lowers its mean absolute error (default); mean: always (NNCF's "
+                                  "fast bias correction; harmful where ranges clip outliers)."),
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
     from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
@@ -130,13 +133,16 @@ def export_cmd(
     else:
         chosen, all_ranges = _ranges_from_file(ranges, method)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
+    if bias_mode not in ("robust", "mean"):
+        raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     if bias_data is not None:
         from calib.export.bias import correct_bias
         from calib.pipeline import open_run_data
 
         prog = Progress()
         try:
-            bc = correct_bias(m, qdq, open_run_data(bias_data, m), limit=bias_samples, progress=prog)
+            bc = correct_bias(m, qdq, open_run_data(bias_data, m), limit=bias_samples,
+                              robust=bias_mode == "robust", progress=prog)
         finally:
             prog.close()
         qdq = bc.qdq

@@ -106,8 +106,11 @@ class _Shadow:
         return new
 
     def add(self, label: str, qp: onnx.ModelProto, qp_producers, qp_inits, node: onnx.NodeProto,
-            channels: int, rank: int) -> str | None:
-        """Add the shadow of ``node`` (a node of the Q/DQ proto ``qp``); return why not, or None."""
+            channels: int, rank: int, mu: np.ndarray | None = None) -> str | None:
+        """Add the shadow of ``node`` (a node of the Q/DQ proto ``qp``); return why not, or None.
+
+        Without ``mu`` the shadow reduces ``shadow - N`` to a sum per channel; with ``mu`` (the measured
+        mean shift) it reduces ``|shadow - N|`` and ``|shadow - N - mu|`` instead (error before and after)."""
         hn = self.host_nodes.get(node.name)
         if hn is None or hn.op_type != node.op_type:
             return "not in the FP32 graph"
@@ -167,11 +170,23 @@ class _Shadow:
             red_in, axes = diff.output[0], [0] + list(range(2, rank))
         # ReduceSum takes axes as an input from opset 13 on; calib's models are opset >= 13 (calib.model)
         ax = self._copy_const(prefix + "axes", np.array(axes, np.int64))
-        red = helper.make_node("ReduceSum", [red_in, ax], [prefix + "sum"], keepdims=0, name=prefix + "reduce")
         shp = helper.make_node("Shape", [red_in], [prefix + "n"], name=prefix + "shape_of")
-        new_nodes += [red, shp]
+        if mu is None:
+            sums = [prefix + "sum"]
+            new_nodes.append(helper.make_node("ReduceSum", [red_in, ax], sums, keepdims=0, name=prefix + "reduce"))
+        else:  # mu broadcasts along the channel axis: [C] for channel-last, [C, 1, ..] for NC..
+            mshape = [channels] if rank in (-1, 2) else [channels] + [1] * (rank - 2)
+            m_c = self._copy_const(prefix + "mu", np.asarray(mu, np.float32).reshape(mshape))
+            sums = [prefix + "l1_before", prefix + "l1_after"]
+            new_nodes += [
+                helper.make_node("Abs", [red_in], [prefix + "abs0"], name=prefix + "abs0"),
+                helper.make_node("ReduceSum", [prefix + "abs0", ax], [sums[0]], keepdims=0, name=prefix + "red0"),
+                helper.make_node("Sub", [red_in, m_c], [prefix + "centred"], name=prefix + "centre"),
+                helper.make_node("Abs", [prefix + "centred"], [prefix + "abs1"], name=prefix + "abs1"),
+                helper.make_node("ReduceSum", [prefix + "abs1", ax], [sums[1]], keepdims=0, name=prefix + "red1")]
+        new_nodes.append(shp)
         self.host.graph.node.extend(new_nodes)
-        self.outputs[(label, node.name)] = (prefix + "sum", prefix + "n", channels)
+        self.outputs[(label, node.name)] = (tuple(sums), prefix + "n", channels)
         return None
 
     def _copy_const(self, name: str, value: np.ndarray) -> str:
@@ -224,57 +239,85 @@ def _bias_add(qp: onnx.ModelProto, node: onnx.NodeProto, channels: int) -> tuple
 
 
 def measure_bias_shifts(fp32: Model, qdqs: Mapping[str, QdqModel], source, *, batch_size: int = 16,
-                        limit: int | None = 128, providers: Sequence[str] | None = None,
+                        limit: int | None = 128, robust: bool = True, providers: Sequence[str] | None = None,
                         progress: Progress | None = None
                         ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, str]], int]:
     """Per label: node -> mean output shift (INT8 - FP32) per channel, measured in one pass over ``source``
-    (its first ``limit`` samples); also the nodes skipped per label and the samples used."""
-    from calib.compare.report import run_batches
-    from calib.compare.runners import open_runner
+    (its first ``limit`` samples); also the nodes skipped per label and the samples used.
+
+    ``robust``: a second pass keeps a channel's shift only where taking it off lowers that channel's mean
+    absolute error; elsewhere the shift is 0. A mean shift is the right correction for errors spread over
+    every position (rounding), the wrong one for errors concentrated on a few (clipped outliers: the
+    mean moves every position to fix a handful; measured on the peers benchmark, bench/results/bias-correction.md).
+    """
 
     hosts = {bool(q.folded) for q in qdqs.values()}
     if len(hosts) > 1:  # the shadows of one pass share one host graph
         out, skip, n = {}, {}, 0
         for label, q in qdqs.items():
             s, k, n = measure_bias_shifts(fp32, {label: q}, source, batch_size=batch_size, limit=limit,
-                                          providers=providers, progress=progress)
+                                          robust=robust, providers=providers, progress=progress)
             out.update(s)
             skip.update(k)
         return out, skip, n
     first = next(iter(qdqs.values()))
-    sh = _Shadow(_host(fp32, first))
-    skipped: dict[str, dict[str, str]] = {}
-    for label, q in qdqs.items():
-        qp = q.model
-        producers = {o: n for n in qp.graph.node for o in n.output if o}
-        inits = {t.name: t for t in qp.graph.initializer}
-        targets, skipped[label] = _targets(q)
-        for node, channels, rank in targets:
-            why = sh.add(label, qp, producers, inits, node, channels, rank)
-            if why:
-                skipped[label][node.name] = why
-    sums = {k: np.zeros(c, np.float64) for k, (_, _, c) in sh.outputs.items()}
-    counts = {k: 0 for k in sh.outputs}
+    targets = {label: _targets(q) for label, q in qdqs.items()}
+    skipped: dict[str, dict[str, str]] = {label: dict(t[1]) for label, t in targets.items()}
+
+    def build(mu: dict[tuple[str, str], np.ndarray] | None) -> _Shadow:
+        sh = _Shadow(_host(fp32, first))
+        for label, q in qdqs.items():
+            qp = q.model
+            producers = {o: n for n in qp.graph.node for o in n.output if o}
+            inits = {t.name: t for t in qp.graph.initializer}
+            for node, channels, rank in targets[label][0]:
+                if mu is not None and (label, node.name) not in mu:
+                    continue
+                why = sh.add(label, qp, producers, inits, node, channels, rank,
+                             None if mu is None else mu[(label, node.name)])
+                if why:
+                    skipped[label][node.name] = why
+        return sh
+
+    sh = build(None)
     if not sh.outputs:
         return {label: {} for label in qdqs}, skipped, 0
-    fetch = [t for s, n, _ in sh.outputs.values() for t in (s, n)]
+    sums, done = _run(sh, fp32, source, batch_size, limit, providers, progress, "bias correction")
+    mean = {k: (v[0] / max(v[-1], 1)).astype(np.float32) for k, v in sums.items()}
+    if robust:  # second pass: per channel, is the mean absolute error lower with the shift taken off?
+        l1, _ = _run(build(mean), fp32, source, batch_size, limit, providers, progress, "bias correction: check")
+        for k, (before, after, _) in l1.items():
+            mean[k] = np.where(after < before, mean[k], np.float32(0)).astype(np.float32)
+    shifts: dict[str, dict[str, np.ndarray]] = {label: {} for label in qdqs}
+    for (label, node), v in mean.items():
+        shifts[label][node] = v
+    return shifts, skipped, done
+
+
+def _run(sh: _Shadow, fp32: Model, source, batch_size: int, limit: int | None, providers, progress, stage: str
+         ) -> tuple[dict[tuple[str, str], tuple], int]:
+    """One pass of the shadow graph: per (label, node), its per-channel sums and the count behind each."""
+    from calib.compare.report import run_batches
+    from calib.compare.runners import open_runner
+
+    acc = {k: [np.zeros(c, np.float64) for _ in names] for k, (names, _, c) in sh.outputs.items()}
+    counts = {k: 0 for k in sh.outputs}
+    fetch = [t for names, n, _ in sh.outputs.values() for t in (*names, n)]
     done = 0
     total = min(len(source), limit) if limit is not None and hasattr(source, "__len__") else None
     if progress:
-        progress("bias correction", 0, total)
+        progress(stage, 0, total)
     with open_runner(sh.host, fetch, providers=providers, name="bias-correction model") as runner:
         for ids, _, outs in run_batches(source, fp32, batch_size, [runner], limit=limit):
             out = outs[0]
-            for k, (s, n, c) in sh.outputs.items():
-                sums[k] += np.asarray(out[s], np.float64).reshape(c)
+            for k, (names, n, c) in sh.outputs.items():
+                for i, t in enumerate(names):
+                    acc[k][i] += np.asarray(out[t], np.float64).reshape(c)
                 counts[k] += int(np.prod(out[n])) // c
             done += len(ids) if ids is not None else 1
             if progress:
-                progress("bias correction", done, total)
-    shifts: dict[str, dict[str, np.ndarray]] = {label: {} for label in qdqs}
-    for (label, node), s in sums.items():
-        shifts[label][node] = (s / max(counts[(label, node)], 1)).astype(np.float32)
-    return shifts, skipped, done
+                progress(stage, done, total)
+    return {k: (*acc[k], counts[k]) for k in acc}, done
 
 
 def apply_bias_shifts(qdq: QdqModel, shifts: Mapping[str, np.ndarray]) -> QdqModel:
@@ -323,13 +366,14 @@ def apply_bias_shifts(qdq: QdqModel, shifts: Mapping[str, np.ndarray]) -> QdqMod
 
 
 def correct_bias(fp32: Model, qdq: QdqModel | Mapping[str, QdqModel], source, *, batch_size: int = 16,
-                 limit: int | None = 128, providers: Sequence[str] | None = None,
+                 limit: int | None = 128, robust: bool = True, providers: Sequence[str] | None = None,
                  progress: Progress | None = None) -> Any:
-    """Bias-correct one Q/DQ model (returns a ``BiasCorrection``) or several in one pass (label -> one)."""
+    """Bias-correct one Q/DQ model (returns a ``BiasCorrection``) or several in one pass (label -> one).
+    ``robust``: see ``measure_bias_shifts``."""
     many = isinstance(qdq, Mapping)
     qdqs = dict(qdq) if many else {"model": qdq}
     shifts, skipped, n = measure_bias_shifts(fp32, qdqs, source, batch_size=batch_size, limit=limit,
-                                             providers=providers, progress=progress)
+                                             robust=robust, providers=providers, progress=progress)
     out = {label: BiasCorrection(apply_bias_shifts(q, shifts[label]), shifts[label], skipped[label], n)
            for label, q in qdqs.items()}
     for label, bc in out.items():
