@@ -122,8 +122,15 @@ def export_cmd(
     if (stats is None) == (ranges is None):
         raise ConfigError("give exactly one of --stats and --ranges",
                           hint="calib export model.onnx --stats stats.npz -o model.int8.onnx")
+    if bias_mode not in ("robust", "mean"):
+        raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     _check_outputs(output, cache, report)
     m = load_model(model)
+    bias_source = None
+    if bias_data is not None:  # bad data is reported before any work
+        from calib.pipeline import open_run_data
+
+        bias_source = open_run_data(bias_data, m)
     for note in m.notes:
         echo(f"model: {note}")
     stats_obj, flagged = None, {}
@@ -133,21 +140,20 @@ def export_cmd(
     else:
         chosen, all_ranges = _ranges_from_file(ranges, method)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
-    if bias_mode not in ("robust", "mean"):
-        raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     if bias_data is not None:
         from calib.export.bias import correct_bias
-        from calib.pipeline import open_run_data
 
         prog = Progress()
         try:
-            bc = correct_bias(m, qdq, open_run_data(bias_data, m), limit=bias_samples,
+            bc = correct_bias(m, qdq, bias_source, limit=bias_samples,
                               robust=bias_mode == "robust", progress=prog)
         finally:
             prog.close()
         qdq = bc.qdq
-        largest = bc.to_json()["largest"][:1]
-        echo(f"bias correction: {len(bc.shifts)} layer(s) on {bc.n_samples} samples"
+        info = bc.to_json()
+        largest = info["largest"][:1]
+        echo(f"bias correction: {info['channels_corrected']} of {info['channels']} channels in {len(bc.shifts)} "
+             f"layer(s) corrected on {bc.n_samples} samples"
              + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
              + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None

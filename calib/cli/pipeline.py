@@ -88,7 +88,8 @@ def quantize_cmd(
     if res.advice is not None:
         echo(f"advise: {len(res.excluded)} node(s) in float, {target} met: {res.target_met}")
     if res.bias is not None:
-        echo(f"bias correction: {res.bias['nodes']} layer(s) measured on {res.bias['n_samples']} samples, "
+        echo(f"bias correction: {res.bias['channels_corrected']} of {res.bias['channels']} channels in "
+             f"{res.bias['nodes']} layer(s), measured on {res.bias['n_samples']} samples, "
              f"{'kept' if res.bias['kept'] else 'not kept'} ({res.bias['why']})")
     echo(f"method {res.method}, {res.stats.n_samples} samples -> {output}")
     for k, p in res.artifacts.items():

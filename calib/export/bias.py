@@ -56,6 +56,8 @@ class BiasCorrection:
         mags = {n: float(np.abs(s).max()) for n, s in self.shifts.items() if s.size}
         worst = sorted(mags, key=mags.get, reverse=True)[:10]
         return {"nodes": len(self.shifts), "n_samples": self.n_samples, "skipped": self.skipped,
+                "channels": int(sum(s.size for s in self.shifts.values())),
+                "channels_corrected": int(sum(np.count_nonzero(s) for s in self.shifts.values())),
                 "largest": [{"node": n, "max_abs_shift": mags[n]} for n in worst]}
 
 
