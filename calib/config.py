@@ -70,6 +70,9 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "exclude": (list, [], "Node names, op types or tensor names to keep in float."),
         "cache": (bool, True, "Also write a TensorRT calibration cache (TensorRT <= 10)."),
         "all_methods": (bool, True, "Export a Q/DQ model for every method (needed to compare them)."),
+        "bias_correction": (bool, False, "Correct the final model's biases on the calibration data (robust; with "
+                                         "eval data kept only if it scores at least as well)."),
+        "bias_samples": (int, 128, "Calibration samples used by bias correction (0 = all)."),
     },
     "compare": {
         "enabled": (bool, True, "Compare FP32 vs INT8 per layer on the eval data (if given)."),
@@ -108,6 +111,8 @@ class RunConfig:
     exclude: list[str] = field(default_factory=list)
     cache: bool = True
     all_methods: bool = True
+    bias_correction: bool = False
+    bias_samples: int = 128
     compare: bool = True
     compare_metric: str = ""
     html: bool = True
@@ -214,6 +219,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         sampling_strategy=strategy, sampling_n=get("sampling", "n"), sampling_seed=get("sampling", "seed"),
         methods=list(methods), primary=primary, placement=placement, exclude=list(get("export", "exclude")),
         cache=get("export", "cache"), all_methods=get("export", "all_methods"),
+        bias_correction=get("export", "bias_correction"), bias_samples=get("export", "bias_samples"),
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
         target=target, max_float_nodes=get("target", "max_float_nodes"), time_budget_s=get("target", "time_budget_s"),
         sensitivity_samples=get("target", "sensitivity_samples"),

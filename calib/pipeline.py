@@ -224,29 +224,12 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         qdq = adv.qdq
         result.excluded = list(adv.exclude)
     if bias_correction and (method != "best" or target):  # (best without a target was corrected above)
-        bc = correct_bias(model, qdq, source, batch_size=batch_size, limit=bias_samples, providers=providers,
-                          progress=progress)
-        result.bias = {**bc.to_json(), "kept": True, "why": "no evaluation data: applied as measured"}
-        if ev is not None:  # verify: keep the corrected model only if it scores at least as well
-            outs = score_outputs(model, {"without": qdq.model, "with": bc.qdq.model}, ev, batch_size=batch_size,
-                                 metric=metric, providers=providers, progress=progress)
-            ms = {k: task_metrics(m.result()) for k, m in outs.items()}
-            keep = _score(ms["with"], target) >= _score(ms["without"], target)
-            result.bias.update(kept=keep, scores=ms, why="scored at least as well on the evaluation data" if keep
-                               else "the uncorrected model scored better on the evaluation data")
-            if keep and result.advice is not None:  # the advice now describes the corrected model
-                adv = result.advice
-                adv.metric = outs["with"].value(adv.target.metric)
-                adv.met = adv.target.met(adv.metric)
-                adv.curve.append({"step": len(adv.curve), "action": "bias correction", "node": None,
-                                  "n_float_nodes": len(adv.exclude), "metric": adv.metric})
-                result.target_met = bool(adv.met)
+        qdq, result.bias, outs = _bias_correct(model, qdq, source, ev, batch_size=batch_size, limit=bias_samples,
+                                               target=target, metric=metric, providers=providers,
+                                               progress=progress)
         if result.advice is not None:
-            result.advice.bias = {k: v for k, v in result.bias.items() if k != "scores"}
-        if result.bias["kept"]:
-            qdq = bc.qdq
-            if result.advice is not None:
-                result.advice.qdq = qdq
+            _bias_into_advice(result.advice, qdq, result.bias, outs)
+            result.target_met = bool(result.advice.met)
     if result.advice is not None:
         _, side = result.advice.save(output)  # the model plus the exclude list and per-step curve beside it
         result.artifacts["advice"] = side
@@ -263,6 +246,37 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         raise TargetNotMet(f"target {target} not met even with {len(result.excluded)} float nodes; "
                            f"best model kept at {output}", hint="relax the target or improve the calibration data")
     return result
+
+
+def _bias_correct(model: Model, qdq, source, ev, *, batch_size: int, limit: int | None, target: str,
+                  metric: str, providers, progress) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """Bias-correct ``qdq`` on ``source``; with evaluation data keep the result only if it scores at least as
+    well. Returns the model to use, what was done (JSON-ready) and the output metrics of both versions."""
+    from calib.export.bias import correct_bias
+
+    bc = correct_bias(model, qdq, source, batch_size=batch_size, limit=limit, providers=providers,
+                      progress=progress)
+    info: dict[str, Any] = {**bc.to_json(), "kept": True, "why": "no evaluation data: applied as measured"}
+    if ev is None:
+        return bc.qdq, info, None
+    outs = score_outputs(model, {"without": qdq.model, "with": bc.qdq.model}, ev, batch_size=batch_size,
+                         metric=metric, providers=providers, progress=progress, stage="bias correction: scoring")
+    ms = {k: task_metrics(m.result()) for k, m in outs.items()}
+    keep = _score(ms["with"], target) >= _score(ms["without"], target)
+    info.update(kept=keep, scores=ms, why="scored at least as well on the evaluation data" if keep
+                else "the uncorrected model scored better on the evaluation data")
+    return (bc.qdq if keep else qdq), info, outs
+
+
+def _bias_into_advice(adv, qdq, info: dict[str, Any], outs: dict[str, Any] | None) -> None:
+    """Make the advice describe the model written: the corrected one when it was kept."""
+    adv.qdq = qdq
+    adv.bias = {k: v for k, v in info.items() if k != "scores"}
+    if info["kept"] and outs is not None:
+        adv.metric = outs["with"].value(adv.target.metric)
+        adv.met = adv.target.met(adv.metric)
+        adv.curve.append({"step": len(adv.curve), "action": "bias correction", "node": None,
+                          "n_float_nodes": len(adv.exclude), "metric": adv.metric})
 
 
 # ---- recorded runs -------------------------------------------------------------------
@@ -379,8 +393,21 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
                          max_steps=cfg.max_float_nodes or None, time_budget_s=cfg.time_budget_s or None,
                          sensitivity_samples=cfg.sensitivity_samples,
                          progress=progress)
-        write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         final = adv.qdq
+    if cfg.bias_correction:
+        with run.timing("bias correction"):
+            final, info, outs = _bias_correct(
+                model, final, source, ev if cfg.compare else None, batch_size=cfg.batch_size,
+                limit=cfg.bias_samples or None, target=cfg.target, metric=cfg.compare_metric,
+                providers=cfg.providers, progress=progress)
+        from calib.compare.metrics import safe_float
+
+        write_json(run.add_artifact("bias", "bias.json"), safe_float(info))
+        summary["bias_correction"] = "kept" if info["kept"] else "not kept"
+        if cfg.target:
+            _bias_into_advice(adv, final, info, outs)
+    if cfg.target:
+        write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         summary.update({"target": cfg.target, "target_met": bool(adv.met), "float_nodes": len(adv.exclude),
                         "advised_metric": adv.metric})
     final.save(run.add_artifact("model", "model.int8.onnx"))

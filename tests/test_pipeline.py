@@ -218,6 +218,24 @@ def test_run_records_everything_and_reuses_statistics(demo, tmp_path, capsys):
     assert "0 of" in capsys.readouterr().out  # identical statistics: no range changed
 
 
+def test_run_with_bias_correction_records_it_and_writes_the_kept_model(demo, tmp_path):
+    src_store, pages = demo
+    store = copy_store(src_store, tmp_path / "store")
+    cfg = _config(tmp_path, pages, store, export=["bias_correction = true", "bias_samples = 8",
+                                                  "all_methods = false"], target=['metric = "cosine:0.5"'])
+    assert main(["run", str(cfg)]) == 0
+    run = [r for r in RunStore(store).runs() if r.manifest["name"] == "t"][0]
+    info = json.loads(run.artifact("bias").read_text())
+    assert info["n_samples"] == 8 and info["nodes"] > 0 and "with" in info["scores"]
+    assert run.manifest["metrics"]["bias_correction"] == ("kept" if info["kept"] else "not kept")
+    model = onnx.load(str(run.artifact("model")))
+    assert any(t.name.endswith("_bias_corrected") for t in model.graph.initializer) == info["kept"]
+    adv = json.loads(run.artifact("advise").read_text())
+    assert adv["bias_correction"]["kept"] == info["kept"]
+    if info["kept"]:
+        assert adv["metric"] == pytest.approx(info["scores"]["with"]["cosine"], rel=1e-9)
+
+
 def test_show_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "store" / "x").mkdir(parents=True)
     assert main(["show", str(tmp_path / "store" / "x"), "--store", str(tmp_path / "store")]) == 2
