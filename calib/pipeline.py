@@ -190,7 +190,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     corrected: dict[str, Any] = {}
     if method == "best":
         qdqs = {label: export_qdq(model, r, placement=placement, exclude=exclude) for label, r in ranges.items()}
-        if bias_correction:  # every method's shifts in one pass, then both versions of each scored
+        if bias_correction and not target:  # every method's shifts in one pass, both versions of each scored
+            # (with a target, advise re-exports from the ranges: the correction is made after it instead)
             corrected = correct_bias(model, qdqs, source, batch_size=batch_size, limit=bias_samples,
                                      providers=providers, progress=progress)
         scored = {**qdqs, **{label + BC_SUFFIX: bc.qdq for label, bc in corrected.items()}}
@@ -223,7 +224,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         result.target_met = bool(adv.met)
         qdq = adv.qdq
         result.excluded = list(adv.exclude)
-    if bias_correction and (method != "best" or target):  # (best without a target was corrected above)
+    if bias_correction and not corrected:
         qdq, result.bias, outs = _bias_correct(model, qdq, source, ev, batch_size=batch_size, limit=bias_samples,
                                                target=target, metric=metric, providers=providers,
                                                progress=progress)

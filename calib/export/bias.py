@@ -344,8 +344,8 @@ def apply_bias_shifts(qdq: QdqModel, shifts: Mapping[str, np.ndarray]) -> QdqMod
         old = holder.input[j] if j < len(holder.input) else ""
         if old and old in inits:
             t = inits[old]
-            b = numpy_helper.to_array(t).astype(np.float32)
-            new_b = (b.reshape(-1) - shift).reshape(b.shape).astype(numpy_helper.to_array(t).dtype)
+            b = numpy_helper.to_array(t)
+            new_b = (b.astype(np.float32).reshape(-1) - shift).reshape(b.shape).astype(b.dtype)
         elif old:  # a bias computed at run time: leave it
             continue
         else:
