@@ -22,73 +22,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
-from calib._memory import steady_malloc
-from calib.data.base import Sample, batches
+from calib.data.base import Sample, batches, limited
 from calib.errors import InputDataError, ModelError
 from calib.model import Model, load_model
+from calib.runtime import expose_outputs, make_session, resolve_providers
 from calib.stats import ActivationStats, TensorHistogram
 
-__all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]
+__all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]  # the last three: calib.runtime
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, "int | None"], None]
-
-
-def resolve_providers(providers: Sequence[str] | None) -> list[str]:
-    """Map short names ("cpu", "cuda") or full names to the execution providers ORT has here."""
-    avail = ort.get_available_providers()
-    if not providers:
-        return ["CPUExecutionProvider"]
-    out = []
-    for p in providers:
-        full = p if p.endswith("ExecutionProvider") else {
-            "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider",
-            "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
-            "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider"}.get(p.lower(), p)
-        if full not in avail:
-            raise ModelError(f"execution provider '{p}' is not available in this onnxruntime "
-                             f"(available: {', '.join(avail)})", hint="install the matching onnxruntime build")
-        out.append(full)
-    return out
-
-
-def expose_outputs(proto: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """Return a copy of ``proto`` whose graph outputs also include ``tensors``."""
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    have = {o.name for o in m.graph.output}
-    vi = {v.name: v for v in m.graph.value_info}
-    for t in tensors:
-        if t in have:
-            continue
-        out = m.graph.output.add()
-        if t in vi:
-            out.CopyFrom(vi[t])
-        else:
-            out.name = t
-        have.add(t)
-    return m
-
-
-def make_session(proto: onnx.ModelProto, providers: Sequence[str] | None = None, *,
-                 intra_op_threads: int | None = None,
-                 optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 spinning: bool = True) -> ort.InferenceSession:
-    """An ORT session; ``spinning=False`` when other threads of ours compute beside it."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = optimization
-    so.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
-    so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=resolve_providers(providers))
-    except Exception as e:
-        raise ModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from None
 
 
 def fold_thread_split(intra_op_threads: int | None = None, fold_threads: int | None = None) -> tuple[int, int]:
@@ -107,7 +52,6 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     ``source`` yields ``Sample`` objects (``calib.data``); its ``layout`` attribute
     ("batch" or "feed") says whether samples are stacked into batches.
     """
-    steady_malloc()  # flat peak RSS over many batches (see calib._memory)
     if not isinstance(model, Model):
         model = load_model(model)
     names = list(model.activation_tensors() if tensors is None else tensors)
@@ -132,7 +76,7 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     t0 = time.perf_counter()
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=fold_threads, thread_name_prefix="calib-fold") as pool:
-        for ids, feeds, _labels in batches(_limited(source, limit), model.inputs, batch_size, layout=layout):
+        for ids, feeds, _labels in batches(limited(source, limit), model.inputs, batch_size, layout=layout):
             try:
                 outs = sess.run(fetch, feeds)
             except Exception as e:
@@ -157,13 +101,6 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
         hists.pop(t, None)
     log.info("collected %d tensors over %d samples in %.1fs", len(hists), done, time.perf_counter() - t0)
     return stats
-
-
-def _limited(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
-    for i, s in enumerate(source):
-        if limit is not None and i >= limit:
-            return
-        yield s
 
 
 def _split(values: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calib.calibrate import parse_method
+from calib.compare import parse_target
+from calib.data.preprocess import PreprocessSpec
 from calib.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -178,8 +181,6 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
             raise ConfigError(f"{source}: '{sec}.{k}' = {v!r}: {p} does not exist")
         return p
 
-    from calib.calibrate import parse_method
-
     methods = get("calibrate", "methods")
     for m in methods:
         if not isinstance(m, str):
@@ -241,7 +242,6 @@ def load_config(path: str | Path) -> RunConfig:
 
 def _check_target(text: str, source: str) -> None:
     """Validate a target string with the compare stage's parser."""
-    from calib.compare import parse_target
 
     try:
         parse_target(text)
@@ -253,7 +253,6 @@ def _preprocess(section: dict, source: str) -> dict:
     """Validate the [preprocess] section with the data stage's spec; {} = guess from the model."""
     if not section:
         return {}
-    from calib.data.preprocess import PreprocessSpec
 
     try:
         return PreprocessSpec.from_dict(dict(section), source=f"{source} [preprocess]").to_dict()

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from calib.config import RunConfig
+from calib.data.recipes import load_recipe
 from calib.errors import ConfigError
+from calib.pipeline import execute
 from calib.runs import Run, RunStore
 
 __all__ = ["demo_model_path", "build_demo_data", "demo_config", "run_demo", "DEMO_TARGET"]
@@ -45,7 +47,6 @@ def build_demo_data(folder: Path, n_calib: int, n_eval: int, seed: int = 0) -> P
                 return folder
         except ValueError:
             pass
-    from calib.data.recipes import load_recipe
 
     load_recipe("doc_pages").build_doc_pages(folder, n_calib=n_calib, n_eval=n_eval, seed=seed)
     return folder
@@ -66,7 +67,6 @@ def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 192, 
     build_demo_data(data, n_calib, n_eval)
     if progress:
         progress("build demo data", 1, 1)
-    from calib.pipeline import execute
 
     cfg = demo_config(data, store, target=target)
     return execute(cfg, store=RunStore(store), command=command, progress=progress)

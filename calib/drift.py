@@ -36,7 +36,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from calib._kernels import downsample
+from calib.data.base import batches
 from calib.errors import InputDataError, RangesError
+from calib.runtime import expose_outputs, make_session, open_runner, run_batches
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["rebin", "signed_counts", "histogram_view", "common_exp", "JS_BINS", "js_distance", "clip_rate", "TensorDrift", "tensor_drift",
@@ -225,9 +227,6 @@ def _pool(x: np.ndarray) -> np.ndarray:
 def embed(model, source: Iterable, *, tensor: str | None = None, batch_size: int = 8,
           providers: Sequence[str] | None = None, progress: Progress | None = None) -> Embedding:
     """Features of every sample of ``source``: ``tensor`` of the FP32 model, mean-pooled over spatial axes."""
-    from calib.collect import expose_outputs, make_session
-    from calib.data.base import batches
-
     tensor = tensor or feature_tensor(model)
     layout = getattr(source, "layout", "batch")
     if layout != "batch":
@@ -320,9 +319,6 @@ def layer_values(fp32_model, qdq_proto, source: Iterable, fp32_tensor: str, qdq_
                  n_samples: int = 4, max_points: int = 20000, seed: int = 0,
                  providers: Sequence[str] | None = None) -> LayerValues:
     """Run both models on the first ``n_samples`` samples and pair the values of one tensor."""
-    from calib.compare.report import run_batches
-    from calib.compare.runners import open_runner
-
     fa_all, qa_all = [], []
     seen = 0
     with open_runner(fp32_model.proto, [fp32_tensor], providers=providers, name="FP32 model") as rf, \

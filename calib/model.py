@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +30,8 @@ __all__ = [
     "Model",
     "load_model",
     "model_from_proto",
+    "as_model",
+    "as_qdq_model",
     "WEIGHTED_OPS",
     "QUANTIZABLE_OPS",
     "MIN_OPSET",
@@ -412,3 +415,19 @@ def _constant_value(n: onnx.NodeProto) -> np.ndarray | None:
         if a.name == "value_ints":
             return np.array(list(a.ints), dtype=np.int64)
     return None
+
+
+def as_model(m: Model | str | os.PathLike | onnx.ModelProto) -> Model:
+    if isinstance(m, Model):
+        return m
+    if isinstance(m, onnx.ModelProto):
+        return model_from_proto(m)
+    return load_model(m)
+
+
+def as_qdq_model(m: Any) -> Model:
+    """Accept a ``QdqModel`` (from ``export_qdq``), a proto, a path or a ``Model``."""
+    proto = getattr(m, "model", None)
+    if isinstance(proto, onnx.ModelProto):
+        return model_from_proto(proto)
+    return as_model(m)

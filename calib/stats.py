@@ -30,6 +30,7 @@ import numpy as np
 
 from calib._kernels import downsample, fold, fold_finite
 from calib.errors import CacheFormatError, RangesError
+from calib.io import atomic_path
 
 __all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent"]
 
@@ -213,8 +214,6 @@ class ActivationStats:
         }
 
     def save(self, path: str | Path) -> Path:
-        from calib.io import atomic_path
-
         path = Path(path)
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from calib.data.base import ListSource, Sample
-from calib.data.sampling import Subset, apply_subset, kcenter, kmeans_members, radius, sample_source, select
+from calib.data.sampling import Subset, apply_subset, kcenter, kmeans_members, radius, select
+from calib.subset import sample_source
 from calib.errors import InputDataError
 from tests.reference.sampling_ref import covering_radius, nearest_unchosen_per_centre
 

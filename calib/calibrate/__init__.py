@@ -20,6 +20,7 @@ from calib.calibrate.mse import Mse
 from calib.calibrate.percentile import Percentile
 from calib.calibrate.weights import WeightRange, weight_axis, weight_ranges
 from calib.errors import CacheFormatError, RangesError
+from calib.io import write_json
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = [
@@ -120,8 +121,6 @@ def ranges_to_json(ranges: dict[str, Ranges], weights: dict[str, WeightRange] | 
 
 
 def save_ranges(path: str | Path, ranges: dict[str, Ranges], weights=None, stats=None) -> Path:
-    from calib.io import write_json
-
     return write_json(path, ranges_to_json(ranges, weights, stats))
 
 

@@ -8,6 +8,14 @@ from typing import List, Optional
 import typer
 
 from calib.cli._common import Progress, echo
+from calib.compare import compare
+from calib.compare.advice import advice_json_path, advise
+from calib.compare.html import write_html
+from calib.compare.targets import load_metric, parse_target
+from calib.data import open_data
+from calib.errors import InputDataError, TargetNotMet
+from calib.model import load_model
+from calib.stats import ActivationStats
 
 __all__ = ["register", "read_labels"]
 
@@ -41,8 +49,6 @@ def read_labels(path: Path, n: int) -> list[int]:
     """Labels from ``.npy`` (integers) or text (one integer per line), one per sample in data order."""
     import numpy as np
 
-    from calib.errors import InputDataError
-
     if not path.exists():
         raise InputDataError(f"{path}: no such file", hint="check the labels path")
     if path.suffix == ".npy":
@@ -71,7 +77,6 @@ def read_labels(path: Path, n: int) -> list[int]:
 def _metric(spec: Optional[str]):
     if not spec:
         return None
-    from calib.compare.targets import load_metric
 
     return load_metric(spec)
 
@@ -94,19 +99,12 @@ def compare_cmd(
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
     """Compare an FP32 model and its Q/DQ model layer by layer and at the outputs."""
-    from calib.compare import compare
-    from calib.compare.html import write_html
-    from calib.data import open_data
-    from calib.model import load_model
-
     fm = load_model(fp32)
     qm = load_model(qdq)
     source = open_data(data, fm)
     labs = read_labels(labels, len(source)) if labels is not None else None
     st = None
     if stats is not None:
-        from calib.stats import ActivationStats
-
         st = ActivationStats.load(stats)
     prog = Progress()
     try:
@@ -148,13 +146,6 @@ def advise_cmd(
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
     """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""
-    from calib.compare.advice import advice_json_path, advise
-    from calib.compare.targets import parse_target
-    from calib.data import open_data
-    from calib.errors import TargetNotMet
-    from calib.model import load_model
-    from calib.stats import ActivationStats
-
     tgt = parse_target(target)  # fail fast, before any work
     fm = load_model(model)
     st = ActivationStats.load(stats)
@@ -175,9 +166,6 @@ def advise_cmd(
         prog.close()
     _print_advice(adv, output, advice_json_path(output))
     if html_path is not None:
-        from calib.compare import compare
-        from calib.compare.html import write_html
-
         report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
                          providers=provider)
         if adv.sensitivity is not None:

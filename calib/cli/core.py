@@ -7,7 +7,12 @@ from typing import List, Optional
 
 import typer
 
+from calib.calibrate import METHODS, calibrate_all, save_ranges, weight_ranges
 from calib.cli._common import Progress, echo
+from calib.collect import collect
+from calib.data import open_data
+from calib.model import load_model
+from calib.stats import ActivationStats
 
 __all__ = ["register"]
 
@@ -28,10 +33,6 @@ def collect_cmd(
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
     """Stream calibration data through the FP32 model and save mergeable per-tensor statistics."""
-    from calib.collect import collect
-    from calib.data import open_data
-    from calib.model import load_model
-
     m = load_model(model)
     for note in m.notes:
         echo(f"model: {note}")
@@ -60,16 +61,11 @@ def calibrate_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Also write per-channel weight ranges of this model."),
 ) -> None:
     """Turn statistics into per-tensor INT8 ranges (amax, scale = amax/127) with one or more methods."""
-    from calib.calibrate import METHODS, calibrate_all, save_ranges, weight_ranges
-    from calib.stats import ActivationStats
-
     st = ActivationStats.load(stats)
     methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
     ranges = calibrate_all(st, methods)
     weights = None
     if model is not None:
-        from calib.model import load_model
-
         m = load_model(model)
         st.check_model(m)
         weights = weight_ranges(m)

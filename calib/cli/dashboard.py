@@ -23,9 +23,7 @@ def register(app: typer.Typer) -> None:
 
 def app_path() -> Path:
     """``apps/dashboard.py`` of this checkout (it sits beside the ``calib`` package)."""
-    import calib
-
-    p = Path(calib.__file__).resolve().parent.parent / "apps" / "dashboard.py"
+    p = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"  # calib/cli/dashboard.py -> checkout
     if not p.is_file():
         raise CalibError(f"the dashboard app is not installed here (looked for {p})",
                          hint="run calib from a source checkout (pip install -e '.[app]')")

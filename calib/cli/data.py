@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
+from calib.calibrate import parse_method
 from calib.cli._common import Progress, echo
+from calib.data import open_source
+from calib.data.preprocess import PreprocessSpec
+from calib.coverage import coverage, write_html
+from calib.data.sampling import STRATEGIES, Subset, apply_subset
+from calib.data.sources import ImageFolderSource, ManifestSource
+from calib.errors import ConfigError
+from calib.io import write_json
+from calib.model import load_model
+from calib.subset import sample_source
 
 __all__ = ["register"]
 
@@ -23,14 +33,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _open(data: Path, model: Optional[Path], preprocess: Optional[Path], skip_bad: bool, confine: bool):
-    from calib.data import open_source
-    from calib.model import load_model
-
     if model is None and (data.is_dir() or Path(str(data).partition("#")[0]).suffix.lower() in (".csv", ".jsonl")):
         # no model: images only feed the cheap descriptor, so any preprocessing will do
-        from calib.data.preprocess import PreprocessSpec
-        from calib.data.sources import ImageFolderSource, ManifestSource
-
         spec = PreprocessSpec.load(preprocess) if preprocess is not None else PreprocessSpec()
         if data.is_dir():
             return None, ImageFolderSource(data, spec, "image", skip_bad=skip_bad)
@@ -63,9 +67,6 @@ def sample_cmd(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
 ) -> None:
     """Choose a representative calibration subset of DATA and save its sample ids."""
-    from calib.data.sampling import STRATEGIES, sample_source
-    from calib.errors import ConfigError
-
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     m, src = _open(data, model, preprocess, skip_bad, confine)
@@ -102,12 +103,6 @@ def coverage_cmd(
     batch_size: int = typer.Option(16, "--batch-size", "-b"),
 ) -> None:
     """Compare a subset's ranges, feature-space radius, class balance and INT8 agreement with its pool's."""
-    from calib.calibrate import parse_method
-    from calib.data import open_source
-    from calib.data.coverage import coverage, write_html
-    from calib.data.sampling import Subset, apply_subset
-    from calib.io import write_json
-
     parse_method(method)
     sub = Subset.load(subset)
     m, pool = _open(data, model, preprocess, skip_bad, confine)

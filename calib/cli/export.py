@@ -7,8 +7,15 @@ from typing import List, Optional
 
 import typer
 
+from calib import trt as trt_adapter
+from calib.calibrate import calibrate, calibrate_all, load_ranges, parse_method
 from calib.cli._common import Progress, echo
-from calib.errors import ConfigError
+from calib.errors import CalibError, ConfigError
+from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
+from calib.export.bias import correct_bias
+from calib.model import load_model
+from calib.pipeline import open_run_data
+from calib.stats import ActivationStats
 
 __all__ = ["register"]
 
@@ -39,9 +46,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _ranges_from_stats(stats_path: Path, model, method: str, want_all: bool):
-    from calib.calibrate import calibrate, calibrate_all, parse_method
-    from calib.stats import ActivationStats
-
     stats = ActivationStats.load(stats_path)
     stats.check_model(model)
     m = parse_method(method)
@@ -56,8 +60,6 @@ def _ranges_from_stats(stats_path: Path, model, method: str, want_all: bool):
 
 
 def _ranges_from_file(path: Path, method: Optional[str]):
-    from calib.calibrate import load_ranges, parse_method
-
     all_ranges = load_ranges(path)
     if method is None:
         if len(all_ranges) != 1:
@@ -74,7 +76,6 @@ def _ranges_from_file(path: Path, method: Optional[str]):
 
 def _check_outputs(*paths: Optional[Path]) -> None:
     """Refuse unusable output paths before any work (calib.io checks the folder's permissions only)."""
-    from calib.errors import CalibError
 
     for p in paths:
         if p is None:
@@ -116,9 +117,6 @@ def export_cmd(
                                   "fast bias correction; harmful where ranges clip outliers)."),
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
-    from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
-    from calib.model import load_model
-
     if (stats is None) == (ranges is None):
         raise ConfigError("give exactly one of --stats and --ranges",
                           hint="calib export model.onnx --stats stats.npz -o model.int8.onnx")
@@ -128,7 +126,6 @@ def export_cmd(
     m = load_model(model)
     bias_source = None
     if bias_data is not None:  # bad data is reported before any work
-        from calib.pipeline import open_run_data
 
         bias_source = open_run_data(bias_data, m)
     for note in m.notes:
@@ -141,8 +138,6 @@ def export_cmd(
         chosen, all_ranges = _ranges_from_file(ranges, method)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
     if bias_data is not None:
-        from calib.export.bias import correct_bias
-
         prog = Progress()
         try:
             bc = correct_bias(m, qdq, bias_source, limit=bias_samples,
@@ -186,7 +181,6 @@ def build_engine_cmd(
                                        "lines and exit without building (works without TensorRT)."),
 ) -> None:
     """Build a TensorRT engine (strongly typed where the TensorRT version has it)."""
-    from calib import trt as trt_adapter
 
     workspace = workspace_mb * (1 << 20) if workspace_mb else None
     if print_trtexec:

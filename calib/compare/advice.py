@@ -33,12 +33,11 @@ from typing import Any, Callable, Mapping, Sequence
 from calib.compare.evaluate import Evaluator, Session
 from calib.compare.mapping import TensorMap, map_models
 from calib.compare.metrics import safe_float
-from calib.compare.report import as_model
 from calib.compare.sensitivity import Sensitivity, sensitivity
 from calib.compare.targets import Target, UserMetric, parse_target
 from calib.compare.variants import Variant, build_multi, float_node_variant, prune, rescale_variant
 from calib.errors import ConfigError, RangesError, TargetNotMet
-from calib.model import Model, model_from_proto
+from calib.model import Model, as_model, model_from_proto
 
 __all__ = ["Advice", "advise", "DEFAULT_METHODS", "advice_json_path"]
 

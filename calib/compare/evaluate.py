@@ -18,10 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from calib.compare.report import run_batches
-from calib.compare.runners import open_runner
 from calib.compare.targets import OutputMetrics, UserMetric
 from calib.model import Model
+from calib.runtime import open_runner, run_batches
 
 __all__ = ["Session", "Evaluator"]
 

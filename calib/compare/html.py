@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from calib import plots
+from calib.calibrate import calibrate
 from calib.compare.report import CompareReport
+from calib.io import write_text
 
 __all__ = ["render_html", "write_html", "histogram_tensors"]
 
@@ -52,8 +54,6 @@ def histogram_tensors(report: CompareReport, stats: Any, k: int = 6) -> list[str
 
 
 def _thresholds(stats: Any, tensor: str, methods: Sequence[str]) -> dict[str, float]:
-    from calib.calibrate import calibrate
-
     out = {}
     for m in methods:
         r = calibrate(stats, m, tensors=[tensor])
@@ -147,6 +147,5 @@ def _skipped(report: CompareReport) -> str:
 
 def write_html(path: str | os.PathLike, report: CompareReport, **kwargs: Any) -> Path:
     """Render and write atomically."""
-    from calib.io import write_text
 
     return write_text(path, render_html(report, **kwargs))

@@ -1,6 +1,6 @@
 """``compare``: FP32 vs Q/DQ, layer by layer and at the outputs, streamed over the evaluation data.
 
-Both models run through Polygraphy's ONNX Runtime runners (``calib.compare.runners``)
+Both models run on ONNX Runtime (``calib.runtime.open_runner``)
 with exactly the comparable tensors marked (``calib.compare.mapping``). Each
 batch is folded into ``TensorAccumulator``s and dropped, so memory does not grow
 with the number of samples. The result is a ``CompareReport``: per-layer metrics
@@ -15,19 +15,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import onnx
 
 from calib.compare.mapping import TensorMap, map_models
 from calib.compare.metrics import TensorAccumulator, safe_float, unsafe_float
-from calib.compare.runners import open_runner
+from calib.compare.sensitivity import sensitivity as run_sensitivity
 from calib.compare.targets import OutputMetrics, UserMetric
-from calib.data import batches
-from calib.data.base import Sample
 from calib.errors import CalibError, InputDataError, ModelError
-from calib.model import Model, load_model, model_from_proto
+from calib.io import write_json
+from calib.model import Model, as_model, as_qdq_model
+from calib.runtime import open_runner, run_batches
 
 __all__ = ["CompareReport", "compare", "as_model", "as_qdq_model", "run_batches", "REPORT_FORMAT"]
 
@@ -72,8 +71,6 @@ class CompareReport:
                    config=d.get("config", {}), sensitivity=d.get("sensitivity"), seconds=d.get("seconds", 0.0))
 
     def save(self, path: str | os.PathLike) -> Path:
-        from calib.io import write_json
-
         return write_json(path, self.to_json())
 
     def summary(self) -> str:
@@ -107,62 +104,12 @@ DEFINITIONS = {
 }
 
 
-def as_model(m: Model | str | os.PathLike | onnx.ModelProto) -> Model:
-    if isinstance(m, Model):
-        return m
-    if isinstance(m, onnx.ModelProto):
-        return model_from_proto(m)
-    return load_model(m)
-
-
-def as_qdq_model(m: Any) -> Model:
-    """Accept a ``QdqModel`` (from ``export_qdq``), a proto, a path or a ``Model``."""
-    proto = getattr(m, "model", None)
-    if isinstance(proto, onnx.ModelProto):
-        return model_from_proto(proto)
-    return as_model(m)
-
-
 def _labels_for(source, labels: Sequence[int] | None) -> Sequence[int] | None:
     if labels is None:
         return None
     if len(labels) != len(source):
         raise InputDataError(f"{len(labels)} labels for {len(source)} samples", hint="give one label per sample")
     return labels
-
-
-def run_batches(source: Iterable[Sample], model: Model, batch_size: int, runners: Sequence,
-                labels: Sequence[int] | None = None, limit: int | None = None):
-    """Yield ``(ids, labels, [outputs of each runner])`` per batch, naming samples in run-time errors."""
-    layout = getattr(source, "layout", "batch")
-    seen = 0
-    for ids, feeds, labs in batches(_limit(source, limit), model.inputs, batch_size, layout=layout):
-        if labels is not None:
-            labs = [int(x) for x in labels[seen:seen + len(ids)]]
-        outs = []
-        for r in runners:
-            try:
-                outs.append(r.run(feeds))
-            except Exception as e:  # ORT reports shape/type problems at run time
-                if isinstance(e, CalibError):
-                    raise
-                msg = str(e).strip().splitlines()
-                raise InputDataError(
-                    f"samples {ids[0]}..{ids[-1]}: ONNX Runtime failed on this batch: {msg[-1] if msg else e}",
-                    hint="check that the evaluation data fits the model's inputs") from None
-        seen += len(ids)
-        yield (ids if layout == "batch" else None), labs, outs
-        del outs, feeds  # drop this batch before the next runs: peak memory stays at one batch
-
-
-def _limit(source: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
-    if limit is None:
-        yield from source
-        return
-    for i, s in enumerate(source):
-        if i >= limit:
-            return
-        yield s
 
 
 def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: int = 16,
@@ -174,7 +121,7 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
 
     ``metric``: a user metric (see ``calib.compare.targets``). ``labels``: one
     integer per sample, overriding the source's labels. ``limit``: use only the
-    first samples. ``optimization``: ONNX Runtime level (see ``calib.compare.runners``).
+    first samples. ``optimization``: ONNX Runtime level (see ``calib.runtime``).
     ``sensitivity``: also rank the quantized nodes (``calib.compare.sensitivity``) on
     up to ``sensitivity_samples`` samples.
     """
@@ -220,8 +167,6 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
            "providers": list(providers or ["cpu"]), "user_metric": user.name if user else None}
     sens = None
     if sensitivity:
-        from calib.compare.sensitivity import sensitivity as run_sensitivity
-
         sens = run_sensitivity(fm, qm, source, batch_size=batch_size, max_samples=sensitivity_samples,
                                optimization=optimization, providers=providers, tensor_map=tm,
                                progress=progress).to_json()

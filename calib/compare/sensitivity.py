@@ -28,11 +28,10 @@ import onnx
 
 from calib.compare.evaluate import Evaluator, Session
 from calib.compare.mapping import TensorMap, map_models
-from calib.compare.report import as_model, as_qdq_model
 from calib.compare.targets import OutputMetrics
 from calib.compare.variants import (Variant, apply_edits, build_multi, float_node_variant, group_variants, prune,
                                     quantize_only_variant)
-from calib.model import Model
+from calib.model import Model, as_model, as_qdq_model
 
 __all__ = ["Sensitivity", "sensitivity", "node_variants"]
 

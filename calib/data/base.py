@@ -17,7 +17,7 @@ import numpy as np
 from calib.errors import InputDataError
 from calib.model import InputSpec
 
-__all__ = ["Sample", "Source", "ListSource", "batches", "check_feeds"]
+__all__ = ["Sample", "Source", "ListSource", "batches", "check_feeds", "limited"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,14 @@ def check_feeds(sample: Sample, inputs: Sequence[InputSpec], *, layout: str = "b
                 f"sample {sample.id}: input '{spec.name}' holds {bad} NaN/inf value(s)",
                 hint="fix or drop this sample; calibration data must be finite",
             )
+
+
+def limited(source: Iterable[Sample], limit: int | None) -> Iterator[Sample]:
+    """The first ``limit`` samples of ``source`` (all of them when ``limit`` is None)."""
+    for i, s in enumerate(source):
+        if limit is not None and i >= limit:
+            return
+        yield s
 
 
 def batches(samples: Iterable[Sample], inputs: Sequence[InputSpec], batch_size: int, *,

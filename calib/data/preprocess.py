@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from calib.errors import ConfigError, InputDataError
+from calib.io import write_text
 from calib.model import InputSpec
 
 __all__ = ["PreprocessSpec", "RESAMPLE", "guess_preprocess", "to_rgb", "check_spec", "IMAGENET_MEAN",
@@ -194,8 +195,6 @@ class PreprocessSpec:
         return cls.from_dict(d, source=source)
 
     def save(self, path: str | Path) -> Path:
-        from calib.io import write_text
-
         return write_text(path, self.to_json())
 
     @classmethod

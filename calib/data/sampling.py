@@ -10,8 +10,9 @@
   distance from any pool sample to its nearest chosen sample) is within 2x of the best
   possible, so rare inputs are not left out.
 
-Features are the model's own pooled late activations (``model_features``: what matters for
-calibration) or, with no model, a cheap image descriptor (``descriptor_features``).
+Features are the model's own pooled late activations (``calib.subset.model_features``: what
+matters for calibration) or, with no model, a cheap image descriptor (``descriptor_features``);
+``calib.subset.sample_source`` computes them and draws the subset.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calib.data.base import ListSource
 from calib.errors import ConfigError, InputDataError
+from calib.io import write_json
 
-__all__ = ["STRATEGIES", "select", "kcenter", "kmeans_members", "radius", "Subset", "sample_source",
-           "apply_subset", "reduce_features", "take"]
+__all__ = ["STRATEGIES", "select", "kcenter", "kmeans_members", "radius", "Subset", "apply_subset",
+           "reduce_features", "take", "pool_ids", "pool_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ SUBSET_FORMAT_VERSION = 1
 Progress = Callable[[str, int, "int | None"], None]
 
 
-def _check_n(n: int, pool: int) -> None:
+def check_pool_size(n: int, pool: int) -> None:
     if n < 1:
         raise InputDataError(f"--n must be at least 1, got {n}")
     if n > pool:
@@ -47,7 +50,7 @@ def _check_n(n: int, pool: int) -> None:
 def kcenter(X: np.ndarray, n: int, *, start: int | None = None) -> np.ndarray:
     """Greedy farthest-point selection of ``n`` rows of ``X`` (ties go to the lowest index)."""
     X = np.asarray(X, dtype=np.float64)
-    _check_n(n, len(X))
+    check_pool_size(n, len(X))
     if start is None:
         start = int(np.argmin(((X - X.mean(0)) ** 2).sum(1)))
     chosen = [start]
@@ -80,7 +83,7 @@ def kmeans_members(X: np.ndarray, n: int, *, seed: int = 0) -> tuple[np.ndarray,
     from sklearn.cluster import MiniBatchKMeans
 
     X = np.asarray(X, dtype=np.float64)
-    _check_n(n, len(X))
+    check_pool_size(n, len(X))
     km = MiniBatchKMeans(n_clusters=n, random_state=seed, n_init=3, batch_size=max(1024, 3 * n),
                          max_iter=100).fit(X)
     centers = km.cluster_centers_
@@ -118,7 +121,7 @@ def select(n: int, strategy: str, *, seed: int = 0, pool_size: int | None = None
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown sampling strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     size = pool_size if pool_size is not None else (len(labels) if labels is not None else len(features))
-    _check_n(n, size)
+    check_pool_size(n, size)
     if strategy == "random":
         return np.random.default_rng(seed).permutation(size)[:n].astype(np.int64)
     if strategy == "stratified":
@@ -154,8 +157,6 @@ class Subset:
                 "indices": [int(i) for i in self.indices], "ids": list(self.ids)}
 
     def save(self, path: str | Path) -> Path:
-        from calib.io import write_json
-
         return write_json(path, self.to_dict())
 
     @classmethod
@@ -205,40 +206,10 @@ def pool_labels(source) -> list[int | None] | None:
     return None if all(lab is None for lab in labels) else labels
 
 
-def sample_source(source, n: int, strategy: str, *, model=None, seed: int = 0, features: np.ndarray | None = None,
-                  data: str = "", batch_size: int = 16, progress: Progress | None = None) -> Subset:
-    """Choose ``n`` samples of ``source``; features (for kmeans/kcenter) come from ``model`` if given."""
-    from calib.data.features import descriptor_features, model_features
-
-    ids = pool_ids(source)
-    labels = pool_labels(source)
-    _check_n(n, len(ids))
-    how = ""
-    if strategy in ("kmeans", "kcenter") and features is None:
-        if model is not None:
-            features, tensors = model_features(model, source, batch_size=batch_size, progress=progress)
-            how = "model: global-average-pooled " + ", ".join(tensors)
-        else:
-            features = descriptor_features(source, progress=progress)
-            how = "image descriptor (16x16 grey thumbnail + colour histogram)"
-    if features is not None:
-        features = reduce_features(features, seed=seed)
-    idx = select(n, strategy, seed=seed, pool_size=len(ids), labels=labels, features=features)
-    rad = radius(features, idx) if features is not None else None
-    counts: dict[str, int] = {}
-    if labels is not None:
-        for i in idx:
-            counts[str(labels[i])] = counts.get(str(labels[i]), 0) + 1
-    return Subset([int(i) for i in idx], [ids[i] for i in idx], strategy, seed, len(ids), data, how, rad,
-                  dict(sorted(counts.items(), key=lambda kv: int(kv[0]))))
-
-
 def take(source, indices: Sequence[int]):
     """``source`` restricted to ``indices`` (any source: uses its ``subset`` method when it has one)."""
     if hasattr(source, "subset"):
         return source.subset([int(i) for i in indices])
-    from calib.data.base import ListSource
-
     samples = list(source)
     return ListSource([samples[int(i)] for i in indices], layout=getattr(source, "layout", "batch"))
 

@@ -28,7 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from calib.data.arrays import NpzSource
 from calib.data.base import Sample, Source
 from calib.data.preprocess import PreprocessSpec, check_spec, guess_preprocess
+from calib.data.tokens import TokenSource
 from calib.errors import InputDataError
+from calib.model import load_model
 
 __all__ = ["ImageSource", "ImageFolderSource", "ManifestSource", "open_source", "read_image", "IMAGE_EXTS",
            "model_classes", "check_labels", "image_input"]
@@ -347,8 +349,6 @@ def open_source(path_or_spec, model=None, *, spec: PreprocessSpec | str | os.Pat
         text, split = text.rsplit("#", 1)[0], text.rsplit("#", 1)[1] or split
     p = Path(text)
     if model is not None and not hasattr(model, "inputs"):
-        from calib.model import load_model
-
         model = load_model(model)
     suffix = p.suffix.lower()
     if suffix in (".npz", ".npy"):
@@ -358,8 +358,6 @@ def open_source(path_or_spec, model=None, *, spec: PreprocessSpec | str | os.Pat
     if not p.exists():
         raise InputDataError(f"{p}: no such file or folder", hint="check the data path")
     if suffix == ".jsonl" and _is_token_file(p):
-        from calib.data.tokens import TokenSource
-
         if model is None:
             raise InputDataError(f"{p}: token data needs the model (its input names and sequence length)")
         src = TokenSource(p, model.inputs)

@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 from calib.export.fold import fold_batchnorm
 from calib.export.qdq import QdqModel
 from calib.model import Model
+from calib.runtime import open_runner, run_batches
 
 __all__ = ["BiasCorrection", "measure_bias_shifts", "apply_bias_shifts", "correct_bias", "BIAS_OPS"]
 
@@ -299,9 +300,6 @@ def measure_bias_shifts(fp32: Model, qdqs: Mapping[str, QdqModel], source, *, ba
 def _run(sh: _Shadow, fp32: Model, source, batch_size: int, limit: int | None, providers, progress, stage: str
          ) -> tuple[dict[tuple[str, str], tuple], int]:
     """One pass of the shadow graph: per (label, node), its per-channel sums and the count behind each."""
-    from calib.compare.report import run_batches
-    from calib.compare.runners import open_runner
-
     acc = {k: [np.zeros(c, np.float64) for _ in names] for k, (names, _, c) in sh.outputs.items()}
     counts = {k: 0 for k in sh.outputs}
     fetch = [t for names, n, _ in sh.outputs.values() for t in (*names, n)]

@@ -1,4 +1,4 @@
-"""How well a calibration subset covers its pool.
+"""How well a calibration subset covers its pool (above export: it calibrates, exports and runs INT8 models).
 
 * **Ranges**: per tensor, the subset's calibrated amax over the pool's (same method), and the
   fraction of the pool's activations that the subset's amax clips (read off the pool's
@@ -23,8 +23,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calib.calibrate import calibrate
+from calib.collect import collect
+from calib.data.base import batches
 from calib.data.sampling import pool_ids, pool_labels, radius, reduce_features, select, take
 from calib.errors import InputDataError
+from calib.export import export_qdq
+from calib.io import write_text
+from calib.runtime import make_session
+from calib.subset import model_features
 
 __all__ = ["range_coverage", "agreement_curve", "coverage", "default_sizes", "figures", "COVERAGE_FORMAT_VERSION"]
 
@@ -36,7 +43,6 @@ NESTED = ("random", "kcenter")
 
 def range_coverage(pool_stats, subset_stats, method: str = "entropy") -> list[dict]:
     """Per tensor: pool amax, subset amax, their ratio, and the pool fraction the subset's amax clips."""
-    from calib.calibrate import calibrate
 
     rp = calibrate(pool_stats, method)
     rs = calibrate(subset_stats, method, tensors=list(rp))
@@ -60,8 +66,6 @@ def default_sizes(pool: int, largest: int | None = None) -> list[int]:
 
 def _stats_for_sizes(model, pool, orderings: dict[int, np.ndarray], nested: bool, batch_size: int,
                      progress: Progress | None):
-    from calib.collect import collect
-
     out = {}
     if nested:
         order = orderings[max(orderings)]
@@ -84,11 +88,6 @@ def agreement_curve(model, pool, eval_source, sizes: Sequence[int], *, strategy:
                     features: np.ndarray | None = None, method: str = "entropy", placement: str = "trt",
                     pool_stats=None, batch_size: int = 16, progress: Progress | None = None) -> list[dict]:
     """INT8-vs-FP32 top-1 agreement and output cosine on ``eval_source`` for each calibration size."""
-    from calib.calibrate import calibrate
-    from calib.collect import make_session
-    from calib.data.base import batches
-    from calib.export import export_qdq
-
     sizes = sorted({int(s) for s in sizes})
     if not sizes or sizes[0] < 1 or sizes[-1] > len(pool):
         raise InputDataError(f"subset sizes {sizes} must lie in 1..{len(pool)} (the pool size)")
@@ -132,9 +131,6 @@ def coverage(model, pool, indices: Sequence[int], *, eval_source=None, method: s
              strategy: str = "random", seed: int = 0, sizes: Sequence[int] | None = None, curve: bool = True,
              placement: str = "trt", batch_size: int = 16, progress: Progress | None = None) -> dict:
     """The coverage report of ``take(pool, indices)`` (see module doc) as a JSON-able dict."""
-    from calib.collect import collect
-    from calib.data.features import model_features
-
     idx = np.asarray([int(i) for i in indices], dtype=np.int64)
     if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(pool):
         raise InputDataError(f"subset indices must lie in 0..{len(pool) - 1}")
@@ -221,8 +217,6 @@ def figures(report: dict) -> dict:
 
 def write_html(report: dict, path) -> None:
     """One HTML page with every figure (plotly.js inlined, so it opens offline)."""
-    from calib.io import write_text
-
     figs = figures(report)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs.values())]
     s = report["summary"]
