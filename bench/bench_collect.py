@@ -110,7 +110,9 @@ class ImageCrops:
 # ---- measured jobs ---------------------------------------------------------------------------------
 def run_calib(source, batch_size: int) -> dict:
     from calib import calibrate_all, collect, load_model
+    from calib._memory import steady_malloc
 
+    steady_malloc()  # as the calib CLI does (the library no longer sets it)
     t0 = time.perf_counter()
     stats = collect(load_model(model_path()), source, batch_size=batch_size)
     t1 = time.perf_counter()

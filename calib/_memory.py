@@ -9,7 +9,9 @@ mapping, returned to the system when freed. Measured on the demo CNN
 without it, 1134 -> 1143 MiB with it.
 
 This is a process-wide allocator setting (it only disables glibc's dynamic
-threshold); it is applied once, on Linux with glibc, and is a no-op elsewhere.
+threshold), so the library never makes it: the ``calib`` command line applies it
+for its own process (``calib.cli``), and a program embedding calib may call
+``steady_malloc()`` itself. Applied once, on Linux with glibc; a no-op elsewhere.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from calib._memory import steady_malloc
 from calib.cli._common import set_quiet
 from calib.errors import CalibError, TargetNotMet
 
@@ -33,6 +34,7 @@ _MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard"]
 def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and final paths."),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
     set_quiet(quiet)
+    steady_malloc()  # the CLI's choice for its own process: flat peak RSS over many batches (calib._memory)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import onnxruntime
