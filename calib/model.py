@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calib.errors import ModelError
+from calib.graph import constant_tensors, consumers, fold_constant_nodes, name_nodes, node_depth, producers
 
 __all__ = [
     "InputSpec",
@@ -132,16 +133,11 @@ class Model:
 
     @cached_property
     def producers(self) -> dict[str, onnx.NodeProto]:
-        return {o: n for n in self.graph.node for o in n.output if o}
+        return producers(self.graph)
 
     @cached_property
     def consumers(self) -> dict[str, list[onnx.NodeProto]]:
-        out: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                if i:
-                    out.setdefault(i, []).append(n)
-        return out
+        return consumers(self.graph)
 
     @cached_property
     def inputs(self) -> list[InputSpec]:
@@ -194,14 +190,7 @@ class Model:
     @cached_property
     def depth(self) -> dict[str, int]:
         """Topological depth of every node: 1 + the deepest producer of its inputs (inputs are 0)."""
-        tensor_depth: dict[str, int] = {}
-        node_depth: dict[str, int] = {}
-        for n in self.graph.node:  # ONNX requires topological order; checked at load
-            d = 1 + max((tensor_depth.get(i, 0) for i in n.input if i), default=0)
-            node_depth[n.name] = d
-            for o in n.output:
-                tensor_depth[o] = d
-        return node_depth
+        return node_depth(self.graph)
 
     @cached_property
     def tensor_depth(self) -> dict[str, int]:
@@ -213,10 +202,7 @@ class Model:
         Initializers, integer tensors (token ids, byte values, shapes) and
         tensors computed only from constants are left out.
         """
-        constant = set(self.initializers)
-        for n in self.graph.node:
-            if n.input and all((not i) or i in constant for i in n.input):
-                constant.update(n.output)
+        constant = constant_tensors(self.graph)
         seen: dict[str, None] = {}
         for n in self.graph.node:
             if n.op_type not in op_types:
@@ -301,8 +287,8 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     proto = copy.deepcopy(proto) if _copy else proto
     notes: list[str] = []
     _refuse_subgraphs(proto, path)
-    _name_nodes(proto)
-    folded = _fold_constants(proto)
+    name_nodes(proto)
+    folded = fold_constant_nodes(proto)
     if folded:
         notes.append(f"folded {folded} Constant nodes into initializers")
     opset = _default_opset(proto)
@@ -362,59 +348,6 @@ def _refuse_subgraphs(proto: onnx.ModelProto, path: Path | None) -> None:
                     f"{inner} nodes, {inner_w} of them Conv/Gemm/MatMul; calib does not calibrate inside subgraphs",
                     hint="export the model without control flow (e.g. unroll the loop) or with a fixed branch",
                 )
-
-
-def _name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every node a unique name (``exclude`` and reports address nodes by name)."""
-    used = {n.name for n in proto.graph.node if n.name}
-    seen: set[str] = set()
-    for i, n in enumerate(proto.graph.node):
-        if n.name and n.name not in seen:
-            seen.add(n.name)
-            continue
-        base = f"{n.op_type}_{i}" if not n.name else f"{n.name}_{i}"
-        name = base
-        k = 0
-        while name in used or name in seen:
-            k += 1
-            name = f"{base}_{k}"
-        n.name = name
-        seen.add(name)
-
-
-def _fold_constants(proto: onnx.ModelProto) -> int:
-    """Move ``Constant`` nodes' values into initializers (Paddle exports keep weights there)."""
-    g = proto.graph
-    keep = []
-    folded = 0
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
-            arr = _constant_value(n)
-            if arr is not None:
-                t = numpy_helper.from_array(arr, n.output[0])
-                g.initializer.append(t)
-                folded += 1
-                continue
-        keep.append(n)
-    if folded:
-        del g.node[:]
-        g.node.extend(keep)
-    return folded
-
-
-def _constant_value(n: onnx.NodeProto) -> np.ndarray | None:
-    for a in n.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_float":
-            return np.array(a.f, dtype=np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), dtype=np.float32)
-        if a.name == "value_int":
-            return np.array(a.i, dtype=np.int64)
-        if a.name == "value_ints":
-            return np.array(list(a.ints), dtype=np.int64)
-    return None
 
 
 def as_model(m: Model | str | os.PathLike | onnx.ModelProto) -> Model:

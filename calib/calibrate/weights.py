@@ -2,7 +2,8 @@
 
 Axis by op type: Conv weights [Cout, Cin/g, k...] -> 0; ConvTranspose
 [Cin, Cout/g, k...] -> 1; Gemm B is [N, K] with transB=1 -> 0, else [K, N] -> 1;
-MatMul with a constant B [..., K, N] -> its last axis.
+MatMul with a constant B [..., K, N] -> its last axis. ``weight_axis`` is that rule and
+``weight_scales`` the one int8 weight scale computation; export (placement and Q/DQ) uses both.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from calib.calibrate.base import INT8_MAX
+from calib.graph import attr
 from calib.model import Model
 
-__all__ = ["WeightRange", "weight_axis", "weight_ranges", "weight_input_index"]
+__all__ = ["WeightRange", "weight_axis", "weight_ranges", "weight_input_index", "weight_scales", "scales_from_amax"]
+
+_TINY_SCALE = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -27,15 +32,7 @@ class WeightRange:
 
     @property
     def scale(self) -> np.ndarray:
-        a = np.where(self.amax > 0, self.amax, 1.0)
-        return (a / 127.0).astype(np.float32)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
+        return scales_from_amax(self.amax)[0]
 
 
 def weight_input_index(node: onnx.NodeProto) -> int:
@@ -43,13 +40,14 @@ def weight_input_index(node: onnx.NodeProto) -> int:
 
 
 def weight_axis(node: onnx.NodeProto, rank: int) -> int:
+    """Per-output-channel axis of a weight of rank ``rank`` (see the module doc)."""
     op = node.op_type
     if op == "Conv":
         return 0
     if op == "ConvTranspose":
         return 1
     if op == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     if op == "MatMul":
         return rank - 1
     raise ValueError(f"no weight axis for op {op}")
@@ -71,3 +69,24 @@ def weight_ranges(model: Model) -> dict[str, WeightRange]:
         amax = np.abs(w.astype(np.float64)).max(axis=other) if other else np.abs(w.astype(np.float64))
         out[node.name] = WeightRange(node.name, node.input[1], axis, amax, int((amax == 0).sum()))
     return out
+
+
+def scales_from_amax(amax) -> tuple[np.ndarray, int]:
+    """Symmetric int8 scales ``amax / 127`` (float32) and how many channels have amax 0.
+
+    A channel whose amax is 0 gets scale 1.0 (its values are all 0 and stay 0): TensorRT
+    and ONNX Runtime both need strictly positive scales; no scale is below the smallest
+    normal float32.
+    """
+    amax = np.asarray(amax, dtype=np.float64).reshape(-1)
+    zero = amax <= 0
+    scales = np.where(zero, 1.0, amax / INT8_MAX)
+    return np.maximum(scales, _TINY_SCALE).astype(np.float32), int(zero.sum())
+
+
+def weight_scales(w: np.ndarray, axis: int | None, amax: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Int8 scales of ``w`` along ``axis`` (None: one scale), from ``amax`` if given; (scales, zero channels)."""
+    if amax is None:
+        a = np.abs(w.astype(np.float64))
+        amax = np.array([a.max()]) if axis is None else a.max(axis=tuple(d for d in range(w.ndim) if d != axis))
+    return scales_from_amax(amax)

@@ -13,6 +13,7 @@ from calib.cli._common import Progress, echo
 from calib.errors import CalibError, ConfigError
 from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
 from calib.export.bias import correct_bias
+from calib.export.placement import flagged_tensors
 from calib.model import load_model
 from calib.pipeline import open_run_data
 from calib.stats import ActivationStats
@@ -54,8 +55,7 @@ def _ranges_from_stats(stats_path: Path, model, method: str, want_all: bool):
     if want_all:
         for label, r in calibrate_all(stats).items():
             all_ranges.setdefault(label, r)
-    flagged = {t: f"{h.n_nonfinite} of {h.n} values were NaN/inf" for t, h in stats.tensors.items()
-               if h.n_nonfinite}
+    flagged = flagged_tensors(stats)
     return chosen, all_ranges, stats, flagged
 
 

@@ -33,13 +33,13 @@ import onnx
 from onnx import helper
 
 from calib.errors import ModelError
+from calib.graph import QDQ_OPS, attr, constant_tensors, fold_bn
 from calib.model import Model
 
 __all__ = ["QdqInput", "TensorPair", "TensorMap", "map_models", "fold_bn_into", "float_constant", "QDQ_OPS"]
 
 log = logging.getLogger(__name__)
 
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _NOOP_OPS = frozenset({"Identity", "Dropout"})
 _FOLDABLE_OPS = frozenset({"BatchNormalization"})
 _FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
@@ -120,21 +120,13 @@ class TensorMap:
         }
 
 
-def _constant_tensors(proto: onnx.ModelProto) -> set[str]:
-    const = {t.name for t in proto.graph.initializer}
-    for n in proto.graph.node:
-        if n.op_type == "Constant" or (n.input and all((not i) or i in const for i in n.input)):
-            const.update(o for o in n.output if o)
-    return const
-
-
 class _QdqGraph:
     """Indexes over the Q/DQ model: producers, constants, chains looked through."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self.producer = model.producers
-        self.const = _constant_tensors(model.proto)
+        self.const = constant_tensors(model.graph, constant_nodes=True)
         self.inits = set(model.initializers)
         self._src: dict[str, tuple[str | None, tuple[str, ...]]] = {}
 
@@ -235,7 +227,7 @@ def map_models(fp32: Model, qdq: Model) -> TensorMap:
     _check_io(fp32, qdq)
     g = _QdqGraph(qdq)
     tm = TensorMap(fp32=fp32, qdq=qdq)
-    fconst = _constant_tensors(fp32.proto)
+    fconst = constant_tensors(fp32.graph, constant_nodes=True)
     index: dict[tuple, list[onnx.NodeProto]] = {}
     for n in qdq.graph.node:
         if n.op_type in QDQ_OPS or all((not o) or o in g.const for o in n.output):
@@ -365,12 +357,8 @@ def _check_related(tm: TensorMap, n_compute: int) -> None:
 def fold_bn_into(weight: np.ndarray, bias: np.ndarray | None, bn: onnx.NodeProto, fp32: Model
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Fold BatchNormalization parameters into a Conv weight and bias (float64 maths, float32 out)."""
-    gamma, beta, mean, var = (fp32.weight(t).astype(np.float64) for t in bn.input[1:5])
-    eps = float(_attrs(bn).get("epsilon", 1e-5))
-    s = gamma / np.sqrt(var + eps)
-    w = weight.astype(np.float64) * s.reshape(-1, *([1] * (weight.ndim - 1)))
-    b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-    return w.astype(np.float32), ((b - mean) * s + beta).astype(np.float32)
+    gamma, beta, mean, var = (fp32.weight(t) for t in bn.input[1:5])
+    return fold_bn(weight, bias, gamma, beta, mean, var, float(attr(bn, "epsilon", 1e-5)))
 
 
 def float_constant(tm: TensorMap, fp32_node: str, qin: QdqInput) -> np.ndarray | None:

@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from calib.export.fold import fold_batchnorm
 from calib.export.qdq import QdqModel
+from calib.graph import QDQ_OPS
 from calib.model import Model
 from calib.runtime import open_runner, run_batches
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 BIAS_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass
@@ -125,7 +125,7 @@ class _Shadow:
             if idx >= len(inputs) or not inputs[idx]:
                 continue
             t, chain = inputs[idx], []
-            while t in qp_producers and qp_producers[t].op_type in _QDQ_OPS:
+            while t in qp_producers and qp_producers[t].op_type in QDQ_OPS:
                 chain.append(qp_producers[t])
                 t = qp_producers[t].input[0]
             if not chain:
@@ -209,7 +209,7 @@ def _targets(qdq: QdqModel) -> tuple[list[tuple[onnx.NodeProto, int, int]], dict
         if n.op_type not in BIAS_OPS or n.name not in quantized:
             continue
         w_name = n.input[1] if len(n.input) > 1 else ""
-        while w_name in producers and producers[w_name].op_type in _QDQ_OPS:
+        while w_name in producers and producers[w_name].op_type in QDQ_OPS:
             w_name = producers[w_name].input[0]
         if w_name not in inits:
             skipped[n.name] = "no constant weight"

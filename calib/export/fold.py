@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from calib.graph import attr, fold_bn
 
 __all__ = ["fold_batchnorm"]
 
 log = logging.getLogger(__name__)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def fold_batchnorm(proto: onnx.ModelProto) -> list[str]:
@@ -60,13 +54,10 @@ def fold_batchnorm(proto: onnx.ModelProto) -> list[str]:
         b_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else ""
         if uses.get(w_name, 0) != 1 or (b_name and (b_name not in inits or uses.get(b_name, 0) != 1)):
             continue
-        w = numpy_helper.to_array(inits[w_name]).astype(np.float64)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float64) for t in bn.input[1:5])
-        eps = float(_attr(bn, "epsilon", 1e-5))
-        s = gamma / np.sqrt(var + eps)
-        b = numpy_helper.to_array(inits[b_name]).astype(np.float64) if b_name else np.zeros(w.shape[0])
-        w_f = (w * s.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        b_f = ((b - mean) * s + beta).astype(np.float32)
+        w = numpy_helper.to_array(inits[w_name])
+        bn_params = (numpy_helper.to_array(inits[t]) for t in bn.input[1:5])
+        b = numpy_helper.to_array(inits[b_name]) if b_name else None
+        w_f, b_f = fold_bn(w, b, *bn_params, float(attr(bn, "epsilon", 1e-5)))
         inits[w_name].CopyFrom(numpy_helper.from_array(w_f, w_name))
         if b_name:
             inits[b_name].CopyFrom(numpy_helper.from_array(b_f, b_name))

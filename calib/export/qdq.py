@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from calib.calibrate.base import INT8_MAX, Ranges
+from calib.calibrate.weights import weight_scales
 from calib.errors import ConfigError, ModelError, RangesError
 from calib.export.fold import fold_batchnorm
 from calib.export.placement import Plan, PlacementContext, WeightSlot, make_plan, resolve_exclude
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 WEIGHT_MODES = ("per_channel", "per_tensor")
 # Weights use the symmetric range [-127, 127] (TensorRT's and ONNX Runtime's symmetric int8 weights).
 WEIGHT_QMIN, WEIGHT_QMAX = -INT8_MAX, INT8_MAX
-_TINY_SCALE = float(np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -148,22 +148,6 @@ def _amax_from_user(node: str, value: Any, channels: int) -> np.ndarray:
     if arr.size != channels:
         raise RangesError(f"weight_amax for node '{node}' has {arr.size} values, expected {channels} (one per channel)")
     return arr
-
-
-def weight_scales(w: np.ndarray, axis: int | None, amax: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Symmetric int8 scales of ``w`` along ``axis`` (None: one scale); returns (float32 scales, zero channels).
-
-    A channel whose amax is 0 gets scale 1.0 (its values are all 0 and stay 0):
-    TensorRT and ONNX Runtime both need strictly positive scales.
-    """
-    if amax is None:
-        a = np.abs(w.astype(np.float64))
-        amax = np.array([a.max()]) if axis is None else a.max(axis=tuple(d for d in range(w.ndim) if d != axis))
-    amax = np.asarray(amax, dtype=np.float64).reshape(-1)
-    zero = amax <= 0
-    scales = np.where(zero, 1.0, amax / INT8_MAX)
-    scales = np.maximum(scales, _TINY_SCALE).astype(np.float32)
-    return scales, int(zero.sum())
 
 
 def _quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
