@@ -120,6 +120,31 @@ class _Shadow:
         self._k += 1
         prefix = f"__calib_bc{self._k}__"
         new_nodes: list[onnx.NodeProto] = []
+        inputs = self._quantized_inputs(node, qp_producers, qp_inits, prefix, new_nodes)
+        if isinstance(inputs, str):
+            return inputs
+        shadow = copy.deepcopy(node)
+        shadow.name = prefix + node.name
+        del shadow.input[:]
+        shadow.input.extend(inputs)
+        for j in range(2, len(shadow.input)):
+            t = shadow.input[j]
+            if t and t not in self.host_tensors:
+                if t not in qp_inits:
+                    return f"input '{t}' is not in the FP32 graph"
+                shadow.input[j] = self._copy_init(qp_inits, t, prefix)
+        del shadow.output[:]
+        shadow.output.append(prefix + "out")
+        diff = helper.make_node("Sub", [shadow.output[0], hn.output[0]], [prefix + "diff"], name=prefix + "sub")
+        new_nodes += [shadow, diff]
+        sums = self._reduce(prefix, diff.output[0], channels, rank, mu, new_nodes)
+        self.host.graph.node.extend(new_nodes)
+        self.outputs[(label, node.name)] = (tuple(sums), prefix + "n", channels)
+        return None
+
+    def _quantized_inputs(self, node: onnx.NodeProto, qp_producers, qp_inits, prefix: str,
+                          new_nodes: list[onnx.NodeProto]) -> list[str] | str:
+        """``node``'s inputs, with inputs 0 and 1 read through copies of their Q/DQ chains; or why not."""
         inputs = list(node.input)
         for idx in (0, 1):
             if idx >= len(inputs) or not inputs[idx]:
@@ -150,27 +175,18 @@ class _Shadow:
                 new_nodes.append(c)
                 cur = c.output[0]
             inputs[idx] = cur
-        shadow = copy.deepcopy(node)
-        shadow.name = prefix + node.name
-        del shadow.input[:]
-        shadow.input.extend(inputs)
-        for j in range(2, len(shadow.input)):
-            t = shadow.input[j]
-            if t and t not in self.host_tensors:
-                if t not in qp_inits:
-                    return f"input '{t}' is not in the FP32 graph"
-                shadow.input[j] = self._copy_init(qp_inits, t, prefix)
-        del shadow.output[:]
-        shadow.output.append(prefix + "out")
-        diff = helper.make_node("Sub", [shadow.output[0], hn.output[0]], [prefix + "diff"], name=prefix + "sub")
-        new_nodes += [shadow, diff]
+        return inputs
+
+    def _reduce(self, prefix: str, diff: str, channels: int, rank: int, mu: np.ndarray | None,
+                new_nodes: list[onnx.NodeProto]) -> list[str]:
+        """Nodes reducing ``diff`` per channel (sum, or L1 before/after ``mu``); their output names."""
         if rank == -1:  # channel last, any rank: [.., C] -> [-1, C]
             shape_c = self._copy_const(prefix + "shape", np.array([-1, channels], np.int64))
-            new_nodes.append(helper.make_node("Reshape", [diff.output[0], shape_c], [prefix + "flat"],
+            new_nodes.append(helper.make_node("Reshape", [diff, shape_c], [prefix + "flat"],
                                               name=prefix + "reshape"))
             red_in, axes = prefix + "flat", [0]
         else:
-            red_in, axes = diff.output[0], [0] + list(range(2, rank))
+            red_in, axes = diff, [0] + list(range(2, rank))
         # ReduceSum takes axes as an input from opset 13 on; calib's models are opset >= 13 (calib.model)
         ax = self._copy_const(prefix + "axes", np.array(axes, np.int64))
         shp = helper.make_node("Shape", [red_in], [prefix + "n"], name=prefix + "shape_of")
@@ -188,9 +204,7 @@ class _Shadow:
                 helper.make_node("Abs", [prefix + "centred"], [prefix + "abs1"], name=prefix + "abs1"),
                 helper.make_node("ReduceSum", [prefix + "abs1", ax], [sums[1]], keepdims=0, name=prefix + "red1")]
         new_nodes.append(shp)
-        self.host.graph.node.extend(new_nodes)
-        self.outputs[(label, node.name)] = (tuple(sums), prefix + "n", channels)
-        return None
+        return sums
 
     def _copy_const(self, name: str, value: np.ndarray) -> str:
         self.host.graph.initializer.append(numpy_helper.from_array(value, name))

@@ -73,19 +73,25 @@ def fold_batchnorm(proto: onnx.ModelProto) -> list[str]:
         conv.output[0] = bn.output[0]
         drop_nodes.add(id(bn))
     if drop_nodes:
-        keep = [n for n in g.node if id(n) not in drop_nodes]
-        del g.node[:]
-        g.node.extend(keep)
-        used = {i for n in g.node for i in n.input}
-        gone_init = {t.name for t in g.initializer if t.name not in used}
-        keep_init = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep_init)
-        keep_in = [v for v in g.input if v.name not in gone_init]
-        del g.input[:]
-        g.input.extend(keep_in)
-        keep_vi = [v for v in g.value_info if v.name not in set(removed)]
-        del g.value_info[:]
-        g.value_info.extend(keep_vi)
+        _drop(g, drop_nodes, removed)
         log.debug("folded %d BatchNormalization nodes into Conv", len(removed))
     return removed
+
+
+def _drop(g: onnx.GraphProto, drop_nodes: set[int], removed: list[str]) -> None:
+    """Remove the folded BN nodes, the initializers (and their graph inputs) nothing reads any more, and the
+    value_info of the removed Conv outputs."""
+    keep = [n for n in g.node if id(n) not in drop_nodes]
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    gone_init = {t.name for t in g.initializer if t.name not in used}
+    keep_init = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep_init)
+    keep_in = [v for v in g.input if v.name not in gone_init]
+    del g.input[:]
+    g.input.extend(keep_in)
+    keep_vi = [v for v in g.value_info if v.name not in set(removed)]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)

@@ -314,14 +314,9 @@ def export_qdq(
     check_ranges_fit(model, ranges)
     excluded_nodes, excluded_tensors = resolve_exclude(model, exclude)
     fold_bn = placement == "ort" if fold_bn is None else fold_bn
-    work, folded = model, []
-    if fold_bn:
-        proto = model.copy_proto()
-        folded = fold_batchnorm(proto)
-        if folded:
-            work = model_from_proto(proto)
-            work.sha256 = model.sha256
-            excluded_nodes = frozenset(n for n in excluded_nodes if n in work.nodes)
+    work, folded = _folded(model, fold_bn)
+    if folded:
+        excluded_nodes = frozenset(n for n in excluded_nodes if n in work.nodes)
     ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors, dict(flagged or {}))
     plan = make_plan(ctx, placement, per_channel=weights == "per_channel")
     _check_needed(plan, ranges)
@@ -338,6 +333,27 @@ def export_qdq(
     except onnx.checker.ValidationError as e:  # a bug in calib, not bad input
         raise RuntimeError(f"exported Q/DQ model fails onnx.checker: {e}") from e
 
+    result = _result(model, work, proto, plan, amax, infos, folded, sorted(excluded_nodes), placement)
+    log.info("%s", result.summary())
+    return result
+
+
+def _folded(model: Model, fold_bn: bool) -> tuple[Model, list[str]]:
+    """``model`` with Conv+BatchNormalization folded (a new ``Model``) when asked and possible; removed tensors."""
+    if not fold_bn:
+        return model, []
+    proto = model.copy_proto()
+    folded = fold_batchnorm(proto)
+    if not folded:
+        return model, []
+    work = model_from_proto(proto)
+    work.sha256 = model.sha256
+    return work, folded
+
+
+def _result(model: Model, work: Model, proto: onnx.ModelProto, plan: Plan, amax: dict[str, float], infos,
+            folded: list[str], excluded: list[str], placement: str) -> QdqModel:
+    """The ``QdqModel``: tensor map (FP32 names kept), rules per tensor, tensors in graph order."""
     activations = [i.name for i in model.graph.input if i.name not in model.initializers] + \
         [o for n in model.graph.node for o in n.output if o]
     folded_set = set(folded)
@@ -349,12 +365,12 @@ def export_qdq(
             rules[e.tensor].append(why)
     position = {t: i for i, t in enumerate(activations)}
     ordered = sorted(plan.tensors, key=lambda t: (position.get(t, len(position)), t))
-    result = QdqModel(
+    return QdqModel(
         model=proto,
         tensor_map=tensor_map,
         quantized_nodes=[n.name for n in work.graph.node if n.name in plan.quantized_nodes],
         activation_tensors=ordered,
-        excluded=sorted(excluded_nodes),
+        excluded=excluded,
         placement=placement,
         skipped=dict(plan.skipped),
         amax=amax,
@@ -363,6 +379,4 @@ def export_qdq(
         folded=folded,
         rules=rules,
     )
-    log.info("%s", result.summary())
-    return result
 

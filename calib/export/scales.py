@@ -73,20 +73,7 @@ def scale_report(qdq: QdqModel, ranges: Mapping[str, Ranges], *, chosen: str | N
             "other_amax": {m: _finite(rr.tensors[t].amax) for m, rr in ranges.items()
                            if m != chosen and t in rr.tensors},
         })
-    weights = []
-    for w in qdq.weights:
-        s = np.asarray(w.scales, dtype=np.float64)
-        weights.append({
-            "initializer": w.initializer,
-            "int8_initializer": w.int8_name,
-            "nodes": list(w.nodes),
-            "axis": w.axis,
-            "channels": int(s.size),
-            "scale_min": float(s.min()),
-            "scale_median": float(np.median(s)),
-            "scale_max": float(s.max()),
-            "zero_channels": int(w.zero_channels),
-        })
+    weights = [_weight_row(w) for w in qdq.weights]
     skipped = []
     for t, reason in qdq.skipped.items():
         n, n_nonfinite = _counts(stats, t)
@@ -104,6 +91,21 @@ def scale_report(qdq: QdqModel, ranges: Mapping[str, Ranges], *, chosen: str | N
         "skipped": skipped,
         "excluded_nodes": list(qdq.excluded),
         "folded_batchnorm": list(qdq.folded),
+    }
+
+
+def _weight_row(w) -> dict[str, Any]:
+    s = np.asarray(w.scales, dtype=np.float64)
+    return {
+        "initializer": w.initializer,
+        "int8_initializer": w.int8_name,
+        "nodes": list(w.nodes),
+        "axis": w.axis,
+        "channels": int(s.size),
+        "scale_min": float(s.min()),
+        "scale_median": float(np.median(s)),
+        "scale_max": float(s.max()),
+        "zero_channels": int(w.zero_channels),
     }
 
 
