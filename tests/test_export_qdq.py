@@ -232,7 +232,9 @@ def test_exclude_by_tensor_keeps_tensor_and_its_producer_float():
     q = export_qdq(model_from_proto(_two_convs()), ranges_for({"x": 1.0, "c1": 1.0}), exclude=["c1"])
     nodes = {n.name: list(n.input) for n in q.model.graph.node}
     assert nodes["conv1"] == ["x", "W1"], f"producer conv1 of excluded tensor c1 reads {nodes['conv1']}"
-    assert nodes["conv2"] == ["c1", "W2_dq"], f"conv2 input 0 must read the unquantized c1: {nodes['conv2']}"
+    # issue 15 item 4: no half-quantized node; with its input c1 float, conv2's weight stays float too
+    assert nodes["conv2"] == ["c1", "W2"], f"conv2 must read the unquantized c1 and W2: {nodes['conv2']}"
+    assert "stays float" in q.skipped["W2"]
     assert q.activation_tensors == [] and q.excluded == ["conv1"]
 
 

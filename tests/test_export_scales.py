@@ -75,7 +75,10 @@ def test_report_shows_concat_sharing_and_skips():
     model, ranges = _setup()
     q = export_qdq(model, ranges["entropy"], flagged={"r2": "3 of 12 values were NaN/inf"})
     doc = scale_report(q, ranges, chosen="entropy")
-    assert {s["tensor"]: s["reason"] for s in doc["skipped"]} == {"r2": "flagged: 3 of 12 values were NaN/inf"}
+    # issue 15 item 4: the MatMul reading the flagged r2 keeps its weight W3 float too, and says so
+    assert {s["tensor"]: s["reason"] for s in doc["skipped"]} == {
+        "r2": "flagged: 3 of 12 values were NaN/inf",
+        "W3": "weight of 'mm3': its input 'r2' stays float, so the weight does too (no half-int8 node)"}
     q2 = export_qdq(model, ranges["entropy"])
     doc2 = scale_report(q2, ranges, chosen="entropy")
     by_t = {a["tensor"]: a for a in doc2["activations"]}

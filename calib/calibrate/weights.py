@@ -71,22 +71,31 @@ def weight_ranges(model: Model) -> dict[str, WeightRange]:
     return out
 
 
-def scales_from_amax(amax) -> tuple[np.ndarray, int]:
+def scales_from_amax(amax, floor=None) -> tuple[np.ndarray, int]:
     """Symmetric int8 scales ``amax / 127`` (float32) and how many channels have amax 0.
 
     A channel whose amax is 0 gets scale 1.0 (its values are all 0 and stay 0): TensorRT
     and ONNX Runtime both need strictly positive scales; no scale is below the smallest
-    normal float32.
+    normal float32. ``floor`` (a number or one per channel) is a lower bound the float32
+    scales keep exactly (e.g. so that an int32 bias cannot overflow, see ``calib.export.qdq``).
     """
     amax = np.asarray(amax, dtype=np.float64).reshape(-1)
     zero = amax <= 0
-    scales = np.where(zero, 1.0, amax / INT8_MAX)
-    return np.maximum(scales, _TINY_SCALE).astype(np.float32), int(zero.sum())
+    scales = np.maximum(np.where(zero, 1.0, amax / INT8_MAX), _TINY_SCALE)
+    if floor is None:
+        return scales.astype(np.float32), int(zero.sum())
+    lo = np.broadcast_to(np.asarray(floor, dtype=np.float64), scales.shape)
+    scales = np.maximum(scales, lo)
+    out = scales.astype(np.float32)
+    short = out.astype(np.float64) < lo  # float32 rounding fell below the floor: one ulp up
+    out[short] = np.nextafter(out[short], np.float32(np.inf))
+    return out, int(zero.sum())
 
 
-def weight_scales(w: np.ndarray, axis: int | None, amax: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def weight_scales(w: np.ndarray, axis: int | None, amax: np.ndarray | None = None,
+                  floor=None) -> tuple[np.ndarray, int]:
     """Int8 scales of ``w`` along ``axis`` (None: one scale), from ``amax`` if given; (scales, zero channels)."""
     if amax is None:
         a = np.abs(w.astype(np.float64))
         amax = np.array([a.max()]) if axis is None else a.max(axis=tuple(d for d in range(w.ndim) if d != axis))
-    return scales_from_amax(amax)
+    return scales_from_amax(amax, floor)

@@ -15,7 +15,6 @@ ONNX Runtime's CPU provider turns into QLinear* kernels:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from onnx import helper, numpy_helper
 from calib.calibrate.base import INT8_MAX, Ranges
 from calib.calibrate.weights import weight_scales
 from calib.errors import ConfigError, ModelError, RangesError
+from calib.export.checks import check_needed, check_ranges_fit
 from calib.export.fold import fold_batchnorm
 from calib.export.placement import Plan, PlacementContext, WeightSlot, make_plan, resolve_exclude
 from calib.io import save_onnx
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 WEIGHT_MODES = ("per_channel", "per_tensor")
 # Weights use the symmetric range [-127, 127] (TensorRT's and ONNX Runtime's symmetric int8 weights).
 WEIGHT_QMIN, WEIGHT_QMAX = -INT8_MAX, INT8_MAX
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -99,45 +100,6 @@ class QdqModel:
 # ---------------------------------------------------------------- validation
 
 
-def _few(names: Iterable[str], k: int = 5) -> str:
-    names = list(names)
-    more = f" (and {len(names) - k} more)" if len(names) > k else ""
-    return ", ".join(repr(n) for n in names[:k]) + more
-
-
-def check_ranges_fit(model: Model, ranges: Ranges) -> None:
-    """Refuse ranges computed for another model (sha256 mismatch or unknown tensor names)."""
-    known = set(model.producers) | {i.name for i in model.graph.input}
-    foreign = [t for t in ranges if t not in known]
-    sha = getattr(ranges, "model_sha256", "")
-    if sha and model.sha256 and sha != model.sha256:
-        detail = f"; {len(foreign)} of its {len(ranges)} tensors do not exist here, e.g. {_few(foreign, 3)}" \
-            if foreign else ""
-        raise RangesError(
-            f"the ranges were computed for another model (model sha256 {sha[:12]}…, this model "
-            f"{model.sha256[:12]}…){detail}",
-            hint="collect statistics with this exact model file",
-        )
-    if foreign:
-        close = difflib.get_close_matches(foreign[0], sorted(known), n=3)
-        near = f"; closest names here: {_few(close, 3)}" if close else ""
-        raise RangesError(
-            f"{len(foreign)} of {len(ranges)} tensors in the ranges do not exist in the model, e.g. "
-            f"{_few(foreign, 3)}{near}",
-            hint="the ranges (or statistics, or cache) come from another model; collect them for this one",
-        )
-
-
-def _check_needed(plan: Plan, ranges: Ranges) -> None:
-    known = getattr(ranges, "tensors", ranges)  # `in` on Ranges would raise RangesError, not return False
-    missing = [t for t in plan.tensors if t not in known and t not in plan.skipped]
-    if missing:
-        raise RangesError(
-            f"no range for {len(missing)} tensor(s) the {plan.placement} placement quantizes: {_few(missing)}",
-            hint="collect statistics for this model again, or keep the tensor float with --exclude NAME",
-        )
-
-
 # ---------------------------------------------------------------- weights
 
 
@@ -190,6 +152,43 @@ def _shared_amax(plan: Plan, ranges: Ranges) -> dict[str, float]:
     return amax
 
 
+def activation_scale(amax: float) -> np.ndarray:
+    """The float32 scale of an activation: ``amax / 127``, never below the smallest normal float32."""
+    return np.maximum(np.array(amax / INT8_MAX, dtype=np.float32), np.float32(np.finfo(np.float32).tiny))
+
+
+def bias_floors(model: Model, plan: Plan, amax: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Per weighted node with a float bias: the smallest weight scale per output channel that keeps
+    ``|b| / (s_x * s_w)`` below 2^31 - 1, so the int32 bias ONNX Runtime and TensorRT make of it fits.
+
+    ``s_x`` is the scale of the node's quantized activation input 0. A dead channel (weights about 0)
+    would otherwise get a scale so small that its bias overflows int32.
+    """
+    act = {e.node: e.tensor for e in plan.edges if e.index == 0}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or node.name not in act:
+            continue
+        b = model.weight(node.input[2])
+        t = act[node.name]
+        if b is None or t not in amax or b.dtype.kind != "f":
+            continue
+        s_x = float(activation_scale(amax[t]))
+        out[node.name] = np.abs(b.astype(np.float64)).reshape(-1) / (s_x * INT32_MAX)
+    return out
+
+
+def _slot_floor(members: list[WeightSlot], floors: Mapping[str, np.ndarray], channels: int):
+    """The scale floor of a weight shared by ``members``: per channel when the bias has one value per
+    channel, else the largest (one bound for every channel)."""
+    fs = [floors[s.node] for s in members if s.node in floors]
+    if not fs:
+        return None
+    if all(f.size == channels for f in fs):
+        return np.max(np.stack(fs), axis=0)
+    return max(float(f.max()) for f in fs if f.size)
+
+
 def _activation_qdq(proto, plan: Plan, amax: dict[str, float], names: _Names) -> dict[str, list[onnx.NodeProto]]:
     """Create Q/DQ nodes per tensor, rewire the planned edges; return nodes to insert after each tensor."""
     g = proto.graph
@@ -199,7 +198,7 @@ def _activation_qdq(proto, plan: Plan, amax: dict[str, float], names: _Names) ->
         scale = names.new(f"{t}_scale")
         zp = names.new(f"{t}_zero_point")
         q_out, dq_out = names.new(f"{t}_q"), names.new(f"{t}_dq")
-        g.initializer.append(numpy_helper.from_array(np.array(amax[t] / INT8_MAX, dtype=np.float32), scale))
+        g.initializer.append(numpy_helper.from_array(activation_scale(amax[t]), scale))
         g.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zp))
         q = helper.make_node("QuantizeLinear", [t, scale, zp], [q_out], name=names.new(f"{t}_QuantizeLinear"))
         dq = helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
@@ -212,7 +211,7 @@ def _activation_qdq(proto, plan: Plan, amax: dict[str, float], names: _Names) ->
 
 
 def _weight_dq(proto, model: Model, slots: list[WeightSlot], weight_amax: Mapping[str, Any] | None,
-               names: _Names) -> tuple[list[onnx.NodeProto], list[WeightQuant]]:
+               names: _Names, floors: Mapping[str, np.ndarray]) -> tuple[list[onnx.NodeProto], list[WeightQuant]]:
     g = proto.graph
     nodes_by_name = {n.name: n for n in g.node}
     groups: dict[tuple[str, int | None], list[WeightSlot]] = {}
@@ -231,7 +230,7 @@ def _weight_dq(proto, model: Model, slots: list[WeightSlot], weight_amax: Mappin
             key = next((s.node for s in members if s.node in weight_amax), None)
             if key is not None:
                 user = _amax_from_user(key, weight_amax[key], channels)
-        scales, zero = weight_scales(w, axis, user)
+        scales, zero = weight_scales(w, axis, user, floor=_slot_floor(members, floors, channels))
         q = _quantize_weight(w, scales, axis)
         base = f"{init}_int8" if init not in multi_axis else f"{init}_int8_axis{axis}"
         q_name = names.new(base)
@@ -319,13 +318,13 @@ def export_qdq(
         excluded_nodes = frozenset(n for n in excluded_nodes if n in work.nodes)
     ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors, dict(flagged or {}))
     plan = make_plan(ctx, placement, per_channel=weights == "per_channel")
-    _check_needed(plan, ranges)
+    check_needed(plan, ranges)
     amax = _shared_amax(plan, ranges)
 
     proto = work.copy_proto()
     names = _Names(proto)
     after = _activation_qdq(proto, plan, amax, names)
-    head, infos = _weight_dq(proto, work, plan.weights, weight_amax, names)
+    head, infos = _weight_dq(proto, work, plan.weights, weight_amax, names, bias_floors(work, plan, amax))
     _drop_unused_float_weights(proto, {w.initializer for w in plan.weights})
     _reorder(proto, head, after)
     try:

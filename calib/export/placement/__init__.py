@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Callable
 
 from calib.errors import ConfigError
-from calib.export.placement.common import drop_excluded, flagged_tensors, skip_huge_tensors
+from calib.export.placement.common import (drop_excluded, flagged_tensors, keep_weighted_nodes_whole,
+                                           skip_huge_tensors)
 from calib.export.placement.ort_rules import quantize_ort_node_io
 from calib.export.placement.plan import (COPY_OPS, FUSED_EPILOGUE_OPS, HUGE_AMAX, ORT_INT8_OPS, POOLING_OPS, Edge,
                                          PlacementContext, Plan, WeightSlot, resolve_exclude)
@@ -48,6 +49,7 @@ __all__ = [
     "share_concat_scale",
     "quantize_ort_node_io",
     "flagged_tensors",
+    "keep_weighted_nodes_whole",
     "COPY_OPS",
     "POOLING_OPS",
     "FUSED_EPILOGUE_OPS",
@@ -91,5 +93,6 @@ def make_plan(ctx: PlacementContext, placement: str, *, per_channel: bool = True
     except KeyError:
         raise ConfigError(f"unknown placement '{placement}'; expected one of {', '.join(PLACEMENTS)}") from None
     plan = fn(ctx, per_channel=per_channel)
+    keep_weighted_nodes_whole(ctx, plan)
     plan.weights = list(dict.fromkeys(plan.weights))
     return plan

@@ -1,10 +1,12 @@
-"""Rules both placements run: keep excluded nodes/tensors float, and skip tensors one int8 scale
-cannot hold (mask-like huge values, or tensors flagged from the statistics: ``flagged_tensors``).
+"""Rules both placements run: keep excluded nodes/tensors float, skip tensors one int8 scale
+cannot hold (mask-like huge values, or tensors flagged from the statistics: ``flagged_tensors``),
+and, last, keep every weighted node whole (activation and weight both int8, or neither).
 """
 
 from __future__ import annotations
 
-from calib.export.placement.plan import HUGE_AMAX, PlacementContext, Plan
+from calib.export.placement.plan import HUGE_AMAX, PlacementContext, Plan, weight_input_indices
+from calib.model import WEIGHTED_OPS
 from calib.stats import ActivationStats
 
 
@@ -56,3 +58,50 @@ def skip_huge_tensors(ctx: PlacementContext, plan: Plan) -> None:
             continue
         plan.skipped[t] = reason
         plan.drop(lambda e, t=t: e.tensor == t)
+
+
+def keep_weighted_nodes_whole(ctx: PlacementContext, plan: Plan) -> None:
+    """A Conv/ConvTranspose/Gemm/MatMul reads its activation inputs and its weight through DQ, or neither.
+
+    Pattern::
+
+        x (left float by a rule: excluded, flagged, huge, graph output) -> Conv <- DQ <- W_int8
+          ==>  x -> Conv <- W (float)              the weight slot goes too
+        DQ(x) -> MatMul <- W computed by nodes (float)
+          ==>  x -> MatMul <- W                    the activation edge goes too
+
+    Runs after every rule that drops edges. A half-quantized node matches no int8 kernel in
+    TensorRT or ONNX Runtime (both need every data input behind DQ), so its int8 half only adds
+    rounding error. What was dropped is listed in ``Plan.skipped`` with the reason.
+    """
+    for node in ctx.model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or node.name in ctx.excluded_nodes:
+            continue
+        slots = [w for w in plan.weights if w.node == node.name]
+        acts = [(i, t) for i, t in enumerate(node.input[:2]) if ctx.is_activation(t)]
+        quantized = [(i, t) for i, t in acts if any(e.tensor == t and e.node == node.name and e.index == i
+                                                    for e in plan.edges)]
+        float_acts = [t for i, t in acts if (i, t) not in quantized]
+        if slots and float_acts:
+            plan.weights = [w for w in plan.weights if w.node != node.name]
+            for w in slots:
+                plan.skipped.setdefault(w.initializer, f"weight of '{node.name}': its input '{float_acts[0]}' "
+                                                       "stays float, so the weight does too (no half-int8 node)")
+            _drop_inputs(plan, node.name, quantized, f"'{node.name}' keeps input '{float_acts[0]}' float")
+            continue
+        weight_idx = set(weight_input_indices(node))
+        float_weights = [t for i, t in enumerate(node.input[:2]) if i in weight_idx and t in ctx.constant
+                         and ctx.model.is_float(t) and not any(w.index == i for w in slots)]
+        if quantized and float_weights and not slots:
+            _drop_inputs(plan, node.name, quantized, f"weight '{float_weights[0]}' of '{node.name}' stays float")
+
+
+def _drop_inputs(plan: Plan, node: str, edges: list[tuple[int, str]], why: str) -> None:
+    """Drop ``node``'s activation input edges; a tensor left with no quantized reader is listed as skipped."""
+    if not edges:
+        return
+    plan.drop(lambda e: e.node == node and (e.index, e.tensor) in edges)
+    left = set(plan.tensors)
+    for _, t in edges:
+        if t not in left:
+            plan.skipped.setdefault(t, f"{why}, so this input does too (no half-int8 node)")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
-
 from calib.export.placement.plan import ORT_INT8_OPS, Edge, PlacementContext, Plan
 from calib.export.placement.trt_rules import quantize_weighted_op_inputs
+from calib.model import WEIGHTED_OPS
 
 
 # ---------------------------------------------------------------- ONNX Runtime rule
@@ -29,17 +28,20 @@ def quantize_ort_node_io(ctx: PlacementContext, plan: Plan, per_channel: bool = 
     quantize_weighted_op_inputs(ctx, plan, per_channel=per_channel)
     tensors: set[str] = {e.tensor for e in plan.edges}
     output_only: set[str] = set()
+    pre = pre_activation_tensors(ctx)
     for node in ctx.model.graph.node:
         if node.op_type not in ORT_INT8_OPS or node.name in ctx.excluded_nodes:
             continue
-        ins = [t for i, t in enumerate(node.input) if ctx.is_activation(t)
+        ins = [t for i, t in enumerate(node.input) if ctx.is_activation(t) and t not in pre
                and not (node.op_type in ("Reshape", "Slice", "Pad", "Resize", "Split") and i > 0)]
-        if not ins:
+        if not ins and not (node.input and node.input[0] in pre):
             continue
         tensors.update(ins)
-        outs = [o for o in node.output if ctx.is_activation(o)]
+        outs = [o for o in node.output if ctx.is_activation(o) and o not in pre]
         tensors.update(outs)
         output_only.update(outs)
+    for t, act in pre.items():
+        plan.skipped.setdefault(t, f"pre-activation output: quantized after the {act} that follows it")
     output_only -= {t for n in ctx.model.graph.node if n.op_type in ORT_INT8_OPS for t in n.input}
     known = getattr(ctx.ranges, "tensors", ctx.ranges)
     for t in sorted(output_only - set(known)):
@@ -52,3 +54,30 @@ def quantize_ort_node_io(ctx: PlacementContext, plan: Plan, per_channel: bool = 
             for i, name in enumerate(c.input):
                 if name == t:
                     plan.add(Edge(t, c.name, i), "quantize_ort_node_io")
+
+
+# Activations ONNX Runtime fuses into the int8 conv/matmul before it (QLinearConv + Relu/Clip).
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+def pre_activation_tensors(ctx: PlacementContext) -> dict[str, str]:
+    """Outputs of Conv/ConvTranspose/Gemm/MatMul read only by one Relu/Clip: tensor -> "Relu 'name'".
+
+    Pattern::
+
+        DQ -> Conv -> c -> Relu -> r -> Q      (c: no Q/DQ; r: quantized with its own range)
+
+    Quantizing ``c`` with its pre-activation range would spend half the int8 grid on values the
+    Relu/Clip then discards; the Q after the activation uses the clipped range (as ONNX
+    Runtime's ``quantize_static`` does, which folds the activation into the Q).
+    """
+    out = {}
+    for node in ctx.model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or node.name in ctx.excluded_nodes:
+            continue
+        for t in node.output:
+            cons = ctx.consumers(t)
+            if (t and t not in ctx.graph_outputs and len(cons) == 1 and cons[0].op_type in FUSED_ACTIVATIONS
+                    and cons[0].name not in ctx.excluded_nodes and list(cons[0].input[:1]) == [t]):
+                out[t] = f"{cons[0].op_type} '{cons[0].name}'"
+    return out

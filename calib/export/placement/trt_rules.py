@@ -6,13 +6,12 @@ pattern and says why TensorRT wants it. ``plan_trt`` (``calib.export.placement``
 
 from __future__ import annotations
 
-
 import onnx
 
 from calib.calibrate.weights import weight_axis
-from calib.model import WEIGHTED_OPS
 from calib.export.placement.plan import (COPY_OPS, FUSED_EPILOGUE_OPS, POOLING_OPS, Edge, PlacementContext, Plan,
                                          WeightSlot, weight_input_indices)
+from calib.model import WEIGHTED_OPS
 
 
 # ---------------------------------------------------------------- TensorRT rules
