@@ -20,7 +20,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help"]
+__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 8  # samples per ONNX Runtime run: one default for quantize, collect, compare, advise, run
 
 
 REQUIRED = object()  # default of a key that must be given
@@ -38,7 +40,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "data": {
         "calib": (str, REQUIRED, "Calibration data: .npz/.npy, an image folder or a CSV/JSONL manifest."),
         "eval": (str, "", "Evaluation data for compare/advise/best (optional; same formats)."),
-        "batch_size": (int, 8, "Samples per ONNX Runtime run."),
+        "batch_size": (int, DEFAULT_BATCH_SIZE, "Samples per ONNX Runtime run."),
         "limit": (int, 0, "Use at most this many calibration samples (0 = all)."),
         "skip_bad": (bool, False, "Skip unreadable images (and count them) instead of failing."),
     },
@@ -98,7 +100,7 @@ class RunConfig:
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     calib_data: Path = Path()
     eval_data: Path | None = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     limit: int = 0
     skip_bad: bool = False
     preprocess: dict = field(default_factory=dict)
@@ -121,6 +123,11 @@ class RunConfig:
     time_budget_s: float = 0.0
     sensitivity_samples: int = 128
     source: Path | None = None  # the config file
+
+    @property
+    def transforms(self) -> list[str]:
+        """Model transforms after advise, in order (``calib.pipeline.steps.TRANSFORMS``)."""
+        return ["bias_correction"] if self.bias_correction else []
 
     def to_dict(self) -> dict:
         d = asdict(self)
