@@ -64,6 +64,10 @@ def quantize_cmd(
     target: str = typer.Option("", "--target", help="e.g. cosine:0.99 or top1:0.99: keep nodes in float until met."),
     placement: str = typer.Option("trt", "--placement", help="trt (TensorRT's rules) or ort (ORT CPU fusions)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Node name, op type or tensor name to keep in float."),
+    max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
+                                        "advise steps (0 = no limit); the best model so far is written."),
+    time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise "
+                                      "starts no new step (0 = no limit); the best model so far is written."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many calibration samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
@@ -84,7 +88,8 @@ def quantize_cmd(
         res = quantize(model, data, output, method=method, cache=cache, report=report, eval_data=eval_data,
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
                        providers=provider, metric=metric, bias_correction=bias_correction,
-                       bias_samples=bias_samples, stats_out=stats_out, progress=prog)
+                       bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
+                       time_budget_s=time_budget, progress=prog)
     except TargetNotMet as e:
         prog.close()
         if getattr(e, "result", None) is not None:
@@ -167,12 +172,12 @@ def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run
         return
     cols = [(k, h) for k, h in RUN_COLUMNS if any(k in (i.metrics or {}) for i in infos)]
     t = Table(title=f"runs in {store}")
-    t.add_column("id", overflow="fold", ratio=3)
-    t.add_column("status", overflow="fold", ratio=2)
-    t.add_column("model", overflow="fold", ratio=2)
+    t.add_column("id", no_wrap=True, min_width=max(len(i.id) for i in infos))  # ids are copied whole
+    t.add_column("status", overflow="fold")
+    t.add_column("model", overflow="fold")
     for _, head in cols:
-        t.add_column(head, justify="right", overflow="fold", ratio=1)
-    t.add_column("path", overflow="fold", ratio=3)
+        t.add_column(head, justify="right", overflow="fold")
+    t.add_column("path", overflow="fold")
     for i in infos:
         met = i.metrics or {}
         status = i.status if not i.error else f"{i.status}: {i.error[:60]}"

@@ -101,7 +101,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       cache: bool = False, eval_data: str | os.PathLike | None = None, target: str = "",
                       placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
                       limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
-                      bias_correction: bool = False, bias_samples: int | None = 128) -> RunConfig:
+                      bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
+                      time_budget_s: float = 0.0) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
     methods = list(DEFAULT_METHODS)
     if method != "best" and parse_method(method).label not in methods:
@@ -111,7 +112,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      batch_size=batch_size, limit=limit or 0, methods=methods, primary=method,
                      placement=placement, exclude=list(exclude), cache=cache, all_methods=False,
                      bias_correction=bias_correction, bias_samples=bias_samples or 0, compare=True,
-                     compare_metric=metric, html=False, target=target)
+                     compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
+                     time_budget_s=time_budget_s)
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -121,7 +123,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
              providers: Sequence[str] | None = None, metric: str = "", bias_correction: bool = False,
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
-             progress: Progress | None = None) -> QuantizeResult:
+             max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -132,7 +134,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     cfg = config_from_flags(model_path, data, method=method, cache=cache is not None, eval_data=eval_data,
                             target=target, placement=placement, exclude=exclude, batch_size=batch_size,
                             limit=limit, providers=providers, metric=metric, bias_correction=bias_correction,
-                            bias_samples=bias_samples)
+                            bias_samples=bias_samples, max_float_nodes=max_float_nodes,
+                            time_budget_s=time_budget_s)
     check_config(cfg)
     model = load_model(model_path)
     source = open_run_data(Path(data), model)
