@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calib.calibrate import parse_method
 from calib.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -149,7 +150,8 @@ def _suggest(name: str, options: list[str]) -> str | None:
     return f"did you mean '{m[0]}'?" if m else None
 
 
-def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
+def _check_types(doc: dict, source: str) -> dict[str, dict[str, Any]]:
+    """Every section and key known, every value of its key's type."""
     vals: dict[str, dict[str, Any]] = {}
     for sec, body in doc.items():
         if sec not in KEYS:
@@ -166,6 +168,32 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
             if not ok:
                 raise ConfigError(f"{source}: '{sec}.{k}' must be {t.__name__}, got {type(v).__name__} ({v!r})")
         vals[sec] = body
+    return vals
+
+
+# values of calibrate.primary that name a chooser rather than a method (calib.pipeline.steps.CHOOSERS);
+# a helper adding a chooser (e.g. "auto") adds its name here
+CHOOSER_NAMES = ("best",)
+
+
+def _check_methods(methods: list, primary: str, source: str) -> tuple[list, str]:
+    for m in methods:
+        if not isinstance(m, str):
+            raise ConfigError(f"{source}: calibrate.methods must be a list of strings, got {m!r}")
+        try:
+            parse_method(m)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.methods: {e}") from None
+    if primary not in CHOOSER_NAMES:
+        try:
+            parse_method(primary)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.primary: {e}") from None
+    return methods, primary
+
+
+def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
+    vals = _check_types(doc, source)
 
     def get(sec: str, k: str) -> Any:
         _, default, _ = KEYS[sec][k]
@@ -185,22 +213,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
             raise ConfigError(f"{source}: '{sec}.{k}' = {v!r}: {p} does not exist")
         return p
 
-    from calib.calibrate import parse_method
-
-    methods = get("calibrate", "methods")
-    for m in methods:
-        if not isinstance(m, str):
-            raise ConfigError(f"{source}: calibrate.methods must be a list of strings, got {m!r}")
-        try:
-            parse_method(m)
-        except Exception as e:
-            raise ConfigError(f"{source}: calibrate.methods: {e}") from None
-    primary = get("calibrate", "primary")
-    if primary != "best":
-        try:
-            parse_method(primary)
-        except Exception as e:
-            raise ConfigError(f"{source}: calibrate.primary: {e}") from None
+    methods, primary = _check_methods(get("calibrate", "methods"), get("calibrate", "primary"), source)
     placement = get("export", "placement")
     if placement not in ("trt", "ort"):
         raise ConfigError(f"{source}: export.placement must be 'trt' or 'ort', got {placement!r}")

@@ -131,7 +131,8 @@ def test_missed_target_writes_every_artifact_and_is_not_failed(case, tmp_path, c
     # and quantize does the same: every file written, then exit 1
     o = tmp_path / "q.onnx"
     rc = main(["quantize", str(case["model"]), "--data", str(case["calib"]), "--eval-data", str(case["eval"]),
-               "-m", "minmax", "--target", "sqnr:200", "--max-float-nodes", "1", "-o", str(o), "--cache", str(tmp_path / "q.cache"), "-b", "8"])
+               "-m", "minmax", "--target", "sqnr:200", "--max-float-nodes", "1", "-o", str(o),
+               "--cache", str(tmp_path / "q.cache"), "-b", "8"])
     assert rc == 1 and o.exists() and (tmp_path / "q.cache").exists() and (tmp_path / "q.advice.json").exists()
 
 

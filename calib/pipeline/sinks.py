@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from calib.compare.advice import advice_json_path
 from calib.compare.metrics import safe_float
