@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -157,9 +158,8 @@ def run_cmd(
 
 
 # the shipped model's numbers, one per column of 'calib runs' (those no run has are left out)
-RUN_COLUMNS = (("top1_agreement", "top-1 agr."), ("accuracy_int8", "acc. INT8"), ("accuracy_fp32", "acc. FP32"),
-               ("output_cosine", "out. cosine"), ("sqnr_db", "SQNR dB"), ("metric", "metric"),
-               ("float_nodes", "float nodes"), ("target_met", "target met"))
+RUN_COLUMNS = (("top1_agreement", "top-1"), ("accuracy_int8", "acc."), ("output_cosine", "cosine"),
+               ("sqnr_db", "SQNR dB"), ("metric", "metric"), ("float_nodes", "float"), ("target_met", "met"))
 
 
 def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run store folder.")) -> None:
@@ -171,18 +171,16 @@ def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run
         echo(f"no runs in {store} (make one with 'calib demo' or 'calib run CONFIG.toml')")
         return
     cols = [(k, h) for k, h in RUN_COLUMNS if any(k in (i.metrics or {}) for i in infos)]
-    t = Table(title=f"runs in {store}")
-    t.add_column("id", no_wrap=True, min_width=max(len(i.id) for i in infos))  # ids are copied whole
-    t.add_column("status", overflow="fold")
-    t.add_column("model", overflow="fold")
+    t = Table(title=f"runs in {store}", box=box.SIMPLE_HEAD, pad_edge=False)
+    # one cell per run: its id (kept whole), then status, model and the path to the shipped model
+    t.add_column("run", overflow="fold", min_width=min(60, max(len(i.id) for i in infos)))
     for _, head in cols:
         t.add_column(head, justify="right", overflow="fold")
-    t.add_column("path", overflow="fold")
     for i in infos:
         met = i.metrics or {}
-        status = i.status if not i.error else f"{i.status}: {i.error[:60]}"
-        t.add_row(i.id, status, Path(i.model).name, *(_fmt(met.get(k, "")) for k, _ in cols),
-                  str(met.get("path") or i.method))
+        about = f"{i.status} · {Path(i.model).name}" + (f" · {i.error[:80]}" if i.error else "")
+        t.add_row(f"{i.id}\n{about}\n{met.get('path') or i.method}", *(_fmt(met.get(k, "")) for k, _ in cols),
+                  end_section=True)
     _console().print(t)
 
 
