@@ -224,7 +224,7 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
                      "sampling": [cfg.sampling_strategy, cfg.sampling_n, cfg.sampling_seed],
                      "preprocess": cfg.preprocess})
     sink = RunSink(run, store, model_sha256=model.sha256, data_fingerprint=data_fp, key=key,
-                   method_files=cfg.all_methods or cfg.primary == "best", reports=True)
+                   method_files="all" if cfg.all_methods or cfg.primary == "best" else "chosen", reports=True)
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
     run.set_metrics(summary(ctx))
     return ctx

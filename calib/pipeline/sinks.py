@@ -33,7 +33,7 @@ def method_file_label(label: str) -> str:
 class FileSink:
     """``calib quantize``: the model at ``output``; cache, scale report and statistics where asked."""
 
-    method_files = False  # no model per method
+    method_files = ""  # no model per method
     reports = False  # no per-layer comparison
 
     def __init__(self, output: Path, *, cache: Path | None = None, report: Path | None = None,
@@ -59,7 +59,7 @@ class RunSink:
     """``calib run``, the demo and the dashboard: every artifact in the run directory, listed in run.json."""
 
     def __init__(self, run: Run, store: RunStore, *, model_sha256: str, data_fingerprint: str, key: str,
-                 method_files: bool, reports: bool) -> None:
+                 method_files: str, reports: bool) -> None:
         self.run, self.store = run, store
         self._reuse = (model_sha256, data_fingerprint, key)
         self.method_files, self.reports = method_files, reports
@@ -105,9 +105,10 @@ def cache_entries(model: Model, qdq: QdqModel, ranges) -> dict[str, float]:
 
 
 def _write_method_files(ctx: Context, sink) -> None:
-    """Each method's Q/DQ model and, with evaluation data, its per-layer comparison (dashboard, diff)."""
+    """Each method's (``method_files = "all"``) or the chosen method's (``"chosen"``) Q/DQ model and, with
+    evaluation data, its per-layer comparison (the dashboard's Layers page, ``calib diff``)."""
     c = ctx.cfg
-    for label in ctx.ranges:
+    for label in (list(ctx.ranges) if sink.method_files == "all" else [ctx.method]):
         fl = method_file_label(label)
         with sink.timing(f"export:{label}"):
             q = ctx.candidates.get(label) or ctx.export(label)
