@@ -122,8 +122,14 @@ def _print_quantized(res, target: str) -> None:
             echo(f"  {k}: {p}")
 
 
-def _metrics_line(task: dict) -> str:
-    return "  ".join(f"{k}={_fmt(v)}" for k, v in task.items() if isinstance(v, (int, float)))
+# the output metrics printed for a model (all of them are in the run's metrics / run.json)
+KEY_METRICS = ("top1_agreement", "accuracy_int8", "accuracy_fp32", "output_cosine", "sqnr_db", "metric",
+               "max_abs_error")
+
+
+def _metrics_line(task: dict, sep: str = "  ") -> str:
+    keys = [k for k in KEY_METRICS if k in task] or list(task)
+    return sep.join(f"{k}={_fmt(task[k])}" for k in keys if isinstance(task[k], (int, float)))
 
 
 def run_cmd(
@@ -300,7 +306,8 @@ def _print_run(run, full: bool = False) -> None:
     nums = {k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and k not in ("float_nodes", "advised_metric")}
     if nums:
-        echo("  shipped model: " + ", ".join(f"{k}={_fmt(v)}" for k, v in nums.items()))
+        echo("  shipped model: " + (", ".join(f"{k}={_fmt(v)}" for k, v in nums.items()) if full
+                                    else _metrics_line(nums, ", ")))
     if path:
         echo(f"  path: {path}")
     rest = {k: v for k, v in met.items() if k not in nums and k not in ("method", "transforms")}
