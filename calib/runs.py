@@ -42,6 +42,7 @@ RUN_FORMAT_VERSION = 1
 DEFAULT_STORE = Path("calib-runs")
 MANIFEST = "run.json"
 COMPLETE = "COMPLETE"
+FINISHED = ("complete", "target-missed")  # every artifact written (target-missed: of the best model found)
 
 
 def versions() -> dict[str, str]:
@@ -101,7 +102,7 @@ class RunInfo:
 
     id: str
     name: str
-    status: str  # complete | running | incomplete | failed | unreadable
+    status: str  # complete | target-missed | running | incomplete | failed | unreadable
     created: str
     model: str
     data: str
@@ -130,7 +131,7 @@ class Run:
     @property
     def status(self) -> str:
         if (self.dir / COMPLETE).exists():
-            return "complete"
+            return "target-missed" if self.manifest.get("status") == "target-missed" else "complete"
         st = self.manifest.get("status", "incomplete")
         if st == "running" and not _pid_alive(self.manifest.get("pid")):
             return "incomplete"
@@ -138,7 +139,8 @@ class Run:
 
     @property
     def is_complete(self) -> bool:
-        return self.status == "complete"
+        """Finished with every artifact written (``complete`` or ``target-missed``)."""
+        return self.status in FINISHED
 
     # ---- writing ---------------------------------------------------------------
     def _save(self) -> None:
@@ -169,8 +171,8 @@ class Run:
     def fail(self, error: str) -> None:
         self.update(status="failed", error=error, finished=_now())
 
-    def complete(self) -> None:
-        self.update(status="complete", finished=_now())
+    def complete(self, status: str = "complete", **fields: Any) -> None:
+        self.update(status=status, finished=_now(), **fields)
         write_json(self.dir / COMPLETE, {"id": self.id, "finished": self.manifest["finished"]})
 
     # ---- reading -----------------------------------------------------------------

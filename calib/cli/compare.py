@@ -16,6 +16,7 @@ from calib.data import open_data
 from calib.errors import InputDataError, TargetNotMet
 from calib.model import load_model
 from calib.stats import ActivationStats
+from calib.config import DEFAULT_BATCH_SIZE
 
 __all__ = ["register", "read_labels"]
 
@@ -92,7 +93,7 @@ def compare_cmd(
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics (.npz) for the report's histograms."),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="Also rank the quantized nodes by sensitivity."),
     sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for --sensitivity at most."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
     optimization: str = typer.Option("disable", "--ort-optimization",
                                      help="ONNX Runtime level: disable|basic|extended|all (see docs)."),
@@ -134,7 +135,7 @@ def advise_cmd(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
     candidate_samples: Optional[int] = typer.Option(
         None, "--candidate-samples", help="Samples to compare a step's candidates on (default: all; every "

@@ -13,6 +13,7 @@ from calib.collect import collect
 from calib.data import open_data
 from calib.model import load_model
 from calib.stats import ActivationStats
+from calib.config import DEFAULT_BATCH_SIZE
 
 __all__ = ["register"]
 
@@ -28,7 +29,7 @@ def collect_cmd(
     data: Path = typer.Option(..., "--data", "-d", help="Calibration data: .npz (arrays keyed by input name, "
                               "first axis = sample), .npy, an image folder or a manifest."),
     output: Path = typer.Option(..., "--output", "-o", help="Statistics file to write (.npz)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from calib.cli._common import Progress, echo, is_quiet
+from calib.config import DEFAULT_BATCH_SIZE
+from calib.errors import TargetNotMet
 
 __all__ = ["register"]
 
@@ -53,11 +59,17 @@ def quantize_cmd(
                                help="entropy | minmax | percentile[:P] | mse | best (needs --eval-data)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Also write a TensorRT calibration cache."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON scale report."),
+    stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="Also write the statistics (.npz) for "
+                                             "'calib export/advise --stats' (no second collect)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (for best/target)."),
     target: str = typer.Option("", "--target", help="e.g. cosine:0.99 or top1:0.99: keep nodes in float until met."),
     placement: str = typer.Option("trt", "--placement", help="trt (TensorRT's rules) or ort (ORT CPU fusions)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Node name, op type or tensor name to keep in float."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
+                                        "advise steps (0 = no limit); the best model so far is written."),
+    time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise "
+                                      "starts no new step (0 = no limit); the best model so far is written."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many calibration samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
     metric: str = typer.Option("", "--metric", help="Your metric as module:function (see README)."),
@@ -66,7 +78,7 @@ def quantize_cmd(
                                          "--eval-data kept only if it scores at least as well)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
 ) -> None:
-    """One shot: collect, calibrate, export (and with --target: compare and advise)."""
+    """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
     from calib.compare import parse_target
     from calib.pipeline import quantize
 
@@ -77,13 +89,26 @@ def quantize_cmd(
         res = quantize(model, data, output, method=method, cache=cache, report=report, eval_data=eval_data,
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
                        providers=provider, metric=metric, bias_correction=bias_correction,
-                       bias_samples=bias_samples, progress=prog)
+                       bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
+                       time_budget_s=time_budget, progress=prog)
+    except TargetNotMet as e:
+        prog.close()
+        if getattr(e, "result", None) is not None:
+            _print_quantized(e.result, target)
+        raise
     finally:
         prog.close()
+    _print_quantized(res, target)
+
+
+def _print_quantized(res, target: str) -> None:
+    """The shipped model's numbers first, then the path that got there, then the files."""
+    if res.shipped:
+        echo("shipped model: " + _metrics_line(res.shipped))
+    echo(f"path: {res.path}")
     if res.metrics:
         for label, task in res.metrics.items():
-            echo(f"  {label:<12} " + "  ".join(f"{k}={_fmt(v)}" for k, v in task.items()
-                                                if isinstance(v, (int, float))))
+            echo(f"  {label:<12} " + _metrics_line(task))
         echo(f"best method on the evaluation data: {res.best}")
     if res.advice is not None:
         echo(f"advise: {len(res.excluded)} node(s) in float, {target} met: {res.target_met}")
@@ -91,10 +116,20 @@ def quantize_cmd(
         echo(f"bias correction: {res.bias['channels_corrected']} of {res.bias['channels']} channels in "
              f"{res.bias['nodes']} layer(s), measured on {res.bias['n_samples']} samples, "
              f"{'kept' if res.bias['kept'] else 'not kept'} ({res.bias['why']})")
-    echo(f"method {res.method}, {res.stats.n_samples} samples -> {output}")
+    echo(f"method {res.method}, {res.stats.n_samples} samples -> {res.output}")
     for k, p in res.artifacts.items():
         if k != "model":
             echo(f"  {k}: {p}")
+
+
+# the output metrics printed for a model (all of them are in the run's metrics / run.json)
+KEY_METRICS = ("top1_agreement", "accuracy_int8", "accuracy_fp32", "output_cosine", "sqnr_db", "metric",
+               "max_abs_error")
+
+
+def _metrics_line(task: dict, sep: str = "  ") -> str:
+    keys = [k for k in KEY_METRICS if k in task] or list(task)
+    return sep.join(f"{k}={_fmt(task[k])}" for k in keys if isinstance(task[k], (int, float)))
 
 
 def run_cmd(
@@ -119,30 +154,45 @@ def run_cmd(
     prog = Progress()
     try:
         run = execute(cfg, command=["calib", *sys.argv[1:]], progress=prog)
+    except TargetNotMet as e:  # every artifact of the best model is written: say where, then exit 1
+        prog.close()
+        _print_run(e.run)
+        raise
     finally:
         prog.close()
     _print_run(run)
 
 
-def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run store folder.")) -> None:
-    """List the runs of a store, newest first, with their key metrics."""
-    from rich.console import Console
-    from rich.table import Table
+# the shipped model's numbers, one per column of 'calib runs' (those no run has are left out)
+RUN_COLUMNS = (("top1_agreement", "top-1"), ("accuracy_int8", "acc."), ("output_cosine", "cosine"),
+               ("sqnr_db", "SQNR dB"), ("metric", "metric"), ("float_nodes", "float"), ("target_met", "met"))
 
+
+def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run store folder.")) -> None:
+    """List the runs of a store, newest first: the shipped model's numbers, then how it was made."""
     from calib.runs import RunStore
 
     infos = RunStore(store).list()
     if not infos:
         echo(f"no runs in {store} (make one with 'calib demo' or 'calib run CONFIG.toml')")
         return
-    t = Table(title=f"runs in {store}")
-    for col in ("id", "status", "model", "method", "metrics"):
-        t.add_column(col, overflow="fold")
+    cols = [(k, h) for k, h in RUN_COLUMNS if any(k in (i.metrics or {}) for i in infos)]
+    t = Table(title=f"runs in {store}", box=box.SIMPLE_HEAD, pad_edge=False)
+    # one cell per run: its id (kept whole), then status, model and the path to the shipped model
+    t.add_column("run", overflow="fold", min_width=min(60, max(len(i.id) for i in infos)))
+    for _, head in cols:
+        t.add_column(head, justify="right", overflow="fold")
     for i in infos:
-        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in i.metrics.items() if k != "method")
-        t.add_row(i.id, i.status if not i.error else f"{i.status}: {i.error[:60]}", Path(i.model).name, i.method,
-                  metrics)
-    Console(width=160).print(t)
+        met = i.metrics or {}
+        about = f"{i.status} · {Path(i.model).name}" + (f" · {i.error[:80]}" if i.error else "")
+        t.add_row(f"{i.id}\n{about}\n{met.get('path') or i.method}", *(_fmt(met.get(k, "")) for k, _ in cols),
+                  end_section=True)
+    _console().print(t)
+
+
+def _console() -> Console:
+    """A console as wide as the terminal (rich's own layout); 100 columns when not a terminal."""
+    return Console(quiet=is_quiet(), width=None if sys.stdout.isatty() else 100)
 
 
 def show_cmd(run: str = typer.Argument(..., help="Run id (or unique prefix) or run directory."),
@@ -157,15 +207,12 @@ def diff_cmd(run_a: str = typer.Argument(...), run_b: str = typer.Argument(...),
              store: Path = typer.Option(Path("calib-runs"), "--store"),
              top: int = typer.Option(15, "--top", help="Tensors with the largest range change to list.")) -> None:
     """Compare two runs: metrics, excluded nodes and ranges side by side."""
-    from rich.console import Console
-    from rich.table import Table
-
     from calib.runs import RunStore
     from calib.rundiff import diff_runs
 
     st = RunStore(store)
     d = diff_runs(st.get(run_a), st.get(run_b))
-    con = Console(width=160)
+    con = _console()
     t = Table(title="metrics")
     t.add_column("metric")
     t.add_column(d.a_id)
@@ -200,6 +247,10 @@ def demo_cmd(
     try:
         run = run_demo(store, data_dir, n_calib=n_calib, n_eval=n_eval, target=target, progress=prog,
                        command=["calib", *sys.argv[1:]])
+    except TargetNotMet as e:  # the best model is written: show it, then exit 1
+        prog.close()
+        _print_summary(e.run)
+        raise
     finally:
         prog.close()
     _print_summary(run)
@@ -214,40 +265,54 @@ def _fmt(v) -> str:
 
 
 def _print_summary(run) -> None:
-    """Per method: output agreement, accuracy, cosine, worst layers; then every artifact."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """The shipped model (the method + advise/bias correction) first, then each method alone."""
     m = run.manifest
-    con = Console(width=160, quiet=is_quiet())
     t = Table(title=f"calib demo: {Path(m['model']['path']).name}, {m.get('n_samples')} calibration samples")
-    for col in ("method", "top-1 agreement", "accuracy INT8", "accuracy FP32", "output cosine", "worst layers"):
+    for col in ("model", "top-1 agreement", "accuracy INT8", "accuracy FP32", "output cosine", "worst layers"):
         t.add_column(col, overflow="fold")
+    shipped = m.get("metrics") or {}
+    t.add_row(f"{shipped.get('path') or m.get('method')} (shipped)", *_demo_cells(shipped),
+              _worst(run, "compare"), style="bold")
     for label, task in (m.get("metrics_by_method") or {}).items():
-        worst = ""
-        p = run.artifact(f"compare:{label}")
-        if p is not None and p.exists():
-            import json
-
-            from calib.compare import CompareReport
-
-            rep = CompareReport.from_json(json.loads(p.read_text()))
-            worst = ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in rep.worst(3))
-        mark = " (chosen)" if label == m.get("method") else ""
-        t.add_row(label + mark, _fmt(task.get("top1_agreement")), _fmt(task.get("accuracy_int8")),
-                  _fmt(task.get("accuracy_fp32")), _fmt(task.get("output_cosine")), worst)
-    con.print(t)
+        t.add_row(label, *_demo_cells(task), _worst(run, f"compare:{label}"))
+    _console().print(t)
     _print_run(run, full=False)
 
 
+def _demo_cells(task: dict) -> list[str]:
+    return [_fmt(task.get(k)) for k in ("top1_agreement", "accuracy_int8", "accuracy_fp32", "output_cosine")]
+
+
+def _worst(run, key: str) -> str:
+    from calib.compare.report import CompareReport  # heavy (ONNX Runtime, Polygraphy): not at CLI start
+
+    p = run.artifact(key)
+    if p is None or not p.exists():
+        return ""
+    rep = CompareReport.from_json(json.loads(p.read_text()))
+    return ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in rep.worst(3))
+
+
 def _print_run(run, full: bool = False) -> None:
+    """Status, the shipped model's numbers, the path that got there, then (full) provenance and files."""
     m = run.manifest
     echo(f"run {run.id}: {run.status}")
     if m.get("error"):
         echo(f"  error: {m['error']}")
-    met = m.get("metrics", {})
-    if met:
-        echo("  metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in met.items()))
+    if m.get("outcome"):
+        echo(f"  {m['outcome']}")
+    met = dict(m.get("metrics", {}))
+    path = met.pop("path", None)
+    nums = {k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("float_nodes", "advised_metric")}
+    if nums:
+        echo("  shipped model: " + (", ".join(f"{k}={_fmt(v)}" for k, v in nums.items()) if full
+                                    else _metrics_line(nums, ", ")))
+    if path:
+        echo(f"  path: {path}")
+    rest = {k: v for k, v in met.items() if k not in nums and k not in ("method", "transforms")}
+    if rest:
+        echo("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in rest.items()))
     if full:
         echo(f"  model: {m.get('model', {}).get('path')} (sha256 {m.get('model', {}).get('sha256', '')[:12]}…)")
         echo(f"  data: {m.get('data', {}).get('path')}")

@@ -1,0 +1,167 @@
+"""Where a plan's results go: files the user named (``calib quantize``) or a run directory (``calib run``).
+
+Both sinks receive the same artifacts from ``write_artifacts``, so the same inputs give byte-identical
+files whichever entry point ran the plan. A sink answers ``path(key, name)`` with the file to write an
+artifact to, or ``None`` when it does not keep that artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from calib.compare.advice import advice_json_path
+from calib.compare.metrics import safe_float
+from calib.export import QdqModel, scale_report, write_cache, write_scale_report
+from calib.io import save_onnx, write_json
+from calib.model import Model
+from calib.pipeline.scoring import compare_model
+from calib.pipeline.steps import Context, final_ranges
+from calib.runs import Run, RunStore
+from calib.stats import ActivationStats
+
+__all__ = ["FileSink", "RunSink", "write_artifacts", "cache_entries", "method_file_label"]
+
+
+def method_file_label(label: str) -> str:
+    return label.replace(":", "-")
+
+
+class FileSink:
+    """``calib quantize``: the model at ``output``; cache, scale report and statistics where asked."""
+
+    method_files = ""  # no model per method
+    reports = False  # no per-layer comparison
+
+    def __init__(self, output: Path, *, cache: Path | None = None, report: Path | None = None,
+                 stats_out: Path | None = None) -> None:
+        self._paths = {"model": Path(output), "advise": advice_json_path(output), "cache": cache,
+                       "scales": report, "stats": stats_out}
+
+    def path(self, key: str, name: str) -> Path | None:
+        p = self._paths.get(key)
+        return None if p is None else Path(p)
+
+    def timing(self, stage: str):
+        return contextlib.nullcontext()
+
+    def record(self, **fields: Any) -> None:
+        pass
+
+    def reuse_stats(self) -> ActivationStats | None:
+        return None
+
+
+class RunSink:
+    """``calib run``, the demo and the dashboard: every artifact in the run directory, listed in run.json."""
+
+    def __init__(self, run: Run, store: RunStore, *, model_sha256: str, data_fingerprint: str, key: str,
+                 method_files: str, reports: bool) -> None:
+        self.run, self.store = run, store
+        self._reuse = (model_sha256, data_fingerprint, key)
+        self.method_files, self.reports = method_files, reports
+        run.update(stats_key=key)
+
+    def path(self, key: str, name: str) -> Path:
+        return self.run.add_artifact(key, name)
+
+    def timing(self, stage: str) -> contextlib.AbstractContextManager:
+        return self.run.timing(stage)
+
+    def record(self, **fields: Any) -> None:
+        self.run.update(**fields)
+
+    def reuse_stats(self) -> ActivationStats | None:
+        """Statistics of an earlier complete run on the same model, data and options, copied into this run."""
+        reused = self.store.find_stats(*self._reuse)
+        if reused is None:
+            return None
+        stats_path = self.path("stats", "stats.npz")
+        tmp = stats_path.with_name(".stats.npz.tmp")
+        shutil.copyfile(reused, tmp)
+        os.replace(tmp, stats_path)
+        self.run.update(stats_reused_from=str(reused.parent.name))
+        return ActivationStats.load(stats_path)
+
+
+def cache_entries(model: Model, qdq: QdqModel, ranges) -> dict[str, float]:
+    """TensorRT cache entries of the shipped model: the ranges it was exported with (per tensor, the amax
+    after Concat scale sharing), without the tensors it keeps float: skipped ones (NaN/inf, mask-like)
+    and those only float nodes touch (outputs of float nodes, inputs read by float nodes alone)."""
+    known = set(model.producers) | {i.name for i in model.inputs}
+    floats = set(qdq.excluded)
+    drop = set(qdq.skipped)
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.name)
+        if n.name in floats:
+            drop.update(o for o in n.output if o)
+    drop.update(t for t, rs in readers.items() if rs and rs <= floats)
+    return {t: float(qdq.amax.get(t, r.amax)) for t, r in ranges.tensors.items() if t in known and t not in drop}
+
+
+def _write_method_files(ctx: Context, sink) -> None:
+    """Each method's (``method_files = "all"``) or the chosen method's (``"chosen"``) Q/DQ model and, with
+    evaluation data, its per-layer comparison (the dashboard's Layers page, ``calib diff``)."""
+    c = ctx.cfg
+    for label in (list(ctx.ranges) if sink.method_files == "all" else [ctx.method]):
+        fl = method_file_label(label)
+        with sink.timing(f"export:{label}"):
+            q = ctx.candidates.get(label) or ctx.export(label)
+            q.save(sink.path(f"qdq:{label}", f"model.{fl}.int8.onnx"))
+        if ctx.ev is not None and c.compare:
+            with sink.timing(f"compare:{label}"):
+                compare_model(ctx.model, q.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+                              stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
+                              html=sink.path(f"report:{label}", f"report.{fl}.html") if c.html else None,
+                              json_path=sink.path(f"compare:{label}", f"compare.{fl}.json"))
+
+
+def _write_report(ctx: Context, sink) -> None:
+    """report.html and compare.json describe the model that ships."""
+    c = ctx.cfg
+    if not (sink.reports and ctx.ev is not None and c.compare):
+        return
+    with sink.timing("compare:shipped"):
+        compare_model(ctx.model, ctx.qdq.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+                      stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
+                      html=sink.path("report", "report.html") if c.html else None,
+                      json_path=sink.path("compare", "compare.json"),
+                      advice=ctx.advice.to_json() if ctx.advice is not None else None,
+                      title=f"calib: the shipped model ({shipped_path(ctx)})")
+
+
+def shipped_path(ctx: Context) -> str:
+    """How the shipped model was made, in words: method, transforms, float nodes."""
+    final = final_ranges(ctx)
+    parts = [ctx.method + (f" ({len(ctx.advice.changed)} tensors changed method)" if final.method == "mixed"
+                           else "")]
+    parts += [t.replace("_", " ") + ("" if (ctx.bias or {}).get("kept", True) else " (not kept)")
+              for t in ctx.done]
+    if ctx.advice is not None:
+        parts.append(f"advise: {len(ctx.advice.exclude)} float node(s)")
+    return " + ".join(parts)
+
+
+def write_artifacts(ctx: Context, sink) -> None:
+    """Every artifact of the plan; the cache and scale report from the ranges the shipped model was
+    exported with (after advise's per-tensor changes, without float and skipped tensors)."""
+    c = ctx.cfg
+    if sink.method_files:
+        _write_method_files(ctx, sink)
+    if ctx.bias is not None and (p := sink.path("bias", "bias.json")) is not None:
+        write_json(p, safe_float(ctx.bias))
+    if ctx.advice is not None:
+        write_json(sink.path("advise", "advise.json"), ctx.advice.to_json())
+    save_onnx(ctx.qdq.model, sink.path("model", "model.int8.onnx"))
+    final = final_ranges(ctx)
+    if c.cache and (p := sink.path("cache", "model.cache")) is not None:
+        write_cache(p, cache_entries(ctx.model, ctx.qdq, final))
+    if (p := sink.path("scales", "scales.json")) is not None:
+        write_scale_report(p, scale_report(ctx.qdq, {**ctx.ranges, final.method: final}, chosen=final.method,
+                                           stats=ctx.stats))
+    _write_report(ctx, sink)

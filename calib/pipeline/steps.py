@@ -1,0 +1,214 @@
+"""The steps of the plan and their plug-in points.
+
+A step takes the ``Context`` and fills in what it produced. Two registries make the steps pluggable:
+
+- ``CHOOSERS``: the "choose ranges" step, keyed by ``RunConfig.primary``: a named method (``entropy``,
+  ``percentile:99.99`` ... all handled by the ``"method"`` chooser), ``best`` (score every method on the
+  evaluation data), and any chooser registered later with ``register_chooser`` (e.g. ``auto``).
+- ``TRANSFORMS``: model transforms applied after advise, in ``RunConfig.transforms`` order
+  (``bias_correction`` today), each verified on the evaluation data where it can be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from calib.calibrate import Ranges, calibrate_all, parse_method
+from calib.collect import collect
+from calib.compare import Advice, advise, load_metric
+from calib.config import RunConfig
+from calib.errors import TargetNotMet
+from calib.export import QdqModel, export_qdq
+from calib.export.bias import correct_bias
+from calib.model import Model
+from calib.pipeline.inputs import flagged_tensors, mark_flagged
+from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into_advice, methods_first,
+                                    score_methods, score_outputs, task_metrics)
+from calib.stats import ActivationStats
+
+__all__ = ["Context", "CHOOSERS", "TRANSFORMS", "register_chooser", "register_transform", "collect_step",
+           "calibrate_step", "choose_step", "advise_step", "transforms_step", "verify_step", "final_ranges"]
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class Context:
+    """Everything one execution of the plan reads and produces."""
+
+    cfg: RunConfig
+    model: Model
+    source: Any  # calibration samples
+    ev: Any | None  # evaluation samples (None: no scoring, no advise)
+    progress: Progress | None = None
+    stats: ActivationStats | None = None
+    ranges: dict[str, Ranges] = field(default_factory=dict)  # method label -> Ranges
+    flagged: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float (NaN/inf)
+    candidates: dict[str, QdqModel] = field(default_factory=dict)  # method label -> its exported model
+    scored: dict[str, QdqModel] = field(default_factory=dict)  # label (maybe +bc) -> the model scored
+    scores: dict[str, dict] = field(default_factory=dict)  # label (maybe +bc) -> output metrics
+    best: str | None = None  # what 'best' picked (with BC_SUFFIX when the corrected model won)
+    method: str = ""  # the chosen method's label (advise may change single tensors: see final_ranges)
+    qdq: QdqModel | None = None  # the model that ships
+    advice: Advice | None = None
+    missed: TargetNotMet | None = None  # advise missed the target: the best model found still ships
+    bias: dict[str, Any] | None = None
+    done: list[str] = field(default_factory=list)  # transforms applied
+    shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model
+
+    def export(self, label: str, exclude=None) -> QdqModel:
+        c = self.cfg
+        return export_qdq(self.model, self.ranges[label], placement=c.placement,
+                          exclude=c.exclude if exclude is None else exclude, flagged=self.flagged)
+
+
+Chooser = Callable[[Context], None]
+Transform = Callable[[Context], None]
+CHOOSERS: dict[str, Chooser] = {}
+TRANSFORMS: dict[str, Transform] = {}
+
+
+def register_chooser(name: str, fn: Chooser | None = None):
+    """Register a "choose ranges" step for ``primary = name`` (usable as a decorator)."""
+    def put(f: Chooser) -> Chooser:
+        CHOOSERS[name] = f
+        return f
+    return put(fn) if fn is not None else put
+
+
+def register_transform(name: str, fn: Transform | None = None):
+    """Register a model transform for ``RunConfig.transforms`` (usable as a decorator)."""
+    def put(f: Transform) -> Transform:
+        TRANSFORMS[name] = f
+        return f
+    return put(fn) if fn is not None else put
+
+
+def collect_step(ctx: Context, reuse: ActivationStats | None = None) -> None:
+    c = ctx.cfg
+    ctx.stats = reuse if reuse is not None else collect(
+        ctx.model, ctx.source, batch_size=c.batch_size, limit=c.limit or None, providers=c.providers,
+        progress=ctx.progress)
+    ctx.flagged = flagged_tensors(ctx.stats)
+
+
+def calibrate_step(ctx: Context) -> None:
+    methods = list(ctx.cfg.methods)
+    primary = ctx.cfg.primary
+    if primary not in CHOOSERS and parse_method(primary).label not in [parse_method(m).label for m in methods]:
+        methods.append(primary)  # a named method outside the list is calibrated too
+    ctx.ranges = mark_flagged(calibrate_all(ctx.stats, methods), ctx.flagged)
+
+
+def choose_step(ctx: Context) -> None:
+    CHOOSERS.get(ctx.cfg.primary, CHOOSERS["method"])(ctx)
+
+
+def _score_candidates(ctx: Context, with_bias: bool) -> dict[str, Any]:
+    """Export every method and score them in one pass (with bias correction: both versions of each)."""
+    c = ctx.cfg
+    ctx.candidates = {label: ctx.export(label) for label in ctx.ranges}
+    corrected = {}
+    if with_bias:  # every method's shifts in one pass, both versions of each scored
+        corrected = correct_bias(ctx.model, ctx.candidates, ctx.source, batch_size=c.batch_size,
+                                 limit=c.bias_samples or None, providers=c.providers, progress=ctx.progress)
+    ctx.scored = {**ctx.candidates, **{label + BC_SUFFIX: bc.qdq for label, bc in corrected.items()}}
+    ctx.scores = score_methods(ctx.model, ctx.scored, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+                               providers=c.providers, progress=ctx.progress)
+    return corrected
+
+
+@register_chooser("method")
+def choose_named(ctx: Context) -> None:
+    """A method given by name; with evaluation data and ``all_methods`` every method is scored (report)."""
+    c = ctx.cfg
+    ctx.method = parse_method(c.primary).label
+    if ctx.ev is not None and c.all_methods and c.compare:
+        _score_candidates(ctx, with_bias=False)
+    ctx.qdq = ctx.candidates.get(ctx.method) or ctx.export(ctx.method)
+
+
+@register_chooser("best")
+def choose_best(ctx: Context) -> None:
+    """The method whose model scores best on the evaluation data (``best_key``). With bias correction and
+    no target each method is scored with and without it; with a target, advise re-exports from the
+    ranges, so the correction is made after it instead."""
+    c = ctx.cfg
+    with_bias = "bias_correction" in c.transforms and not c.target
+    corrected = _score_candidates(ctx, with_bias)
+    ctx.best = max(ctx.scores, key=lambda k: best_key(ctx.scores[k], c.target))
+    ctx.method = parse_method(ctx.best.removesuffix(BC_SUFFIX)).label
+    ctx.qdq = ctx.candidates[ctx.method]
+    if corrected:
+        use_bc = ctx.best.endswith(BC_SUFFIX)
+        ctx.bias = {**corrected[ctx.method].to_json(), "kept": use_bc,
+                    "why": "scored better on the evaluation data" if use_bc else
+                    "the uncorrected model scored at least as well on the evaluation data"}
+        ctx.qdq = corrected[ctx.method].qdq if use_bc else ctx.qdq
+        ctx.done.append("bias_correction")
+
+
+def advise_step(ctx: Context) -> None:
+    """Toward ``cfg.target``: float nodes and per-tensor methods. A missed target keeps the best model found."""
+    c = ctx.cfg
+    if not c.target:
+        return
+    order = methods_first(ctx.method, list(ctx.ranges))
+    try:
+        adv = advise(ctx.model, {m: ctx.ranges[m] for m in order}, ctx.ev, target=c.target, methods=order,
+                     placement=c.placement, batch_size=c.batch_size,
+                     metric=load_metric(c.compare_metric) if c.compare_metric else None,
+                     max_steps=c.max_float_nodes or None, time_budget_s=c.time_budget_s or None,
+                     sensitivity_samples=c.sensitivity_samples, progress=ctx.progress)
+    except TargetNotMet as e:
+        adv, ctx.missed = e.advice, e
+    ctx.advice, ctx.qdq = adv, adv.qdq
+
+
+def transforms_step(ctx: Context) -> None:
+    for name in ctx.cfg.transforms:
+        if name not in ctx.done:
+            TRANSFORMS[name](ctx)
+            ctx.done.append(name)
+
+
+@register_transform("bias_correction")
+def bias_transform(ctx: Context) -> None:
+    c = ctx.cfg
+    qdq, ctx.bias, outs = bias_correct(
+        ctx.model, ctx.qdq, ctx.source, ctx.ev if c.compare else None, batch_size=c.batch_size,
+        limit=c.bias_samples or None, target=c.target, metric=c.compare_metric, providers=c.providers,
+        progress=ctx.progress)
+    ctx.qdq = qdq
+    if outs is not None:  # the shipped model's numbers are already measured
+        ctx.shipped = task_metrics(outs["with" if ctx.bias["kept"] else "without"].result())
+    if ctx.advice is not None:
+        bias_into_advice(ctx.advice, qdq, ctx.bias, outs)
+        if ctx.missed is not None and ctx.advice.met:
+            ctx.missed = None
+
+
+def verify_step(ctx: Context) -> None:
+    """The output metrics of the model that ships (reused when that very model was scored already)."""
+    c = ctx.cfg
+    if ctx.ev is None or ctx.shipped:
+        return
+    same = [label for label, q in ctx.scored.items() if q is ctx.qdq and label in ctx.scores]
+    if same:
+        ctx.shipped = dict(ctx.scores[same[0]])
+        return
+    outs = score_outputs(ctx.model, {"shipped": ctx.qdq.model}, ctx.ev, batch_size=c.batch_size,
+                         metric=c.compare_metric, providers=c.providers, progress=ctx.progress,
+                         stage="verifying the shipped model")
+    ctx.shipped = task_metrics(outs["shipped"].result())
+
+
+def final_ranges(ctx: Context) -> Ranges:
+    """The ranges the shipped model was exported with: the chosen method's, with advise's per-tensor
+    method changes (``Ranges.method`` is ``mixed`` then)."""
+    base = ctx.ranges[ctx.method]
+    if ctx.advice is None or not ctx.advice.changed:
+        return base
+    tensors = {t: ctx.ranges[m].tensors[t] for t, m in ctx.advice.methods.items()}
+    return Ranges("mixed", tensors, base.model_sha256)
