@@ -15,6 +15,15 @@ from rich.table import Table
 from calib.cli._common import Progress, echo, is_quiet
 from calib.config import DEFAULT_BATCH_SIZE
 from calib.errors import TargetNotMet
+from calib.compare import parse_target
+from calib.pipeline import quantize
+from calib.config import keys_help, load_config
+from calib.pipeline import execute
+from calib.errors import ConfigError
+from calib.runs import RunStore
+from calib.rundiff import diff_runs
+from calib.demo import run_demo
+from calib.compare.report import CompareReport
 
 __all__ = ["register"]
 
@@ -79,8 +88,6 @@ def quantize_cmd(
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
 ) -> None:
     """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
-    from calib.compare import parse_target
-    from calib.pipeline import quantize
 
     if target:
         parse_target(target)
@@ -138,14 +145,11 @@ def run_cmd(
     help_keys: bool = typer.Option(False, "--help-keys", help="List every config key and exit."),
 ) -> None:
     """Run a configuration file into a new run directory of the run store."""
-    from calib.config import keys_help, load_config
-    from calib.pipeline import execute
 
     if help_keys:
         print(keys_help())
         return
     if config is None:
-        from calib.errors import ConfigError
 
         raise ConfigError("missing CONFIG.toml", hint="see 'calib run --help-keys' and the README's example")
     cfg = load_config(config)
@@ -170,7 +174,6 @@ RUN_COLUMNS = (("top1_agreement", "top-1"), ("accuracy_int8", "acc."), ("output_
 
 def runs_cmd(store: Path = typer.Option(Path("calib-runs"), "--store", help="Run store folder.")) -> None:
     """List the runs of a store, newest first: the shipped model's numbers, then how it was made."""
-    from calib.runs import RunStore
 
     infos = RunStore(store).list()
     if not infos:
@@ -198,7 +201,6 @@ def _console() -> Console:
 def show_cmd(run: str = typer.Argument(..., help="Run id (or unique prefix) or run directory."),
              store: Path = typer.Option(Path("calib-runs"), "--store")) -> None:
     """Show one run: status, config, timings, metrics and artifacts."""
-    from calib.runs import RunStore
 
     _print_run(RunStore(store).get(run), full=True)
 
@@ -207,8 +209,6 @@ def diff_cmd(run_a: str = typer.Argument(...), run_b: str = typer.Argument(...),
              store: Path = typer.Option(Path("calib-runs"), "--store"),
              top: int = typer.Option(15, "--top", help="Tensors with the largest range change to list.")) -> None:
     """Compare two runs: metrics, excluded nodes and ranges side by side."""
-    from calib.runs import RunStore
-    from calib.rundiff import diff_runs
 
     st = RunStore(store)
     d = diff_runs(st.get(run_a), st.get(run_b))
@@ -241,7 +241,6 @@ def demo_cmd(
     target: str = typer.Option("top1:0.995", "--target", help="Target for advise."),
 ) -> None:
     """The whole loop on the bundled demo: data, collect, all methods, export, compare, advise, report."""
-    from calib.demo import run_demo
 
     prog = Progress()
     try:
@@ -284,7 +283,6 @@ def _demo_cells(task: dict) -> list[str]:
 
 
 def _worst(run, key: str) -> str:
-    from calib.compare.report import CompareReport  # heavy (ONNX Runtime, Polygraphy): not at CLI start
 
     p = run.artifact(key)
     if p is None or not p.exists():

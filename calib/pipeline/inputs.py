@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from calib.calibrate import Ranges
 from calib.data import ListSource
 from calib.data.preprocess import PreprocessSpec
-from calib.data.sampling import Subset, sample_source
+from calib.data.sampling import Subset
+from calib.subset import sample_source
 from calib.data.sources import open_source
 from calib.errors import InputDataError
 from calib.model import Model
