@@ -110,6 +110,7 @@ class Model:
     path: Path | None = None
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # unique node name -> the duplicate name it had
 
     # ---- indexes -------------------------------------------------------
     @property
@@ -298,7 +299,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     proto = copy.deepcopy(proto) if _copy else proto
     notes: list[str] = []
     _refuse_subgraphs(proto, path)
-    _name_nodes(proto)
+    renamed = _name_nodes(proto)
     folded = _fold_constants(proto)
     if folded:
         notes.append(f"folded {folded} Constant nodes into initializers")
@@ -314,7 +315,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
         log.warning("shape inference failed (%s); tensor types are checked at run time", e)
     if not proto.ir_version:
         proto.ir_version = MAX_IR_VERSION
-    m = Model(proto=proto, path=path, notes=notes)
+    m = Model(proto=proto, path=path, notes=notes, renamed=renamed)
     m.sha256 = _sha256
     if not m.sha256:
         m.sha256 = hashlib.sha256(proto.SerializeToString()).hexdigest()
@@ -361,8 +362,10 @@ def _refuse_subgraphs(proto: onnx.ModelProto, path: Path | None) -> None:
                 )
 
 
-def _name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every node a unique name (``exclude`` and reports address nodes by name)."""
+def _name_nodes(proto: onnx.ModelProto) -> dict[str, str]:
+    """Give every node a unique name (``exclude`` and reports address nodes by name); returns new -> old
+    for renamed duplicates, so ``exclude`` of a duplicated name reaches every node that had it."""
+    renamed: dict[str, str] = {}
     used = {n.name for n in proto.graph.node if n.name}
     seen: set[str] = set()
     for i, n in enumerate(proto.graph.node):
@@ -375,8 +378,11 @@ def _name_nodes(proto: onnx.ModelProto) -> None:
         while name in used or name in seen:
             k += 1
             name = f"{base}_{k}"
+        if n.name:
+            renamed[name] = n.name
         n.name = name
         seen.add(name)
+    return renamed
 
 
 def _fold_constants(proto: onnx.ModelProto) -> int:
