@@ -145,7 +145,7 @@ def load_ranges(path: str | Path) -> dict[str, Ranges]:
     except IsADirectoryError:
         raise CacheFormatError(f"{path}: is a folder, expected ranges.json") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CacheFormatError(f"{path}: not valid UTF-8 JSON ({str(e)[:120]})") from None
+        raise CacheFormatError(f"{path}: not valid JSON (UTF-8 expected; {str(e)[:120]})") from None
     if not isinstance(doc, dict) or doc.get("format") != "calib.ranges" or not isinstance(doc.get("methods"), dict):
         raise CacheFormatError(f"{path}: not a calib ranges file (expected format 'calib.ranges')")
     sha = doc.get("model_sha256", "")
