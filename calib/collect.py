@@ -28,7 +28,7 @@ import onnxruntime as ort
 from calib._memory import steady_malloc
 from calib.data.base import Sample, batches
 from calib.errors import InputDataError, ModelError
-from calib.model import Model, load_model
+from calib.model import Model, load_model, refuse_quantized
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]
@@ -110,6 +110,7 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     steady_malloc()  # flat peak RSS over many batches (see calib._memory)
     if not isinstance(model, Model):
         model = load_model(model)
+    refuse_quantized(model)
     names = list(model.activation_tensors() if tensors is None else tensors)
     known = set(model.producers) | {s.name for s in model.inputs}
     unknown = [t for t in names if t not in known]

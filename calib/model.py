@@ -29,6 +29,7 @@ __all__ = [
     "Model",
     "load_model",
     "model_from_proto",
+    "refuse_quantized",
     "WEIGHTED_OPS",
     "QUANTIZABLE_OPS",
     "MIN_OPSET",
@@ -289,7 +290,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> Model:
         except Exception as e:
             raise ModelError(f"{path}: onnx.checker rejects the model: {str(e).splitlines()[0]}") from None
     if any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(proto)):
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError) as e:  # e.g. a truncated external-data file
+            raise ModelError(f"{path}: cannot read its external data ({str(e).splitlines()[0]})") from None
     return model_from_proto(proto, path=path, _copy=False, _sha256=_sha256_file(path))
 
 
@@ -307,6 +311,8 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     if opset < MIN_OPSET:
         proto = _upgrade(proto, path)
         notes.append(f"upgraded opset {opset} -> {TARGET_OPSET}")
+    if 0 < proto.ir_version < 4:
+        notes.append(_lift_ir3(proto))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     try:
@@ -327,6 +333,29 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 1
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"})
+
+
+def refuse_quantized(model: Model) -> None:
+    """Raise ``ModelError`` if ``model`` is already quantized: calibrating INT8 twice is never meant."""
+    q = [n for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    if q:
+        raise ModelError(f"{model.path or 'model'}: is already quantized ({len(q)} quantization node(s), e.g. "
+                         f"'{q[0].name}' {q[0].op_type})", hint="pass the FP32 model it was made from")
+
+
+def _lift_ir3(proto: onnx.ModelProto) -> str:
+    """IR 3 (opset 7/8 exports) lists every initializer as a graph input, and onnx.checker then demands that
+    of every initializer the Q/DQ export adds: drop initializers from the inputs and move to IR >= 4."""
+    init = {t.name for t in proto.graph.initializer}
+    keep = [vi for vi in proto.graph.input if vi.name not in init]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    old, proto.ir_version = proto.ir_version, max(4, helper.find_min_ir_version_for(list(proto.opset_import)))
+    return f"IR version {old} -> {proto.ir_version} (initializers are no longer graph inputs)"
 
 
 def _upgrade(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:

@@ -32,7 +32,7 @@ __all__ = [
 
 RANGES_FORMAT_VERSION = 1
 MIN_AMAX = float(INT8_MAX * np.finfo(np.float32).tiny)  # smallest amax whose scale is a normal float32
-MAX_AMAX = float(INT8_MAX * np.finfo(np.float32).max) / 2  # largest whose scale stays finite in float32
+MAX_AMAX = float(np.finfo(np.float32).max) * INT8_MAX / 2  # largest whose scale stays finite in float32
 MAX_RANGES_BYTES = 1 << 28
 
 
