@@ -340,14 +340,16 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
     stats_path = run.add_artifact("stats", "stats.npz")
     with run.timing("collect"):
         if reused is not None:
-            shutil.copyfile(reused, stats_path.with_name(".stats.npz.tmp"))
-            os.replace(stats_path.with_name(".stats.npz.tmp"), stats_path)
+            store.copy_verified(reused, stats_path)
             stats = ActivationStats.load(stats_path)
             run.update(stats_reused_from=str(reused.parent.name))
         else:
             stats = collect(model, source, batch_size=cfg.batch_size, limit=cfg.limit or None,
                             providers=cfg.providers, progress=progress)
             stats.save(stats_path)
+        run.seal("stats")
+    if store.skipped:
+        run.update(stats_not_reused=store.skipped)
     run.update(n_samples=stats.n_samples)
     with run.timing("calibrate"):
         ranges = calibrate_all(stats, cfg.methods)
