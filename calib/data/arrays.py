@@ -186,16 +186,13 @@ def _open_npy(path: Path) -> np.ndarray:
 
 
 def _read_labels(path: Path, a) -> np.ndarray:
-    if a.ndim == 2 and a.shape[1] == 1:  # a column of labels
-        return _read_labels(path, a.read_all() if isinstance(a, _NpzMember) else np.asarray(a)).reshape(-1)
-    if a.ndim != 1:
+    """The whole 'labels' member in one read, its size checked from the header first."""
+    if not (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):  # (N,) or a column (N, 1)
         raise InputDataError(f"{path}: 'labels' has shape {tuple(a.shape)}; expected one integer per sample")
     if len(a) * a.dtype.itemsize > MAX_LABELS_BYTES:
         raise InputDataError(f"{path}: 'labels' declares {len(a)} entries, more than calib reads "
                              f"({MAX_LABELS_BYTES // a.dtype.itemsize})")
-    if isinstance(a, _NpzMember):
-        return a.read_all()
-    return np.asarray(a)
+    return (a.read_all() if isinstance(a, _NpzMember) else np.asarray(a)).reshape(-1)
 
 
 def _open_npz(path: Path) -> dict[str, "_NpzMember | np.ndarray"]:
