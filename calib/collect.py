@@ -25,8 +25,8 @@ import numpy as np
 
 from calib.data.base import Sample, batches, limited
 from calib.errors import InputDataError, ModelError
-from calib.model import Model, load_model
 from calib.runtime import expose_outputs, make_session, resolve_providers
+from calib.model import Model, load_model, refuse_quantized
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]  # the last three: calib.runtime
@@ -54,6 +54,7 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     """
     if not isinstance(model, Model):
         model = load_model(model)
+    refuse_quantized(model)
     names = list(model.activation_tensors() if tensors is None else tensors)
     known = set(model.producers) | {s.name for s in model.inputs}
     unknown = [t for t in names if t not in known]

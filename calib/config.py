@@ -152,6 +152,9 @@ def _suggest(name: str, options: list[str]) -> str | None:
     return f"did you mean '{m[0]}'?" if m else None
 
 
+_STRING_LISTS = ("providers", "methods", "exclude")
+
+
 def _check_types(doc: dict, source: str) -> dict[str, dict[str, Any]]:
     """Every section and key known, every value of its key's type."""
     vals: dict[str, dict[str, Any]] = {}
@@ -169,6 +172,8 @@ def _check_types(doc: dict, source: str) -> dict[str, dict[str, Any]]:
                 ok = True
             if not ok:
                 raise ConfigError(f"{source}: '{sec}.{k}' must be {t.__name__}, got {type(v).__name__} ({v!r})")
+            if k in _STRING_LISTS and not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{source}: '{sec}.{k}' must be a list of strings, got {v!r}")
         vals[sec] = body
     return vals
 
@@ -252,9 +257,13 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
+    if not path.is_file() or path.stat().st_size > 1 << 20:
+        raise ConfigError(f"{path}: not a config file ({'a folder' if path.is_dir() else 'over 1 MiB'})")
     try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     cfg = parse_config(doc, base=path.parent.resolve(), source=str(path))
     cfg.source = path

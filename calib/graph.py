@@ -106,8 +106,10 @@ def fold_constant_nodes(proto: onnx.ModelProto) -> int:
     return folded
 
 
-def name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every node a unique name, in place (``exclude`` and reports address nodes by name)."""
+def name_nodes(proto: onnx.ModelProto) -> dict[str, str]:
+    """Give every node a unique name, in place (``exclude`` and reports address nodes by name); returns new -> old
+    for renamed duplicates, so ``exclude`` of a duplicated name reaches every node that had it."""
+    renamed: dict[str, str] = {}
     used = {n.name for n in proto.graph.node if n.name}
     seen: set[str] = set()
     for i, n in enumerate(proto.graph.node):
@@ -120,8 +122,11 @@ def name_nodes(proto: onnx.ModelProto) -> None:
         while name in used or name in seen:
             k += 1
             name = f"{base}_{k}"
+        if n.name:
+            renamed[name] = n.name
         n.name = name
         seen.add(name)
+    return renamed
 
 
 def fold_bn(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,

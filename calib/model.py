@@ -33,6 +33,7 @@ __all__ = [
     "model_from_proto",
     "as_model",
     "as_qdq_model",
+    "refuse_quantized",
     "WEIGHTED_OPS",
     "QUANTIZABLE_OPS",
     "MIN_OPSET",
@@ -114,6 +115,7 @@ class Model:
     path: Path | None = None
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # unique node name -> the duplicate name it had
 
     # ---- indexes -------------------------------------------------------
     @property
@@ -277,7 +279,10 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> Model:
         except Exception as e:
             raise ModelError(f"{path}: onnx.checker rejects the model: {str(e).splitlines()[0]}") from None
     if any(t.data_location == TensorProto.EXTERNAL for t in _all_tensors(proto)):
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError) as e:  # e.g. a truncated external-data file
+            raise ModelError(f"{path}: cannot read its external data ({str(e).splitlines()[0]})") from None
     return model_from_proto(proto, path=path, _copy=False, _sha256=_sha256_file(path))
 
 
@@ -287,7 +292,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     proto = copy.deepcopy(proto) if _copy else proto
     notes: list[str] = []
     _refuse_subgraphs(proto, path)
-    name_nodes(proto)
+    renamed = name_nodes(proto)
     folded = fold_constant_nodes(proto)
     if folded:
         notes.append(f"folded {folded} Constant nodes into initializers")
@@ -295,6 +300,8 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
     if opset < MIN_OPSET:
         proto = _upgrade(proto, path)
         notes.append(f"upgraded opset {opset} -> {TARGET_OPSET}")
+    if 0 < proto.ir_version < 4:
+        notes.append(_lift_ir3(proto))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     try:
@@ -303,7 +310,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
         log.warning("shape inference failed (%s); tensor types are checked at run time", e)
     if not proto.ir_version:
         proto.ir_version = MAX_IR_VERSION
-    m = Model(proto=proto, path=path, notes=notes)
+    m = Model(proto=proto, path=path, notes=notes, renamed=renamed)
     m.sha256 = _sha256
     if not m.sha256:
         m.sha256 = hashlib.sha256(proto.SerializeToString()).hexdigest()
@@ -315,6 +322,29 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 1
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"})
+
+
+def refuse_quantized(model: Model) -> None:
+    """Raise ``ModelError`` if ``model`` is already quantized: calibrating INT8 twice is never meant."""
+    q = [n for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    if q:
+        raise ModelError(f"{model.path or 'model'}: is already quantized ({len(q)} quantization node(s), e.g. "
+                         f"'{q[0].name}' {q[0].op_type})", hint="pass the FP32 model it was made from")
+
+
+def _lift_ir3(proto: onnx.ModelProto) -> str:
+    """IR 3 (opset 7/8 exports) lists every initializer as a graph input, and onnx.checker then demands that
+    of every initializer the Q/DQ export adds: drop initializers from the inputs and move to IR >= 4."""
+    init = {t.name for t in proto.graph.initializer}
+    keep = [vi for vi in proto.graph.input if vi.name not in init]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    old, proto.ir_version = proto.ir_version, max(4, helper.find_min_ir_version_for(list(proto.opset_import)))
+    return f"IR version {old} -> {proto.ir_version} (initializers are no longer graph inputs)"
 
 
 def _upgrade(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:

@@ -24,6 +24,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from calib.errors import RunStoreError
-from calib.io import write_json
+from calib.io import atomic_path, write_json
 
 __all__ = ["RunStore", "Run", "RunInfo", "RUN_FORMAT_VERSION", "DEFAULT_STORE", "fingerprint_path", "versions"]
 
 RUN_FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("calib-runs")
 MANIFEST = "run.json"
 COMPLETE = "COMPLETE"
@@ -177,23 +179,64 @@ class Run:
 
     # ---- reading -----------------------------------------------------------------
     def read_json(self, key_or_name: str) -> Any:
-        name = self.manifest.get("artifacts", {}).get(key_or_name, key_or_name)
-        p = self.dir / name
+        arts = self.manifest.get("artifacts")
+        name = arts.get(key_or_name, key_or_name) if isinstance(arts, dict) else key_or_name
+        p = self._confined(name)
         try:
-            return json.loads(p.read_text())
+            return json.loads(p.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise RunStoreError(f"run {self.id}: no {name}") from None
-        except ValueError as e:
-            raise RunStoreError(f"run {self.id}: {name} is not valid JSON ({e})") from None
+        except (OSError, ValueError) as e:
+            raise RunStoreError(f"run {self.id}: {name} is not readable UTF-8 JSON ({e})") from None
 
     def artifact(self, key: str) -> Path | None:
-        name = self.manifest.get("artifacts", {}).get(key)
-        return None if name is None else self.dir / name
+        arts = self.manifest.get("artifacts")
+        name = arts.get(key) if isinstance(arts, dict) else None
+        return None if name is None else self._confined(name)
+
+    def _confined(self, name: object) -> Path:
+        """``name`` inside this run's directory (after resolving links), else ``RunStoreError``."""
+        if not isinstance(name, str) or not name:
+            raise RunStoreError(f"run {self.dir.name}: artifact name {name!r} is not a file name")
+        p = self.dir / name
+        base = self.dir.resolve()
+        try:
+            p.resolve().relative_to(base)
+        except ValueError:
+            raise RunStoreError(f"run {self.dir.name}: artifact '{name}' points outside the run directory",
+                                hint="the run.json was edited or planted; delete that run") from None
+        return p
+
+    def seal(self, key: str) -> str:
+        """Record the sha256 of artifact ``key`` as written, so a later run reusing it can verify it."""
+        p = self.artifact(key)
+        if p is None:
+            raise RunStoreError(f"run {self.id}: no artifact '{key}' to seal")
+        digest = _sha256(p)
+        self.manifest.setdefault("sha256", {})[key] = digest
+        self._save()
+        return digest
+
+    def verified(self, key: str) -> tuple[Path, str]:
+        """Artifact ``key`` and its sha256, if it is a regular file inside the run whose bytes match the hash
+        recorded when it was written; ``RunStoreError`` (naming the run and the file) otherwise."""
+        p = self.artifact(key)
+        sums = self.manifest.get("sha256")
+        want = sums.get(key) if isinstance(sums, dict) else None
+        if p is None or not isinstance(want, str):
+            raise RunStoreError(f"run {self.dir.name}: no recorded sha256 for its {key}")
+        if p.is_symlink() or not p.is_file():
+            raise RunStoreError(f"run {self.dir.name}: {p.name} is not a regular file")
+        got = _sha256(p)
+        if got != want:
+            raise RunStoreError(f"run {self.dir.name}: {p.name} changed since it was written (sha256 {got[:12]}…, "
+                                f"recorded {want[:12]}…)")
+        return p, got
 
     def info(self) -> RunInfo:
         m = self.manifest
         return RunInfo(self.id, m.get("name", ""), self.status, m.get("created", ""),
-                       (m.get("model") or {}).get("path", ""), (m.get("data") or {}).get("path", ""),
+                       _field(m, "model", "path") or "", _field(m, "data", "path") or "",
                        m.get("method", ""), m.get("metrics", {}), self.dir, m.get("error"))
 
 
@@ -202,6 +245,8 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike = DEFAULT_STORE) -> None:
         self.root = Path(root)
+        self.skipped: list[str] = []  # why find_stats passed over earlier runs
+        self._verified: dict[Path, str] = {}
 
     def create(self, name: str, *, command: list[str] | None = None, config: dict | None = None,
                model: dict | None = None, data: dict | None = None, method: str = "") -> Run:
@@ -218,6 +263,8 @@ class RunStore:
                 break
             except FileExistsError:
                 continue
+            except OSError as e:  # a read-only or immutable store
+                raise RunStoreError(f"{self.root}: cannot create a run directory ({e.strerror})") from None
         else:
             raise RunStoreError(f"{self.root}: could not allocate a run directory")
         manifest = {"format": "calib.run", "version": RUN_FORMAT_VERSION, "id": rid, "name": name,
@@ -237,10 +284,11 @@ class RunStore:
             raise RunStoreError(f"{path}: not a calib run (no {MANIFEST})",
                                 hint="pass a run id from 'calib runs' or a run directory")
         try:
-            manifest = json.loads(mf.read_text())
-        except ValueError as e:
-            raise RunStoreError(f"{path}: {MANIFEST} is not valid JSON ({e})") from None
-        if manifest.get("format") != "calib.run":
+            manifest = json.loads(mf.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            raise RunStoreError(f"{path}: {MANIFEST} is not readable UTF-8 JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != "calib.run":
+            manifest = manifest if isinstance(manifest, dict) else {}
             raise RunStoreError(f"{path}: not a calib run ({MANIFEST} has format {manifest.get('format')!r})")
         if manifest.get("version") != RUN_FORMAT_VERSION:
             raise RunStoreError(f"{path}: run format version {manifest.get('version')}, this calib reads "
@@ -288,18 +336,51 @@ class RunStore:
         return infos
 
     def find_stats(self, model_sha256: str, data_fingerprint: str, tensors_key: str) -> Path | None:
-        """Statistics already collected for this model and data in a complete run, if any."""
+        """Statistics already collected for this model and data in a complete run, verified against the sha256
+        recorded when they were written; a run that fails the check is skipped and reported (``skipped``)."""
+        self.skipped: list[str] = []
         for run in self.runs():
             m = run.manifest
             if not run.is_complete:
                 continue
-            if ((m.get("model") or {}).get("sha256") == model_sha256
-                    and (m.get("data") or {}).get("fingerprint") == data_fingerprint
+            if (_field(m, "model", "sha256") == model_sha256 and _field(m, "data", "fingerprint") == data_fingerprint
                     and m.get("stats_key") == tensors_key):
-                p = run.artifact("stats")
-                if p is not None and p.exists():
-                    return p
+                try:
+                    p, digest = run.verified("stats")
+                except (RunStoreError, OSError) as e:
+                    self.skipped.append(str(e))
+                    log.warning("not reusing statistics: %s", e)
+                    continue
+                self._verified[p] = digest
+                return p
         return None
+
+    def copy_verified(self, src: Path, dest: Path) -> Path:
+        """Copy statistics ``find_stats`` returned into ``dest``, checking the bytes copied against its hash."""
+        want = self._verified.get(src)
+        if want is None:
+            raise RunStoreError(f"{src}: not verified by find_stats")
+        h = hashlib.sha256()
+        with atomic_path(dest) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+            for chunk in iter(lambda: fi.read(1 << 20), b""):
+                h.update(chunk)
+                fo.write(chunk)
+            if h.hexdigest() != want:
+                raise RunStoreError(f"run {src.parent.name}: {src.name} changed while it was copied")
+        return dest
+
+
+def _field(manifest: dict, section: str, key: str) -> Any:
+    sec = manifest.get(section)
+    return sec.get(key) if isinstance(sec, dict) else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _user() -> str:

@@ -31,6 +31,8 @@ import numpy as np
 from calib._kernels import downsample, fold, fold_finite
 from calib.errors import CacheFormatError, RangesError
 from calib.io import atomic_path
+from calib.errors import CacheFormatError, InputDataError, RangesError
+from calib.io import read_npz
 
 __all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent"]
 
@@ -38,6 +40,7 @@ NUM_BINS = 2048
 MIN_EXP = -126  # widths below 2**-126 are pointless for float32 activations
 STATS_FORMAT_VERSION = 1
 _MAGIC = "calib.stats"
+MAX_STATS_BYTES = 1 << 33  # 8 GiB: 250 000 tensors; a file declaring more is refused before it is read
 
 
 def width_exponent(max_abs: float) -> int:
@@ -141,6 +144,75 @@ class TensorHistogram:
                 and np.array_equal(self.pos, other.pos) and np.array_equal(self.neg, other.neg))
 
 
+def _check_header(a: dict[str, np.ndarray], source: str) -> dict:
+    h = a.get("header")
+    try:
+        header = json.loads(str(h[()])) if h is not None and h.dtype.kind == "U" and h.shape == () else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise CacheFormatError(f"{source}: not a calib statistics file (no header)")
+    if header.get("format") != _MAGIC:
+        raise CacheFormatError(f"{source}: not a calib statistics file (format {header.get('format')!r})")
+    if header.get("version") != STATS_FORMAT_VERSION:
+        raise CacheFormatError(f"{source}: statistics format version {header.get('version')}, this calib reads "
+                               f"version {STATS_FORMAT_VERSION}", hint="collect the statistics again")
+    if header.get("num_bins") != NUM_BINS:
+        raise CacheFormatError(f"{source}: {header.get('num_bins')} bins, expected {NUM_BINS}")
+    out = {"model_sha256": header.get("model_sha256", ""), "n_samples": header.get("n_samples", 0),
+           "meta": header.get("meta", {})}
+    try:
+        out["sample_digest"] = int(header.get("sample_digest", "0"))
+    except (TypeError, ValueError):
+        out["sample_digest"] = -1
+    bad = [k for k, ok in (("model_sha256", isinstance(out["model_sha256"], str)),
+                           ("n_samples", type(out["n_samples"]) is int and out["n_samples"] >= 0),
+                           ("sample_digest", 0 <= out["sample_digest"] < 1 << 64),
+                           ("meta", isinstance(out["meta"], dict))) if not ok]
+    if bad:
+        raise CacheFormatError(f"{source}: bad header field '{bad[0]}' ({header.get(bad[0])!r})")
+    return out
+
+
+_COLUMNS = {"pos": "iu", "neg": "iu", "exp": "iu", "min": "fiu", "max": "fiu", "n": "iu", "n_nonfinite": "iu"}
+
+
+def _check_columns(a: dict[str, np.ndarray], source: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    names_a = a.get("names")
+    if names_a is None or names_a.ndim != 1 or (names_a.size and names_a.dtype.kind != "U"):
+        raise CacheFormatError(f"{source}: 'names' is missing or not a list of tensor names")
+    names, t = [str(x) for x in names_a], len(names_a)
+    if len(set(names)) != t:
+        raise CacheFormatError(f"{source}: 'names' lists a tensor twice")
+    cols = {}
+    for key, kinds in _COLUMNS.items():
+        c = a.get(key)
+        shape = (t, NUM_BINS) if key in ("pos", "neg") else (t,)
+        if c is None or c.shape != shape or (c.size and c.dtype.kind not in kinds):
+            got = "missing" if c is None else f"shape {c.shape} {c.dtype}"
+            raise CacheFormatError(f"{source}: '{key}' is {got}, expected shape {shape} for {t} tensor(s)")
+        cols[key] = c.astype(np.float64) if key in ("min", "max") else c.astype(np.int64)
+    for i, name in enumerate(names):
+        why = _bad_tensor(cols, i)
+        if why:
+            raise CacheFormatError(f"{source}: tensor '{name}': {why}")
+    return names, cols
+
+
+def _bad_tensor(c: dict[str, np.ndarray], i: int) -> str:
+    n, nnf = int(c["n"][i]), int(c["n_nonfinite"][i])
+    if n < 0 or not 0 <= nnf <= n:
+        return f"bad counts n={n}, n_nonfinite={nnf}"
+    if (c["pos"][i] < 0).any() or (c["neg"][i] < 0).any():
+        return "negative histogram counts"
+    if not MIN_EXP <= int(c["exp"][i]) <= 1100:
+        return f"bin width exponent {int(c['exp'][i])} out of range"
+    lo, hi = float(c["min"][i]), float(c["max"][i])
+    if n > nnf and not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        return f"bad range min={lo}, max={hi}"
+    return ""
+
+
 def _same_float(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
@@ -222,38 +294,29 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":
+        """Read a statistics file: every member's declared size is checked before it is decompressed, then
+        every field is validated (a bad file raises ``CacheFormatError`` naming it, never another error)."""
         path = Path(path)
-        if not path.exists():
-            raise CacheFormatError(f"{path}: no such statistics file", hint="run 'calib collect' first")
+        if not path.is_file():
+            raise CacheFormatError(f"{path}: no such statistics file" if not path.exists() else
+                                   f"{path}: is not a file", hint="run 'calib collect' first")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as e:
-            raise CacheFormatError(f"{path}: not a calib statistics file ({type(e).__name__}: {e})") from None
+            arrays = read_npz(path, max_member_bytes=MAX_STATS_BYTES, max_total_bytes=MAX_STATS_BYTES)
+        except InputDataError as e:
+            raise CacheFormatError(f"not a calib statistics file: {e}") from None
         return cls.from_arrays(arrays, source=str(path))
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray], source: str = "statistics") -> "ActivationStats":
-        try:
-            header = json.loads(str(a["header"]))
-        except (KeyError, ValueError):
-            raise CacheFormatError(f"{source}: not a calib statistics file (no header)") from None
-        if header.get("format") != _MAGIC:
-            raise CacheFormatError(f"{source}: not a calib statistics file (format {header.get('format')!r})")
-        if header.get("version") != STATS_FORMAT_VERSION:
-            raise CacheFormatError(f"{source}: statistics format version {header.get('version')}, this calib reads "
-                                   f"version {STATS_FORMAT_VERSION}", hint="collect the statistics again")
-        if header.get("num_bins") != NUM_BINS:
-            raise CacheFormatError(f"{source}: {header.get('num_bins')} bins, expected {NUM_BINS}")
-        names = [str(x) for x in a["names"]]
+        header = _check_header(a, source)
+        names, cols = _check_columns(a, source)
         tensors = {}
         for i, name in enumerate(names):
             tensors[name] = TensorHistogram(
-                pos=a["pos"][i].astype(np.int64), neg=a["neg"][i].astype(np.int64), exp=int(a["exp"][i]),
-                min=float(a["min"][i]), max=float(a["max"][i]), n=int(a["n"][i]),
-                n_nonfinite=int(a["n_nonfinite"][i]))
-        return cls(tensors, header.get("model_sha256", ""), int(header.get("n_samples", 0)),
-                   int(header.get("sample_digest", "0")), header.get("meta", {}))
+                pos=cols["pos"][i].astype(np.int64), neg=cols["neg"][i].astype(np.int64), exp=int(cols["exp"][i]),
+                min=float(cols["min"][i]), max=float(cols["max"][i]), n=int(cols["n"][i]),
+                n_nonfinite=int(cols["n_nonfinite"][i]))
+        return cls(tensors, header["model_sha256"], header["n_samples"], header["sample_digest"], header["meta"])
 
     def check_model(self, model) -> None:
         """Raise ``RangesError`` if these statistics were not collected on ``model``."""

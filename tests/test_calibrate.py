@@ -262,8 +262,11 @@ def test_contract_positive_finite_and_within_data(method, contract_stats):
     for name, r in ranges.items():
         assert math.isfinite(r.amax) and r.amax > 0, name
         assert math.isfinite(r.scale) and r.scale > 0 and r.scale == r.amax / 127, name
+        assert np.float32(r.scale) >= np.finfo(np.float32).tiny, name  # never a zero/denormal float32 scale
         max_abs = ref.minmax_ref(data[name])
-        if max_abs > 0:
+        if 0 < max_abs < 127 * np.finfo(np.float32).tiny:  # denormal data: floored, and said so
+            assert r.amax == 127 * float(np.finfo(np.float32).tiny) and "floored" in r.degenerate, name
+        elif max_abs > 0:
             assert r.amax <= max_abs, name
             assert r.degenerate is None or "gave 0" in r.degenerate, name
         else:

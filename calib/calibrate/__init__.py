@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Protocol
 
+import numpy as np
+
 from calib.calibrate.base import FALLBACK_AMAX, INT8_MAX, Ranges, TensorRange
 from calib.calibrate.entropy import Entropy
 from calib.calibrate.minmax import MinMax
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 RANGES_FORMAT_VERSION = 1
+MIN_AMAX = float(INT8_MAX * np.finfo(np.float32).tiny)  # smallest amax whose scale is a normal float32
+MAX_AMAX = float(np.finfo(np.float32).max) * INT8_MAX / 2  # largest whose scale stays finite in float32
+MAX_RANGES_BYTES = 1 << 28
 
 
 class Method(Protocol):
@@ -88,6 +93,8 @@ def calibrate(stats: ActivationStats, method: Method | str, tensors: Iterable[st
             amax, why = h.max_abs, f"{m.label} gave 0; used max|x|"
         if why and not amax > 0:
             amax = FALLBACK_AMAX
+        if amax < MIN_AMAX:  # e.g. denormal activations: amax/127 would round to a zero float32 scale
+            amax, why = MIN_AMAX, why or f"{m.label} gave amax {amax:.3g}; floored to the smallest float32 scale"
         out[name] = TensorRange(amax, m.label, why)
     return Ranges(m.label, out, stats.model_sha256)
 
@@ -125,21 +132,37 @@ def save_ranges(path: str | Path, ranges: dict[str, Ranges], weights=None, stats
 
 
 def load_ranges(path: str | Path) -> dict[str, Ranges]:
-    """Read ``ranges.json`` back into ``{method: Ranges}``."""
+    """Read ``ranges.json`` back into ``{method: Ranges}``; every amax is checked (finite, and its scale
+    amax/127 a normal float32) before anything is built from it."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        if path.stat().st_size > MAX_RANGES_BYTES:
+            raise CacheFormatError(f"{path}: {path.stat().st_size} bytes, more than a ranges file holds")
+        doc = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CacheFormatError(f"{path}: no such ranges file") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CacheFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != "calib.ranges" or "methods" not in doc:
+    except IsADirectoryError:
+        raise CacheFormatError(f"{path}: is a folder, expected ranges.json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CacheFormatError(f"{path}: not valid JSON (UTF-8 expected; {str(e)[:120]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != "calib.ranges" or not isinstance(doc.get("methods"), dict):
         raise CacheFormatError(f"{path}: not a calib ranges file (expected format 'calib.ranges')")
+    sha = doc.get("model_sha256", "")
     out = {}
     for label, tensors in doc["methods"].items():
-        try:
-            out[label] = Ranges(label, {t: TensorRange(float(v["amax"]), label, v.get("degenerate"))
-                                        for t, v in tensors.items()}, doc.get("model_sha256", ""))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheFormatError(f"{path}: method '{label}': bad entry ({e})") from None
+        if not isinstance(tensors, dict):
+            raise CacheFormatError(f"{path}: method '{label}': expected an object of tensor -> {{amax}}")
+        out[label] = Ranges(label, {t: _tensor_range(path, label, t, v) for t, v in tensors.items()},
+                            sha if isinstance(sha, str) else "")
     return out
+
+
+def _tensor_range(path: Path, label: str, tensor: str, v: object) -> TensorRange:
+    amax = v.get("amax") if isinstance(v, dict) else None
+    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
+        raise CacheFormatError(f"{path}: method '{label}', tensor '{tensor}': expected {{\"amax\": number}}")
+    if not MIN_AMAX <= amax <= MAX_AMAX:
+        raise CacheFormatError(f"{path}: method '{label}', tensor '{tensor}': amax {amax} gives no usable "
+                               f"float32 scale (amax must be in [{MIN_AMAX:.3g}, {MAX_AMAX:.3g}])")
+    why = v.get("degenerate")
+    return TensorRange(float(amax), label, why if isinstance(why, str) else None)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import sys
 from typing import Callable
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "is_quiet", "set_quiet", "echo"]
+__all__ = ["Progress", "is_quiet", "set_quiet", "echo", "command_inputs", "command_outputs",
+           "external_data_files"]
 
 _state = {"quiet": False}
 
@@ -64,3 +66,50 @@ class Progress:
 
 
 ProgressFn = Callable[[str, int, "int | None"], None]
+
+
+# ---- inputs a command reads (the output guard refuses to write over any of them) ----------------------------
+OUTPUT_PARAMS = frozenset({"output", "cache", "report", "html", "html_path"})
+# parameters named like outputs that a command reads instead (engine --cache: the cache is read)
+INPUT_OVERRIDES = {"engine": frozenset({"cache"})}
+
+
+def command_inputs(command: str, params: dict[str, object]) -> list[Path]:
+    """Every file a command reads: its path parameters that are not outputs, with the data path's split
+    suffix (``manifest.csv#eval``) dropped and each ONNX model's external-data files added."""
+    outputs = OUTPUT_PARAMS - INPUT_OVERRIDES.get(command, frozenset())
+    paths: list[Path] = []
+    for name, value in params.items():
+        if name in outputs:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, Path):
+                p = Path(str(v).partition("#")[0]) if "#" in str(v) else v
+                paths.append(p)
+                if p.suffix.lower() == ".onnx" and p.is_file():
+                    paths.extend(external_data_files(p))
+    return paths
+
+
+def command_outputs(command: str, params: dict[str, object]) -> list[Path]:
+    """The output paths a command was given (checked against its inputs before any work)."""
+    outputs = OUTPUT_PARAMS - INPUT_OVERRIDES.get(command, frozenset())
+    return [v for k, v in params.items() if k in outputs and isinstance(v, Path)]
+
+
+def external_data_files(model: Path) -> list[Path]:
+    """The external-data files an ONNX model names (empty if it cannot be parsed: loading reports that)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # not ONNX: load_model gives the one-line error later
+        return []
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    out = []
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc:
+                out.append(model.parent / loc)
+    return out

@@ -50,10 +50,14 @@ def read_labels(path: Path, n: int) -> list[int]:
     """Labels from ``.npy`` (integers) or text (one integer per line), one per sample in data order."""
     import numpy as np
 
+    from calib.data.arrays import MAX_LABELS_BYTES
+    from calib.io import npy_header
     if not path.exists():
         raise InputDataError(f"{path}: no such file", hint="check the labels path")
     if path.suffix == ".npy":
         try:
+            with open(path, "rb") as f:  # size checked from the header before numpy reads the array
+                npy_header(f, str(path), size=path.stat().st_size, max_bytes=MAX_LABELS_BYTES)
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise InputDataError(f"{path}: not a plain .npy array ({e})") from None
@@ -62,7 +66,13 @@ def read_labels(path: Path, n: int) -> list[int]:
         labels = [int(x) for x in arr]
     else:
         labels = []
-        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not path.is_file() or path.stat().st_size > MAX_LABELS_BYTES:
+            raise InputDataError(f"{path}: not a labels file ({'a folder' if path.is_dir() else 'too big'})")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for k, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,15 +51,24 @@ def dashboard_cmd(
                          hint="pip install 'calib[app]'")
     if not 0 < port < 65536:
         raise CalibError(f"--port {port}: expected 1-65535")
+    _check_port_free(port)
     store = store.expanduser().resolve()
     if not store.is_dir():
         echo(f"no run store at {store} yet: the dashboard will say how to make a run")
     env = dict(os.environ, **{STORE_ENV: str(store)})
     cmd = dashboard_command(store, port)
     echo(f"calib dashboard: http://127.0.0.1:{port}  (store {store}; Ctrl+C to stop)")
-    try:
-        code = subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        code = 0
+    code = subprocess.call(cmd, env=env)  # Ctrl-C reaches Streamlit too; the CLI then exits 130
     if code:
-        raise typer.Exit(code)
+        raise CalibError(f"the dashboard (Streamlit) stopped with exit code {code}")
+
+
+def _check_port_free(port: int) -> None:
+    """Streamlit exits 0 when its port is taken: find out first, and say so in one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado does: TIME_WAIT is not "in use"
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise CalibError(f"--port {port}: 127.0.0.1:{port} is in use ({e.strerror})",
+                             hint="stop what serves there or pass another --port") from None

@@ -20,11 +20,13 @@ import numpy as np
 
 from calib.data.base import Sample
 from calib.errors import InputDataError
+from calib.io import npy_header, read_npz
 from calib.model import InputSpec
 
-__all__ = ["NpzSource", "LABELS_KEY"]
+__all__ = ["NpzSource", "LABELS_KEY", "MAX_LABELS_BYTES"]
 
 LABELS_KEY = "labels"
+MAX_LABELS_BYTES = 1 << 26  # 64 MiB: 8 million int64 labels; a bigger 'labels' member is refused, not read
 
 
 class NpzSource:
@@ -85,23 +87,13 @@ class _NpzMember:
 
     def __init__(self, zf: zipfile.ZipFile, member: str, path: Path, key: str) -> None:
         self._zf, self._member, self._path, self._key = zf, member, path, key
-        f = zf.open(member)
-        try:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(f))
-        except ValueError as e:
-            raise InputDataError(f"{path}: array '{key}' has a bad .npy header ({e})") from None
-        finally:
-            f.close()
-        if dtype.hasobject:
-            raise InputDataError(f"{path}: array '{key}' holds Python objects, which calib refuses to unpickle",
-                                 hint="save plain numeric arrays")
-        if not shape:
+        with zf.open(member) as f:  # the header is checked against the member's size before any data is read
+            h = npy_header(f, f"{path}: array '{key}'", size=zf.getinfo(member).file_size)
+        if not h.shape:
             raise InputDataError(f"{path}: array '{key}' is a scalar; the first axis must be the sample axis")
-        self.shape, self.dtype, self.fortran = tuple(shape), dtype, fortran
+        self.shape, self.dtype, self.fortran = h.shape, h.dtype, h.fortran
         self.ndim = len(self.shape)
-        self._item = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._item = int(np.prod(self.shape[1:], dtype=np.int64)) * h.dtype.itemsize
         self._f = None
         self._next = 0
 
@@ -128,6 +120,13 @@ class _NpzMember:
         self._next += 1
         return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape[1:]).copy()
 
+    def read_all(self) -> np.ndarray:
+        """The whole (small, checked) array in one read."""
+        self._rewind()
+        buf = self._read_exact(len(self) * self._item)
+        self._next = len(self)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape).copy()
+
     def _read_exact(self, n: int) -> bytes:
         data = self._f.read(n)
         if len(data) != n:
@@ -139,7 +138,7 @@ def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.
     if not path.exists():
         raise InputDataError(f"{path}: no such file", hint="check the data path")
     try:
-        obj = np.load(path, allow_pickle=False, mmap_mode="r") if path.suffix == ".npy" else _open_npz(path)
+        obj = _open_npy(path) if path.suffix == ".npy" else _open_npz(path)
     except InputDataError:
         raise
     except ValueError as e:
@@ -160,7 +159,7 @@ def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.
         if a.dtype.kind not in "biuf":
             raise InputDataError(f"{path}: array '{k}' has dtype {a.dtype}; only numeric arrays are accepted")
         if k == LABELS_KEY:
-            labels = np.asarray([a[i] for i in range(len(a))]).reshape(a.shape)
+            labels = _read_labels(path, a)
         else:
             arrays[k] = a
     if not arrays:
@@ -180,6 +179,22 @@ def _open(path: Path, inputs: Sequence[InputSpec] | None) -> tuple[dict[str, np.
     return arrays, labels
 
 
+def _open_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:  # the declared shape x itemsize must fit the file before numpy maps it
+        npy_header(f, str(path), size=path.stat().st_size)
+    return np.load(path, allow_pickle=False, mmap_mode="r")
+
+
+def _read_labels(path: Path, a) -> np.ndarray:
+    """The whole 'labels' member in one read, its size checked from the header first."""
+    if not (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):  # (N,) or a column (N, 1)
+        raise InputDataError(f"{path}: 'labels' has shape {tuple(a.shape)}; expected one integer per sample")
+    if len(a) * a.dtype.itemsize > MAX_LABELS_BYTES:
+        raise InputDataError(f"{path}: 'labels' declares {len(a)} entries, more than calib reads "
+                             f"({MAX_LABELS_BYTES // a.dtype.itemsize})")
+    return (a.read_all() if isinstance(a, _NpzMember) else np.asarray(a)).reshape(-1)
+
+
 def _open_npz(path: Path) -> dict[str, "_NpzMember | np.ndarray"]:
     zf = zipfile.ZipFile(path)
     out: dict[str, _NpzMember | np.ndarray] = {}
@@ -187,7 +202,7 @@ def _open_npz(path: Path) -> dict[str, "_NpzMember | np.ndarray"]:
         key = member[:-4] if member.endswith(".npy") else member
         m = _NpzMember(zf, member, path, key)
         # Fortran-ordered members cannot be streamed by sample: read them whole (rare; np.savez writes C order)
-        out[key] = np.load(path, allow_pickle=False)[key] if m.fortran else m
+        out[key] = read_npz(path)[key] if m.fortran else m
     return out
 
 

@@ -115,7 +115,10 @@ class ManifestSource(ImageSource):
         order, items = None, []
         if labelled:
             raw = [str(lab) for *_, lab in kept]
-            if classes is None and numeric_labels(raw):
+            # indices: JSON integers, or digit strings of a CSV; a JSON string such as "90" is a class name
+            as_index = all(type(lab) is int for *_, lab in kept) or (manifest.suffix.lower() != ".jsonl"
+                                                                      and numeric_labels(raw))
+            if classes is None and as_index:
                 items = [(f, rel, int(lab)) for _, f, rel, lab in kept]
             else:
                 order = class_order(sorted(set(raw)), classes, str(manifest))

@@ -32,7 +32,7 @@ from calib.export.checks import check_needed, check_ranges_fit
 from calib.export.fold import fold_batchnorm
 from calib.export.placement import Plan, PlacementContext, WeightSlot, make_plan, resolve_exclude
 from calib.io import save_onnx
-from calib.model import Model, model_from_proto
+from calib.model import Model, model_from_proto, refuse_quantized
 
 __all__ = ["QdqModel", "WeightQuant", "export_qdq", "weight_scales", "check_ranges_fit", "WEIGHT_MODES"]
 
@@ -310,6 +310,7 @@ def export_qdq(
     """
     if weights not in WEIGHT_MODES:
         raise ConfigError(f"weights='{weights}': expected one of {', '.join(WEIGHT_MODES)}")
+    refuse_quantized(model)
     check_ranges_fit(model, ranges)
     excluded_nodes, excluded_tensors = resolve_exclude(model, exclude)
     fold_bn = placement == "ort" if fold_bn is None else fold_bn
@@ -319,6 +320,9 @@ def export_qdq(
     ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors, dict(flagged or {}))
     plan = make_plan(ctx, placement, per_channel=weights == "per_channel")
     check_needed(plan, ranges)
+    if not plan.edges and not plan.weights and not excluded_nodes and not excluded_tensors:
+        raise ModelError(f"{model.path or 'model'}: nothing to quantize (no node TensorRT runs in INT8 under "
+                         f"the '{placement}' placement)", hint="INT8 calibration needs Conv, MatMul, Gemm or similar")
     amax = _shared_amax(plan, ranges)
 
     proto = work.copy_proto()

@@ -70,6 +70,7 @@ def run_plan(ctx: Context, sink) -> Context:
         collect_step(ctx, reuse)
         if reuse is None and (p := sink.path("stats", "stats.npz")) is not None:
             ctx.stats.save(p)
+            sink.seal("stats")
     sink.record(n_samples=ctx.stats.n_samples)
     with sink.timing("calibrate"):
         calibrate_step(ctx)

@@ -8,8 +8,6 @@ artifact to, or ``None`` when it does not keep that artifact.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,9 @@ class FileSink:
     def reuse_stats(self) -> ActivationStats | None:
         return None
 
+    def seal(self, key: str) -> None:
+        pass
+
 
 class RunSink:
     """``calib run``, the demo and the dashboard: every artifact in the run directory, listed in run.json."""
@@ -77,14 +78,20 @@ class RunSink:
     def reuse_stats(self) -> ActivationStats | None:
         """Statistics of an earlier complete run on the same model, data and options, copied into this run."""
         reused = self.store.find_stats(*self._reuse)
+        if self.store.skipped:
+            self.run.update(stats_not_reused=self.store.skipped)
         if reused is None:
             return None
         stats_path = self.path("stats", "stats.npz")
-        tmp = stats_path.with_name(".stats.npz.tmp")
-        shutil.copyfile(reused, tmp)
-        os.replace(tmp, stats_path)
+        self.store.copy_verified(reused, stats_path)
         self.run.update(stats_reused_from=str(reused.parent.name))
-        return ActivationStats.load(stats_path)
+        stats = ActivationStats.load(stats_path)
+        self.seal("stats")
+        return stats
+
+    def seal(self, key: str) -> None:
+        """Record the artifact's sha256 so a later run reuses it only if it is unchanged."""
+        self.run.seal(key)
 
 
 def cache_entries(model: Model, qdq: QdqModel, ranges) -> dict[str, float]:

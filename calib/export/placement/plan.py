@@ -164,8 +164,9 @@ def resolve_exclude(model: Model, exclude: Iterable[str]) -> tuple[frozenset[str
     op_types = {n.op_type for n in model.graph.node}
     all_tensors = set(model.producers) | {i.name for i in model.graph.input}
     for item in exclude:
-        if item in model.nodes:
-            nodes.add(item)
+        if item in model.nodes or item in model.renamed.values():
+            nodes.update([item] if item in model.nodes else [])
+            nodes.update(new for new, old in model.renamed.items() if old == item)
         elif item in op_types:
             nodes.update(n.name for n in model.graph.node if n.op_type == item)
         elif item in all_tensors:
@@ -179,7 +180,7 @@ def resolve_exclude(model: Model, exclude: Iterable[str]) -> tuple[frozenset[str
             near = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
             raise RangesError(
                 f"exclude '{item}': no node, op type or tensor of that name in the model{near}",
-                hint="node names and tensor names are the ONNX names (see `calib inspect MODEL`)",
+                hint="node and tensor names are the model's ONNX names (as Netron shows them)",
             )
     return frozenset(nodes), frozenset(tensors)
 
