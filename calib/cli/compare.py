@@ -13,7 +13,9 @@ from calib.compare.advice import advice_json_path, advise
 from calib.compare.html import write_html
 from calib.compare.targets import load_metric, parse_target
 from calib.data import open_data
+from calib.data.arrays import MAX_LABELS_BYTES
 from calib.errors import InputDataError, TargetNotMet
+from calib.io import npy_header
 from calib.model import load_model
 from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
