@@ -52,8 +52,6 @@ def read_labels(path: Path, n: int) -> list[int]:
     """Labels from ``.npy`` (integers) or text (one integer per line), one per sample in data order."""
     import numpy as np
 
-    from calib.data.arrays import MAX_LABELS_BYTES
-    from calib.io import npy_header
     if not path.exists():
         raise InputDataError(f"{path}: no such file", hint="check the labels path")
     if path.suffix == ".npy":
