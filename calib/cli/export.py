@@ -117,6 +117,7 @@ def export_cmd(
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
     from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
+    from calib.export.trt_cache import model_cache
     from calib.model import load_model
 
     if (stats is None) == (ranges is None):
@@ -164,9 +165,8 @@ def export_cmd(
     if len(qdq.skipped) > 5:
         echo(f"  ... {len(qdq.skipped) - 5} more skipped (see --report)")
     if cache is not None:
-        known = set(m.producers) | {i.name for i in m.inputs}
-        entries = {t: r for t, r in chosen.tensors.items() if t in known}
-        write_cache(cache, entries, version=trt_version or DEFAULT_TRT_VERSION)
+        entries = model_cache(qdq, m, chosen)  # what the written model quantizes, not the raw ranges
+        write_cache(cache, entries, version=trt_version or DEFAULT_TRT_VERSION, scales=True)
         echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {cache}")
     if doc is not None:
         write_scale_report(report, doc)

@@ -215,7 +215,8 @@ def _activation_qdq(proto, plan: Plan, amax: dict[str, float], names: _Names) ->
         scale = names.new(f"{t}_scale")
         zp = names.new(f"{t}_zero_point")
         q_out, dq_out = names.new(f"{t}_q"), names.new(f"{t}_dq")
-        g.initializer.append(numpy_helper.from_array(np.array(amax[t] / INT8_MAX, dtype=np.float32), scale))
+        g.initializer.append(numpy_helper.from_array(  # floored: a float32 scale of 0 is invalid
+            np.array(max(amax[t] / INT8_MAX, _TINY_SCALE), dtype=np.float32), scale))
         g.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zp))
         q = helper.make_node("QuantizeLinear", [t, scale, zp], [q_out], name=names.new(f"{t}_QuantizeLinear"))
         dq = helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
