@@ -53,7 +53,8 @@ _NUMPY = {TensorProto.FLOAT16: np.float16}
 _MAX = {TensorProto.FLOAT16: float(np.finfo(np.float16).max), TensorProto.BFLOAT16: 3.3895313892515355e38}
 _TINY = {TensorProto.FLOAT16: float(np.finfo(np.float16).tiny), TensorProto.BFLOAT16: 1.1754943508222875e-38}
 _KEEP_FLOAT_INPUTS = {"Resize": {2}, "Upsample": {1}}  # inputs whose schema allows float32 only
-_QDQ_OPSET = 19
+_OPSET = {"fp16": 19, "bf16": 22}  # float16 Q/DQ scales need opset 19; bfloat16 Conv/MatMul/... need 22
+_TYPE_STR = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PrecisionResult:
 
     def summary(self) -> str:
         return (f"{self.dtype} remainder: {len(self.kept_fp32)} node(s) kept FP32, {len(self.casts)} Cast(s) at "
-                f"region boundaries" + (f", opset raised to {_QDQ_OPSET}" if self.opset_upgraded else ""))
+                f"region boundaries" + (f", opset raised to {_opset(self.model)}" if self.opset_upgraded else ""))
 
 
 def profile(target_runtime: str) -> tuple[str, str]:
@@ -121,6 +122,24 @@ def _keep_reason(node: onnx.NodeProto, fp32_names: dict[str, str], stats: Any, l
     return None
 
 
+def _lacks_type(node: onnx.NodeProto, opset: int, dt: int) -> bool:
+    """True when the op's schema at ``opset`` takes float32 but not ``dt`` (e.g. most ops and bf16 before 22)."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    used = []
+    for formals, actual in ((schema.inputs, node.input), (schema.outputs, node.output)):
+        for i, t in enumerate(actual):
+            if t and formals:
+                used.append(formals[min(i, len(formals) - 1)].type_str)
+    sets = [allowed.get(u, {u}) for u in used]
+    return any("tensor(float)" in a and _TYPE_STR[dt] not in a for a in sets)
+
+
 def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None,
                keep_fp32: Iterable[str] = (), range_ops: Iterable[str] = RANGE_OPS,
                headroom: float = 2.0) -> dict[str, str]:
@@ -136,11 +155,13 @@ def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None
     kinds = {t: ("float" if ty == TensorProto.FLOAT else "other") for t, ty in types.items()}
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT}
     keep, rops = frozenset(keep_fp32), frozenset(range_ops)
-    out = {}
+    out, opset, dt = {}, _opset(proto), HIGH_PRECISION[dtype]
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         why = _keep_reason(n, kinds, stats, limit, inits, rops, keep)
+        if why is None and _lacks_type(n, opset, dt):
+            why = f"{n.op_type} has no {dtype} kernel in ONNX opset {opset}"
         if why:
             out[n.name] = why
     return out
@@ -181,6 +202,10 @@ class _Rewriter:
         self.cast_names: list[str] = []
         self.init_copies: dict[tuple[str, int], str] = {}
         self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
 
     def fresh(self, base: str) -> str:
         name, k = base, 0
@@ -191,12 +216,17 @@ class _Rewriter:
         return name
 
     def node_region(self, n: onnx.NodeProto) -> int:
+        """A Q/DQ pair takes the precision of the node it feeds (so DQ -> op still fuses); others: kept or low."""
         if n.name in self.kept:
             return TensorProto.FLOAT
         if n.op_type == "DequantizeLinear" and n.input[0] in self.producer:  # follows its Q
             return self.region.get(self.producer[n.input[0]].name, self.dt)
-        if n.op_type == "QuantizeLinear" and n.input[0] in self.producer:  # follows what it quantizes
-            return self.region.get(self.producer[n.input[0]].name, self.dt)
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            dqs = [c for c in self.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"] \
+                if n.op_type == "QuantizeLinear" else [n]
+            users = [u for d in dqs for u in self.consumers.get(d.output[0], [])]
+            if users and all(u.name in self.kept for u in users):
+                return TensorProto.FLOAT
         return self.dt
 
     def cast(self, tensor: str, to: int, out: list[onnx.NodeProto]) -> str:
@@ -326,12 +356,12 @@ def cast_remainder(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = 
     work.CopyFrom(proto)
     if dtype == "fp32":
         return PrecisionResult(work, dtype)
-    upgraded = _opset(work) < _QDQ_OPSET
-    if upgraded:  # float16/bfloat16 Q/DQ scales need opset 19
+    upgraded = _opset(work) < _OPSET[dtype]
+    if upgraded:
         try:
-            work = version_converter.convert_version(work, _QDQ_OPSET)
+            work = version_converter.convert_version(work, _OPSET[dtype])
         except Exception as e:  # the converter raises plain RuntimeError/ValidationError
-            raise ModelError(f"cannot raise the model to opset {_QDQ_OPSET} for {dtype} Q/DQ scales: {e}",
+            raise ModelError(f"cannot raise the model to opset {_OPSET[dtype]} for {dtype} Q/DQ scales: {e}",
                              hint="export the model at opset >= 19, or use --high-precision fp32") from None
     kept = fp32_nodes(work, dtype, stats=stats, keep_fp32=keep_fp32, range_ops=range_ops, headroom=headroom)
     rw = _Rewriter(work, HIGH_PRECISION[dtype], kept)
