@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -39,12 +40,13 @@ def setup(tmp_path_factory):
     return model, stats, tmp
 
 
-@pytest.mark.parametrize("exclude", [[], ["fc"], ["conv2"]])
-def test_cache_holds_each_quantize_linear_scale(setup, exclude):
+@pytest.mark.parametrize("exclude, target", [([], None), (["fc"], None), (["conv2"], None), (["fc"], "trt")])
+def test_cache_holds_each_quantize_linear_scale(setup, exclude, target):
     model, stats, tmp = setup
-    out, cache = tmp / f"m{len(exclude)}{''.join(exclude)}.onnx", tmp / f"m{''.join(exclude)}.cache"
+    tag = f"{''.join(exclude)}{target}"
+    out, cache, report = tmp / f"m{tag}.onnx", tmp / f"m{tag}.cache", tmp / f"s{tag}.json"
     args = ["-q", "export", str(model), "--stats", str(stats), "-o", str(out), "--cache", str(cache),
-            "--trt-version", "100900"]
+            "--trt-version", "100900", "--report", str(report)] + (["--target-runtime", target] if target else [])
     for x in exclude:
         args += ["--exclude", x]
     assert main(args) == 0
@@ -64,5 +66,12 @@ def test_cache_holds_each_quantize_linear_scale(setup, exclude):
         assert kept_float_inputs == {"flat"}
     for t in kept_float_inputs:
         assert t not in ranges, f"{t} feeds a node kept in float; TensorRT 10 would run it in INT8"
+    # the scale report describes the same written model
+    doc = json.loads(report.read_text())
+    assert {a["tensor"]: a["scale"] for a in doc["activations"]} == pytest.approx(written, rel=0, abs=0)
+    if target == "trt":  # fp16 remainder: scales are float16 values, graph input quantized through a Cast
+        m = onnx.load(str(out))
+        assert any(n.op_type == "Cast" for n in m.graph.node)
+        assert all(float(np.float16(v)) == v for v in written.values())
     # layer outputs implicit INT8 needs are still there (Conv outputs are not Q/DQ-quantized under trt placement)
     assert "c1" in ranges and "c1" not in written

@@ -20,7 +20,9 @@ _EXPORT_EPILOG = """Examples:
 
   calib export model.onnx --ranges ranges.json --method percentile:99.99 -o m.int8.onnx --exclude /head/MatMul
 
-  calib export model.onnx --stats stats.npz --placement ort -o model.ort.int8.onnx
+  calib export model.onnx --stats stats.npz --target-runtime ort -o model.ort.int8.onnx
+
+  calib export model.onnx --stats stats.npz --high-precision fp32 -o model.int8.fp32rest.onnx
 """
 
 _BUILD_EPILOG = """Examples:
@@ -97,8 +99,14 @@ def export_cmd(
                                           "(instead of --stats)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="entropy | minmax | percentile[:P] | mse "
                                          "(default entropy with --stats; with --ranges the file's only method)."),
-    placement: str = typer.Option("trt", "--placement", "-p", help="trt: TensorRT's Q/DQ rules (default); "
-                                  "ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+    placement: Optional[str] = typer.Option(None, "--placement", "-p", help="trt: TensorRT's Q/DQ rules "
+                                            "(default); ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+    target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
+                                                 "remainder; ort: ort placement + fp32 remainder."),
+    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32: dtype of "
+                                                 "everything not INT8 (default: the --target-runtime's; fp32 without one)."),
+    keep_fp32: List[str] = typer.Option([], "--keep-fp32", help="Node name or op type kept FP32 in an fp16/bf16 "
+                                        "model (repeatable; overflowing tensors are found from --stats)."),
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="Node name, op type or tensor name to keep "
                                       "float (repeatable)."),
     weights: str = typer.Option("per_channel", "--weights", help="per_channel | per_tensor."),
@@ -117,6 +125,7 @@ def export_cmd(
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
     from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
+    from calib.export.precision import apply_high_precision, resolve_target
     from calib.export.trt_cache import model_cache
     from calib.model import load_model
 
@@ -140,6 +149,7 @@ def export_cmd(
                                                                     report is not None)
     else:
         chosen, all_ranges = _ranges_from_file(ranges, method)
+    placement, dtype = resolve_target(target_runtime, placement, high_precision)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
     if bias_data is not None:
         from calib.export.bias import correct_bias
@@ -157,6 +167,11 @@ def export_cmd(
              f"layer(s) corrected on {bc.n_samples} samples"
              + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
              + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
+    if dtype != "fp32":
+        qdq, prec = apply_high_precision(qdq, dtype, stats=stats_obj, keep_fp32=keep_fp32)
+        echo(prec.summary())
+        for node, why in list(prec.kept_fp32.items())[:5]:
+            echo(f"  FP32 {node}: {why}")
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")

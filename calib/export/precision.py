@@ -31,6 +31,7 @@ FP16 kernels are not exercised here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -41,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from calib.errors import ConfigError, ModelError
 
 __all__ = ["HIGH_PRECISION", "TARGET_RUNTIMES", "RANGE_OPS", "PrecisionResult", "cast_remainder",
-           "fp32_nodes", "profile"]
+           "fp32_nodes", "profile", "resolve_target", "apply_high_precision"]
 
 HIGH_PRECISION = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 # --target-runtime: one name sets placement and remainder dtype together.
@@ -77,6 +78,37 @@ def profile(target_runtime: str) -> tuple[str, str]:
     if target_runtime not in TARGET_RUNTIMES:
         raise ConfigError(f"--target-runtime {target_runtime}: expected one of {', '.join(TARGET_RUNTIMES)}")
     return TARGET_RUNTIMES[target_runtime]
+
+
+def resolve_target(target_runtime: str | None, placement: str | None,
+                   high_precision: str | None) -> tuple[str, str]:
+    """(placement, dtype) from the CLI/config: explicit values win over the ``target_runtime`` profile.
+
+    With a target runtime: its profile (trt -> TensorRT placement + fp16, ort
+    -> ort placement + fp32). Without one the remainder stays fp32 (the
+    behaviour before this option): ``calib compare``/``advise`` pair tensors
+    through Q/DQ nodes only and cannot map a model with boundary Casts yet, so
+    fp16 is not the default of a bare ``calib export``.
+    """
+    if target_runtime is None:
+        p, d = placement or "trt", "fp32"
+    else:
+        p, d = profile(target_runtime)
+    d = high_precision or d
+    if d not in HIGH_PRECISION:
+        raise ConfigError(f"--high-precision {d}: expected one of {', '.join(HIGH_PRECISION)}")
+    return placement or p, d
+
+
+def apply_high_precision(qdq, dtype: str, *, stats: Any = None, keep_fp32: Iterable[str] = (),
+                         range_ops: Iterable[str] = RANGE_OPS, headroom: float = 2.0):
+    """``cast_remainder`` on a ``QdqModel``: returns (a QdqModel holding the cast model, PrecisionResult).
+
+    Call it last, after bias correction and advise (they run the FP32-remainder
+    model); then write the model, ``model_cache`` and ``scale_report`` from the result.
+    """
+    r = cast_remainder(qdq.model, dtype, stats=stats, keep_fp32=keep_fp32, range_ops=range_ops, headroom=headroom)
+    return dataclasses.replace(qdq, model=r.model), r
 
 
 def _opset(proto: onnx.ModelProto) -> int:
