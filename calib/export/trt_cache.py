@@ -58,6 +58,7 @@ __all__ = [
     "cache_from_model",
     "format_scales",
     "model_cache",
+    "read_any_cache",
 ]
 
 TINY_SCALE = float(np.finfo(np.float32).tiny)
@@ -238,3 +239,82 @@ def model_cache(qdq, fp32_model, ranges: Mapping[str, TensorRange] | None) -> di
     inits = {t.name for t in g.initializer}
     tensors = [i.name for i in g.input if i.name not in inits] + [o for n in g.node for o in n.output if o]
     return cache_from_model(qdq.model, tensors, ranges, float_nodes=qdq.excluded, skipped=qdq.skipped)
+
+
+# ---------------------------------------------------------------- other writers' caches
+
+
+def _ort_text(text: str, source: str) -> Ranges:
+    """ONNX Runtime ``write_calibration_table``'s calibration.cache: '<tensor> <amax as a Python float>' lines."""
+    tensors: dict[str, TensorRange] = {}
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, sep, value = line.rstrip().rpartition(" ")
+        try:
+            amax = float(value)
+        except ValueError:
+            amax = float("nan")
+        if not sep or not name or not (math.isfinite(amax) and amax >= 0):
+            raise CacheFormatError(f"{source} line {i}: expected '<tensor> <amax>' (ONNX Runtime calibration "
+                                   f"table), got {line[:80]!r}")
+        tensors[name] = TensorRange(amax=max(amax, TINY_SCALE * INT8_MAX), method="ort-cache")
+    return Ranges(method="ort-cache", tensors=tensors)
+
+
+def _ort_json(text: str, source: str) -> Ranges:
+    """ONNX Runtime's calibration.json: tensor -> {"lowest": .., "highest": ..} (numbers or numpy-array dicts)."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CacheFormatError(f"{source}: not JSON ({e.msg} at line {e.lineno})") from None
+    tensors: dict[str, TensorRange] = {}
+    for name, d in doc.items():
+        vals = []
+        for k in ("lowest", "highest"):
+            v = d.get(k) if isinstance(d, dict) else None
+            v = v.get("data") if isinstance(v, dict) else v
+            if v is not None:
+                vals.extend(np.abs(np.asarray(v, dtype=np.float64)).reshape(-1).tolist())
+        if not vals or not all(math.isfinite(v) for v in vals):
+            raise CacheFormatError(f"{source}: tensor '{name}' has no finite lowest/highest")
+        tensors[name] = TensorRange(amax=max(max(vals), TINY_SCALE * INT8_MAX), method="ort-cache")
+    return Ranges(method="ort-cache", tensors=tensors)
+
+
+def _ort_flatbuffers(raw: bytes, source: str) -> Ranges:
+    """ONNX Runtime's calibration.flatbuffers (TrtTable of key -> str(amax)), read with ORT's own schema classes."""
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable  # optional reader (needs flatbuffers)
+
+    try:
+        table = TrtTable.TrtTable.GetRootAsTrtTable(raw, 0)
+        pairs = [(table.Dict(i).Key().decode(), table.Dict(i).Value().decode()) for i in range(table.DictLength())]
+    except Exception as e:  # flatbuffers raises struct/index errors on foreign bytes
+        raise CacheFormatError(f"{source}: not a calibration table ({type(e).__name__})") from None
+    return _ort_text("\n".join(f"{k} {v}" for k, v in pairs), source)
+
+
+def read_any_cache(path: str | os.PathLike) -> Ranges:
+    """Read a TensorRT cache (also what ModelOpt reads/writes) or ONNX Runtime's calibration table
+    (calibration.cache text, calibration.json or calibration.flatbuffers); the format is detected."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CacheFormatError(f"{path}: cannot read the calibration cache ({e.strerror})") from None
+    if b"\x00" in raw:  # text caches hold no NUL; FlatBuffers tables always do (offsets)
+        return _ort_flatbuffers(raw, str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _ort_flatbuffers(raw, str(path))
+    head = text.lstrip()[:1]
+    if text.startswith("TRT-"):
+        return parse_cache(text, source=str(path))
+    if head == "{":
+        return _ort_json(text, str(path))
+    if not text.strip():
+        raise CacheFormatError(f"{path}: the file is empty")
+    return _ort_text(text, str(path))
