@@ -35,6 +35,7 @@ __all__ = [
     "build_engine_from_cache",
     "make_cache_calibrator",
     "trtexec_commands",
+    "engine_layer_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,9 @@ def build_engine(qdq_path: str | os.PathLike, out_path: str | os.PathLike, *, fp
     flags = trt.NetworkDefinitionCreationFlag
     strongly_typed = hasattr(flags, "STRONGLY_TYPED") and not (fp16 and major < 11)
     if fp16 and major >= 11:
-        raise ConfigError("TensorRT 11 has no FP16 builder flag (always strongly typed)",
-                          hint="export an FP16 Q/DQ model so the types in the ONNX say FP16")
+        raise ConfigError("TensorRT 11 has no FP16 builder flag (always strongly typed): the ONNX types decide",
+                          hint="export with an FP16 remainder and build that without --fp16: "
+                               "calib export MODEL --stats S --target-runtime trt -o model.int8.onnx")
     network = builder.create_network(1 << int(flags.STRONGLY_TYPED) if strongly_typed else 0)
     _parse(trt, builder, network, Path(qdq_path), logger)
     config = builder.create_builder_config()
@@ -204,3 +206,19 @@ def trtexec_commands(onnx_path: str | os.PathLike, engine_path: str | os.PathLik
             "(TensorRT 11 removed --int8 and --calib; build from the Q/DQ ONNX there)",
             "# trtexec calibrates on random data if it cannot open the --calib file: check the path",
             " ".join(cmd)]
+
+
+def engine_layer_info(engine_path: str | os.PathLike) -> str:
+    """The engine's layer information as JSON text, as trtexec ``--exportLayerInfo`` writes it.
+
+    Through ``IEngineInspector`` (``engine.create_engine_inspector()``,
+    ``get_engine_information(LayerInformationFormat.JSON)``); an engine built
+    without detailed profiling verbosity lists layer names only.
+    """
+    trt = import_tensorrt()
+    logger = _logger(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise ModelError(f"{engine_path}: TensorRT cannot deserialize this engine (another TensorRT version or GPU?)")
+    inspector = engine.create_engine_inspector()
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)

@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard"]
+_MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard", "trt_tools"]
 
 
 @app.callback()

@@ -191,7 +191,7 @@ def export_cmd(
 def build_engine_cmd(
     model: Path = typer.Argument(..., help="Q/DQ ONNX from 'calib export' (or the FP32 model with --cache)."),
     output: Path = typer.Option(..., "--output", "-o", help="Serialized TensorRT engine to write."),
-    fp16: bool = typer.Option(False, "--fp16", help="Let float layers run in FP16 (TensorRT 10: weakly typed "
+    fp16: bool = typer.Option(False, "--fp16", help="Let float layers run in FP16 (TensorRT 10 only: weakly typed "
                               "build with INT8+FP16 flags)."),
     workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="Builder workspace limit in MiB."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="TensorRT 10 implicit INT8: MODEL is the FP32 "
