@@ -106,8 +106,10 @@ def _finish(trt, builder, network, config, out_path: str | os.PathLike) -> Path:
 
 def build_engine(qdq_path: str | os.PathLike, out_path: str | os.PathLike, *, fp16: bool = False,
                  workspace_bytes: int | None = None, shapes: Mapping[str, Any] | None = None,
-                 batch: int = 1) -> Path:
-    """Build a serialized engine from a Q/DQ ONNX file and write it atomically to ``out_path``."""
+                 batch: int = 1, detailed: bool = False) -> Path:
+    """Build a serialized engine from a Q/DQ ONNX file and write it atomically to ``out_path``.
+
+    ``detailed``: ProfilingVerbosity.DETAILED, so ``engine_layer_info`` reports formats per layer."""
     trt = import_tensorrt()
     major = tensorrt_version()[0]
     logger = _logger(trt)
@@ -123,6 +125,8 @@ def build_engine(qdq_path: str | os.PathLike, out_path: str | os.PathLike, *, fp
     config = builder.create_builder_config()
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if detailed:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.INT8)
         if fp16:

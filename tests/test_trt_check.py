@@ -120,6 +120,6 @@ def test_engine_layer_info_through_the_python_api(tmp_path):
     np.savez(data, x=np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
     assert main(["-q", "collect", str(m), "--data", str(data), "-o", str(stats)]) == 0
     assert main(["-q", "export", str(m), "--stats", str(stats), "-o", str(q), "--target-runtime", "trt"]) == 0
-    engine = trt_adapter.build_engine(q, tmp_path / "m.engine")
+    engine = trt_adapter.build_engine(q, tmp_path / "m.engine", detailed=True)
     layers = parse_layer_info(json.loads(trt_adapter.engine_layer_info(engine)))
     assert "INT8" in {lay.precision for lay in layers}

@@ -124,9 +124,8 @@ def export_cmd(
                                   "fast bias correction; harmful where ranges clip outliers)."),
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
-    from calib.export import DEFAULT_TRT_VERSION, export_qdq, scale_report, write_cache, write_scale_report
-    from calib.export.precision import apply_high_precision, resolve_target
-    from calib.export.trt_cache import model_cache
+    from calib.export import export_qdq, scale_report, write_scale_report
+    from calib.export.precision import resolve_target
     from calib.model import load_model
 
     if (stats is None) == (ranges is None):
@@ -152,26 +151,9 @@ def export_cmd(
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
     if bias_data is not None:
-        from calib.export.bias import correct_bias
-
-        prog = Progress()
-        try:
-            bc = correct_bias(m, qdq, bias_source, limit=bias_samples,
-                              robust=bias_mode == "robust", progress=prog)
-        finally:
-            prog.close()
-        qdq = bc.qdq
-        info = bc.to_json()
-        largest = info["largest"][:1]
-        echo(f"bias correction: {info['channels_corrected']} of {info['channels']} channels in {len(bc.shifts)} "
-             f"layer(s) corrected on {bc.n_samples} samples"
-             + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
-             + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
+        qdq = _bias_correct(m, qdq, bias_source, bias_samples, bias_mode)
     if dtype != "fp32":
-        qdq, prec = apply_high_precision(qdq, dtype, stats=stats_obj, keep_fp32=keep_fp32)
-        echo(prec.summary())
-        for node, why in list(prec.kept_fp32.items())[:5]:
-            echo(f"  FP32 {node}: {why}")
+        qdq = _high_precision(qdq, dtype, stats_obj, keep_fp32)
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")
@@ -180,12 +162,47 @@ def export_cmd(
     if len(qdq.skipped) > 5:
         echo(f"  ... {len(qdq.skipped) - 5} more skipped (see --report)")
     if cache is not None:
-        entries = model_cache(qdq, m, chosen)  # what the written model quantizes, not the raw ranges
-        write_cache(cache, entries, version=trt_version or DEFAULT_TRT_VERSION, scales=True)
-        echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {cache}")
+        _write_model_cache(cache, qdq, m, chosen, trt_version)
     if doc is not None:
         write_scale_report(report, doc)
         echo(f"scale report ({len(doc['activations'])} tensors, {len(doc['weights'])} weights) -> {report}")
+
+
+def _bias_correct(m, qdq, source, samples: int, mode: str):
+    from calib.export.bias import correct_bias
+
+    prog = Progress()
+    try:
+        bc = correct_bias(m, qdq, source, limit=samples, robust=mode == "robust", progress=prog)
+    finally:
+        prog.close()
+    info = bc.to_json()
+    largest = info["largest"][:1]
+    echo(f"bias correction: {info['channels_corrected']} of {info['channels']} channels in {len(bc.shifts)} "
+         f"layer(s) corrected on {bc.n_samples} samples"
+         + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
+         + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
+    return bc.qdq
+
+
+def _high_precision(qdq, dtype: str, stats, keep_fp32):
+    from calib.export.precision import apply_high_precision
+
+    qdq, prec = apply_high_precision(qdq, dtype, stats=stats, keep_fp32=keep_fp32)
+    echo(prec.summary())
+    for node, why in list(prec.kept_fp32.items())[:5]:
+        echo(f"  FP32 {node}: {why}")
+    return qdq
+
+
+def _write_model_cache(path: Path, qdq, m, chosen, trt_version: Optional[int]) -> None:
+    """The cache of the written model: its QuantizeLinear scales, no float-kept inputs or skipped tensors."""
+    from calib.export import DEFAULT_TRT_VERSION, write_cache
+    from calib.export.trt_cache import model_cache
+
+    entries = model_cache(qdq, m, chosen)
+    write_cache(path, entries, version=trt_version or DEFAULT_TRT_VERSION, scales=True)
+    echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {path}")
 
 
 def build_engine_cmd(

@@ -2,31 +2,24 @@
 
 On TensorRT 11 strong typing is always on: the ONNX types alone decide each
 layer's precision, so an FP32 remainder runs in FP32 (TENSORRT.md §4-5).
-``cast_remainder`` rewrites a Q/DQ model (a copy) so that:
+``cast_remainder`` rewrites a copy of a Q/DQ model so that float32
+initializers of cast nodes are converted (a weight shared with an FP32 node is
+duplicated), Q/DQ scales take the dtype of the tensor they quantize (opset
+>= 19, raised with ``onnx.version_converter``; a Q/DQ pair follows the node it
+feeds), and Casts appear only at region boundaries, after float32 graph
+inputs and before float32 graph outputs (graph I/O names and dtypes kept).
 
-* every float32 initializer read by a cast node is converted (a weight shared
-  with an FP32 node is duplicated, never cast at run time);
-* Q/DQ scales take the dtype of the tensor they quantize (opset >= 19; the
-  model is converted with ``onnx.version_converter`` when older);
-* Cast nodes appear only at region boundaries: where an FP32 region meets a
-  low-precision one, after each float32 graph input, and before each graph
-  output whose declared dtype must stay float32 (names and dtypes of the
-  graph's inputs and outputs are kept);
-* nodes that must stay FP32 for range reasons stay FP32. The rule, per node:
-  - ``keep_fp32`` (node names or op types, given by the user): always FP32;
-  - any float input/output whose statistics (exact min/max from
-    ``ActivationStats``) exceed the target's largest finite value divided by
-    ``headroom`` -> FP32 (reason names the tensor and its max |x|);
-  - a float initializer it reads that exceeds that limit -> FP32;
-  - an op in ``RANGE_OPS`` (reductions, Softmax, Exp, Pow, normalizations:
-    ops whose result or internal accumulation can leave the FP16 range) with
-    no statistics for its tensors -> FP32 ("cannot show it fits").
-    Pass ``range_ops=()`` to drop that conservative rule.
+Keep-FP32 rule, per node (``fp32_nodes``): ``keep_fp32`` (node names or op
+types) always; any float input/output whose statistics (exact min/max from
+``ActivationStats``) exceed the dtype's max / ``headroom``; a float
+initializer beyond that limit; an op the ONNX schema does not allow in the
+dtype at the model's opset; an op in ``RANGE_OPS`` (reductions, Softmax, Exp,
+Pow, normalizations) with no statistics for its tensors ("cannot show it
+fits"; ``range_ops=()`` drops this conservative rule).
 
-ONNX Runtime's CPU provider has few FP16 kernels; it inserts casts around the
-others (its InsertCastTransformer), so a CPU run checks the FP16 rounding of
-every tensor between nodes, not FP16 arithmetic inside a kernel. TensorRT's
-FP16 kernels are not exercised here.
+ONNX Runtime's CPU provider has few FP16 kernels and inserts casts around the
+others, so a CPU run checks the FP16 rounding of every tensor between nodes,
+not FP16 arithmetic inside kernels; TensorRT's FP16 kernels are not exercised.
 """
 
 from __future__ import annotations
@@ -144,10 +137,8 @@ def _keep_reason(node: onnx.NodeProto, fp32_names: dict[str, str], stats: Any, l
                 return f"initializer '{t}' holds |x| = {big:.4g} > {limit:.4g}"
             continue
         m = _stat_max(stats, t)
-        if m is None:
-            continue
-        seen = True
-        if m > limit:
+        seen = seen or m is not None
+        if m is not None and m > limit:
             return f"tensor '{t}' reaches |x| = {m:.4g} in the statistics > {limit:.4g}"
     if node.op_type in range_ops and not seen:
         return f"{node.op_type} can leave the low-precision range and no statistics show it fits"
@@ -180,7 +171,7 @@ def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None
         raise ConfigError(f"high precision '{dtype}': expected one of {', '.join(HIGH_PRECISION)}")
     if dtype == "fp32":
         return {}
-    if headroom < 1:
+    elif headroom < 1:
         raise ConfigError(f"headroom {headroom}: expected >= 1")
     limit = _MAX[HIGH_PRECISION[dtype]] / headroom
     types = _types(proto)
@@ -197,9 +188,6 @@ def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None
         if why:
             out[n.name] = why
     return out
-
-
-# ---------------------------------------------------------------- the cast
 
 
 def _low_tensor(name: str, arr: np.ndarray, dt: int) -> onnx.TensorProto:
@@ -366,9 +354,9 @@ class _Rewriter:
             for k, t in enumerate(n.input):
                 if t in rename:
                     n.input[k] = rename[t]
-        graph_inits = [v for v in self.g.input if v.name not in self.inits or v.name in used or v.name in rename.values()]
+        graph_in = [v for v in self.g.input if v.name not in self.inits or v.name in used or v.name in rename.values()]
         del self.g.input[:]
-        self.g.input.extend(graph_inits)
+        self.g.input.extend(graph_in)
 
 
 def cast_remainder(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None,
