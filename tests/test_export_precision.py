@@ -187,3 +187,15 @@ def test_fmnist_fp16_loses_at_most_0_2_points(tmp_path):
     acc32 = (_run(q.model, {"input": ev["input"]})[0].argmax(-1) == y).mean() * 100
     acc16 = (_run(r.model, {"input": ev["input"]})[0].argmax(-1) == y).mean() * 100
     assert acc32 - acc16 <= 0.2, (acc32, acc16)
+
+
+def test_advise_writes_the_fp16_model(tmp_path):
+    m, data, stats, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "s.npz", tmp_path / "a.onnx"
+    models.save(models.cnn_residual(), m)
+    np.savez(data, x=np.random.default_rng(5).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    assert main(["-q", "collect", str(m), "--data", str(data), "-o", str(stats)]) == 0
+    assert main(["-q", "advise", str(m), "--stats", str(stats), "--data", str(data), "-t", "cosine:0.5",
+                 "-m", "minmax", "--target-runtime", "trt", "-o", str(out)]) == 0
+    written = onnx.load(str(out))
+    assert _fp32_compute_nodes(written) == [] and _io(written) == _io(models.cnn_residual())
+    assert FP16 in {t.data_type for t in written.graph.initializer}
