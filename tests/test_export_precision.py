@@ -18,7 +18,8 @@ from calib.calibrate import calibrate, parse_method
 from calib.cli import main
 from calib.export import export_qdq
 from calib.export.precision import RANGE_OPS, cast_remainder, fp32_nodes, profile
-from calib.model import load_model
+from calib.calibrate.base import Ranges, TensorRange
+from calib.model import load_model, model_from_proto
 from calib.stats import ActivationStats
 from tests import models
 
@@ -199,3 +200,37 @@ def test_advise_writes_the_fp16_model(tmp_path):
     written = onnx.load(str(out))
     assert _fp32_compute_nodes(written) == [] and _io(written) == _io(models.cnn_residual())
     assert FP16 in {t.data_type for t in written.graph.initializer}
+
+
+@pytest.mark.parametrize("weights", ["per_tensor", "per_channel"])
+def test_weight_scales_below_fp16_range_are_floored_and_requantized(weights):
+    """Weights of ~1e-4 give scales below FP16's smallest normal (6.1e-5): the int8 values are recomputed so that
+    q * scale still approximates the FP32 Q/DQ weight within half a (new) step."""
+    proto = models.gemm_mlp()
+    for t in proto.graph.initializer:
+        if t.name.startswith("w"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1e-3, t.name))
+    m = model_from_proto(proto)
+    names = [i.name for i in m.graph.input] + [o for n in m.graph.node for o in n.output]
+    q = export_qdq(m, Ranges("minmax", {t: TensorRange(2.0, "minmax") for t in names}), weights=weights)
+    r = cast_remainder(q.model, "fp16", range_ops=())
+
+    def dequantized(proto):
+        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        out = {}
+        for n in proto.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+                s = inits[n.input[1]].astype(np.float64)
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                qv = inits[n.input[0]].astype(np.float64)
+                if s.size > 1:
+                    s = s.reshape([-1 if d == axis else 1 for d in range(qv.ndim)])
+                out[n.name] = (qv * s, float(np.min(s)), float(np.max(s)))
+        return out
+
+    before, after = dequantized(q.model), dequantized(r.model)
+    assert before.keys() == after.keys() and before
+    assert any(lo < np.finfo(np.float16).tiny for _, lo, _ in before.values())  # the case hits the floor
+    for k, (w0, _, _) in before.items():
+        w1, lo1, hi1 = after[k]
+        assert lo1 >= np.finfo(np.float16).tiny and np.all(np.abs(w1 - w0) <= hi1 / 2 + 1e-12), k

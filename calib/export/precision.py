@@ -159,7 +159,7 @@ def _lacks_type(node: onnx.NodeProto, opset: int, dt: int) -> bool:
         for i, t in enumerate(actual):
             if t and formals:
                 used.append(formals[min(i, len(formals) - 1)].type_str)
-    sets = [allowed.get(u, {u}) for u in used]
+    sets = [allowed[u] for u in used if u in allowed]  # a fixed type (Resize's float scales) stays as it is
     return any("tensor(float)" in a and _TYPE_STR[dt] not in a for a in sets)
 
 
@@ -276,13 +276,13 @@ class _Rewriter:
 
     def _requantize(self, dq: onnx.NodeProto, old: np.ndarray, new: np.ndarray) -> None:
         """Keep q * scale where the low-precision scale moved (floored), for an int8 weight behind ``dq``."""
-        q_init = self.inits[dq.input[0]]
-        q = numpy_helper.to_array(q_init)
+        q = numpy_helper.to_array(self.inits[dq.input[0]])
         if np.array_equal(old.astype(np.float32), new) or q.dtype != np.int8:
             return
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         shape = [-1 if d == axis % max(q.ndim, 1) else 1 for d in range(q.ndim)] if old.size > 1 else []
-        r = (old.astype(np.float64) / new.astype(np.float64)).reshape(shape) if shape else float(old / new)
+        ratio = old.astype(np.float64).reshape(-1) / new.astype(np.float64).reshape(-1)
+        r = ratio.reshape(shape) if shape else ratio[0]
         q2 = np.clip(np.rint(q.astype(np.float64) * r), -127, 127).astype(np.int8)
         name = self.fresh(f"{dq.input[0]}_requant")
         self.g.initializer.append(numpy_helper.from_array(q2, name))
