@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from calib.errors import ConfigError, ModelError
+from calib.export.qdq import _Names
 
 __all__ = ["HIGH_PRECISION", "TARGET_RUNTIMES", "RANGE_OPS", "PrecisionResult", "cast_remainder",
            "fp32_nodes", "profile", "resolve_target", "apply_high_precision"]
@@ -215,10 +216,8 @@ class _Rewriter:
         self.inits = {t.name: t for t in self.g.initializer}
         self.cur: dict[str, int] = {v.name: TensorProto.FLOAT for v in self.g.input if v.name not in self.inits}
         self.region: dict[str, int] = {}
-        self.used = {t for n in self.g.node for t in list(n.input) + list(n.output)} | set(self.inits) | \
-            {n.name for n in self.g.node} | {v.name for v in list(self.g.input) + list(self.g.output)}
+        self.names = _Names(proto)  # unique new tensor/node names, as the Q/DQ export makes them
         self.casts: dict[tuple[str, int], str] = {}
-        self.new_nodes: list[onnx.NodeProto] = []
         self.cast_names: list[str] = []
         self.init_copies: dict[tuple[str, int], str] = {}
         self.producer = {o: n for n in self.g.node for o in n.output}
@@ -228,12 +227,7 @@ class _Rewriter:
                 self.consumers.setdefault(t, []).append(n)
 
     def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
+        return self.names.new(base)
 
     def node_region(self, n: onnx.NodeProto) -> int:
         """A Q/DQ pair takes the precision of the node it feeds (so DQ -> op still fuses); others: kept or low."""
