@@ -85,3 +85,12 @@ def test_modelopt_exclude_widens_to_groups():
     assert [g.anchor for g in expand_to_groups(["relu1", "fc"], groups)] == ["conv1", "fc"]
     with pytest.raises(ConfigError, match="nope"):
         modelopt_exclude(["nope"], groups)
+
+
+def test_fp16_transformer_groups_match_fp32():
+    """In an FP16 model the graph inputs pass through Casts: they are still activations, not weights."""
+    m = model_from_proto(models.transformer_block())
+    names = [i.name for i in m.graph.input] + [o for n in m.graph.node for o in n.output]
+    q = export_qdq(m, Ranges("minmax", {t: TensorRange(2.0, "minmax") for t in names}))
+    fp16 = cast_remainder(q.model, "fp16", range_ops=(), keep_fp32=["mask_fmin", "mask_scores", "mask_unsqueeze"])
+    assert _pairs(fusion_groups(fp16.model)) == _pairs(fusion_groups(models.transformer_block()))

@@ -93,8 +93,12 @@ class _View:
         return out
 
     def is_weight(self, t: str) -> bool:
-        """An initializer/Constant, or one seen through its DequantizeLinear/Cast."""
-        return t in self.inits or (t in self._prod and self.producer(t) is None)
+        """An initializer/Constant, or one seen through its DequantizeLinear/Cast (not a graph input's Cast)."""
+        n = self._prod.get(t)
+        while n is not None and n.op_type in SEE_THROUGH:
+            t = n.input[0]
+            n = self._prod.get(t)
+        return t in self.inits
 
     def graph_output(self, node: onnx.NodeProto) -> bool:
         return any(o in self.outputs for o in node.output)
