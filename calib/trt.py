@@ -35,6 +35,7 @@ __all__ = [
     "build_engine_from_cache",
     "make_cache_calibrator",
     "trtexec_commands",
+    "engine_layer_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,10 @@ def _finish(trt, builder, network, config, out_path: str | os.PathLike) -> Path:
 
 def build_engine(qdq_path: str | os.PathLike, out_path: str | os.PathLike, *, fp16: bool = False,
                  workspace_bytes: int | None = None, shapes: Mapping[str, Any] | None = None,
-                 batch: int = 1) -> Path:
-    """Build a serialized engine from a Q/DQ ONNX file and write it atomically to ``out_path``."""
+                 batch: int = 1, detailed: bool = False) -> Path:
+    """Build a serialized engine from a Q/DQ ONNX file and write it atomically to ``out_path``.
+
+    ``detailed``: ProfilingVerbosity.DETAILED, so ``engine_layer_info`` reports formats per layer."""
     trt = import_tensorrt()
     major = tensorrt_version()[0]
     logger = _logger(trt)
@@ -114,13 +117,16 @@ def build_engine(qdq_path: str | os.PathLike, out_path: str | os.PathLike, *, fp
     flags = trt.NetworkDefinitionCreationFlag
     strongly_typed = hasattr(flags, "STRONGLY_TYPED") and not (fp16 and major < 11)
     if fp16 and major >= 11:
-        raise ConfigError("TensorRT 11 has no FP16 builder flag (always strongly typed)",
-                          hint="export an FP16 Q/DQ model so the types in the ONNX say FP16")
+        raise ConfigError("TensorRT 11 has no FP16 builder flag (always strongly typed): the ONNX types decide",
+                          hint="export with an FP16 remainder and build that without --fp16: "
+                               "calib export MODEL --stats S --target-runtime trt -o model.int8.onnx")
     network = builder.create_network(1 << int(flags.STRONGLY_TYPED) if strongly_typed else 0)
     _parse(trt, builder, network, Path(qdq_path), logger)
     config = builder.create_builder_config()
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if detailed:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.INT8)
         if fp16:
@@ -204,3 +210,19 @@ def trtexec_commands(onnx_path: str | os.PathLike, engine_path: str | os.PathLik
             "(TensorRT 11 removed --int8 and --calib; build from the Q/DQ ONNX there)",
             "# trtexec calibrates on random data if it cannot open the --calib file: check the path",
             " ".join(cmd)]
+
+
+def engine_layer_info(engine_path: str | os.PathLike) -> str:
+    """The engine's layer information as JSON text, as trtexec ``--exportLayerInfo`` writes it.
+
+    Through ``IEngineInspector`` (``engine.create_engine_inspector()``,
+    ``get_engine_information(LayerInformationFormat.JSON)``); an engine built
+    without detailed profiling verbosity lists layer names only.
+    """
+    trt = import_tensorrt()
+    logger = _logger(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise ModelError(f"{engine_path}: TensorRT cannot deserialize this engine (another TensorRT version or GPU?)")
+    inspector = engine.create_engine_inspector()
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)

@@ -89,6 +89,18 @@ def test_binary_file_is_refused(tmp_path):
 
 def test_writer_refuses_bad_amax(tmp_path):
     with pytest.raises(CacheFormatError, match="amax"):
-        format_cache({"x": 0.0})
+        format_cache({"x": -1.0})
+    with pytest.raises(CacheFormatError, match="amax"):
+        format_cache({"x": float("nan")})
     with pytest.raises(CacheFormatError, match="line break"):
         format_cache({"a\nb": 1.0})
+
+
+def test_writer_floors_tiny_scales_and_reader_accepts_them():
+    # amax 0 or 1e-40 would give a float32 scale of 0 ('00000000'), which no reader accepts (issue 17)
+    text = format_cache({"zero": 0.0, "denormal": 1e-40, "normal": 1.0})
+    tiny = struct.pack(">f", np.finfo(np.float32).tiny).hex()
+    assert tiny == "00800000"
+    assert text.splitlines()[1:3] == [f"zero: {tiny}", f"denormal: {tiny}"]
+    back = parse_cache(text)
+    assert back["zero"].amax == pytest.approx(float(np.finfo(np.float32).tiny) * 127, rel=1e-6)

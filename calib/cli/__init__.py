@@ -33,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard"]
+_MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard", "trt_tools"]
 _state = {"signal": 0}
 
 

@@ -19,6 +19,8 @@ from calib.io import npy_header
 from calib.model import load_model
 from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.export.precision import apply_high_precision, resolve_target
+from calib.io import save_onnx
 
 __all__ = ["register", "read_labels"]
 
@@ -141,7 +143,11 @@ def advise_cmd(
     method: Optional[str] = typer.Option(None, "--method", "-m",
                                          help="Calibration methods to try, first = base (default: "
                                               "all four, starting from the best on --data)."),
-    placement: str = typer.Option("trt", "--placement", help="Q/DQ placement: trt | ort."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="Q/DQ placement: trt (default) | ort."),
+    target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
+                                                 "remainder; ort: ort placement + fp32 (see calib export)."),
+    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32 remainder of "
+                                                 "the written model (advise itself measures the fp32 one)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
@@ -158,6 +164,7 @@ def advise_cmd(
 ) -> None:
     """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""
     tgt = parse_target(target)  # fail fast, before any work
+    placement, dtype = resolve_target(target_runtime, placement, high_precision)
     fm = load_model(model)
     st = ActivationStats.load(stats)
     st.check_model(fm)
@@ -176,6 +183,11 @@ def advise_cmd(
     finally:
         prog.close()
     _print_advice(adv, output, advice_json_path(output))
+    if dtype != "fp32":  # the written model gets the high-precision remainder; the advice JSON is unchanged
+
+        cast, prec = apply_high_precision(adv.qdq, dtype, stats=st)
+        save_onnx(cast.model, output)
+        echo(f"{prec.summary()} -> {output}")
     if html_path is not None:
         report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
                          providers=provider)

@@ -17,6 +17,9 @@ from calib.export.placement import flagged_tensors
 from calib.model import load_model
 from calib.pipeline import open_run_data
 from calib.stats import ActivationStats
+from calib.export.precision import resolve_target
+from calib.export.precision import apply_high_precision
+from calib.export.trt_cache import model_cache
 
 __all__ = ["register"]
 
@@ -28,7 +31,9 @@ _EXPORT_EPILOG = """Examples:
 
   calib export model.onnx --ranges ranges.json --method percentile:99.99 -o m.int8.onnx --exclude /head/MatMul
 
-  calib export model.onnx --stats stats.npz --placement ort -o model.ort.int8.onnx
+  calib export model.onnx --stats stats.npz --target-runtime ort -o model.ort.int8.onnx
+
+  calib export model.onnx --stats stats.npz --high-precision fp32 -o model.int8.fp32rest.onnx
 """
 
 _BUILD_EPILOG = """Examples:
@@ -98,8 +103,14 @@ def export_cmd(
                                           "(instead of --stats)."),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="entropy | minmax | percentile[:P] | mse "
                                          "(default entropy with --stats; with --ranges the file's only method)."),
-    placement: str = typer.Option("trt", "--placement", "-p", help="trt: TensorRT's Q/DQ rules (default); "
-                                  "ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+    placement: Optional[str] = typer.Option(None, "--placement", "-p", help="trt: TensorRT's Q/DQ rules "
+                                            "(default); ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+    target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
+                                                 "remainder; ort: ort placement + fp32 remainder."),
+    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32: dtype of "
+                                                 "everything not INT8 (default: the --target-runtime's; fp32 without one)."),
+    keep_fp32: List[str] = typer.Option([], "--keep-fp32", help="Node name or op type kept FP32 in an fp16/bf16 "
+                                        "model (repeatable; overflowing tensors are found from --stats)."),
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="Node name, op type or tensor name to keep "
                                       "float (repeatable)."),
     weights: str = typer.Option("per_channel", "--weights", help="per_channel | per_tensor."),
@@ -136,21 +147,12 @@ def export_cmd(
                                                                     report is not None)
     else:
         chosen, all_ranges = _ranges_from_file(ranges, method)
+    placement, dtype = resolve_target(target_runtime, placement, high_precision)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
     if bias_data is not None:
-        prog = Progress()
-        try:
-            bc = correct_bias(m, qdq, bias_source, limit=bias_samples,
-                              robust=bias_mode == "robust", progress=prog)
-        finally:
-            prog.close()
-        qdq = bc.qdq
-        info = bc.to_json()
-        largest = info["largest"][:1]
-        echo(f"bias correction: {info['channels_corrected']} of {info['channels']} channels in {len(bc.shifts)} "
-             f"layer(s) corrected on {bc.n_samples} samples"
-             + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
-             + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
+        qdq = _bias_correct(m, qdq, bias_source, bias_samples, bias_mode)
+    if dtype != "fp32":
+        qdq = _high_precision(qdq, dtype, stats_obj, keep_fp32)
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")
@@ -159,19 +161,49 @@ def export_cmd(
     if len(qdq.skipped) > 5:
         echo(f"  ... {len(qdq.skipped) - 5} more skipped (see --report)")
     if cache is not None:
-        known = set(m.producers) | {i.name for i in m.inputs}
-        entries = {t: r for t, r in chosen.tensors.items() if t in known}
-        write_cache(cache, entries, version=trt_version or DEFAULT_TRT_VERSION)
-        echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {cache}")
+        _write_model_cache(cache, qdq, m, chosen, trt_version)
     if doc is not None:
         write_scale_report(report, doc)
         echo(f"scale report ({len(doc['activations'])} tensors, {len(doc['weights'])} weights) -> {report}")
 
 
+def _bias_correct(m, qdq, source, samples: int, mode: str):
+
+    prog = Progress()
+    try:
+        bc = correct_bias(m, qdq, source, limit=samples, robust=mode == "robust", progress=prog)
+    finally:
+        prog.close()
+    info = bc.to_json()
+    largest = info["largest"][:1]
+    echo(f"bias correction: {info['channels_corrected']} of {info['channels']} channels in {len(bc.shifts)} "
+         f"layer(s) corrected on {bc.n_samples} samples"
+         + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
+         + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
+    return bc.qdq
+
+
+def _high_precision(qdq, dtype: str, stats, keep_fp32):
+
+    qdq, prec = apply_high_precision(qdq, dtype, stats=stats, keep_fp32=keep_fp32)
+    echo(prec.summary())
+    for node, why in list(prec.kept_fp32.items())[:5]:
+        echo(f"  FP32 {node}: {why}")
+    return qdq
+
+
+def _write_model_cache(path: Path, qdq, m, chosen, trt_version: Optional[int]) -> None:
+    """The cache of the written model: its QuantizeLinear scales, no float-kept inputs or skipped tensors."""
+
+    entries = model_cache(qdq, m, chosen)
+    write_cache(path, entries, version=trt_version or DEFAULT_TRT_VERSION, scales=True)
+    echo(f"TensorRT calibration cache ({len(entries)} tensors, {chosen.method}) -> {path}")
+
+
 def build_engine_cmd(
     model: Path = typer.Argument(..., help="Q/DQ ONNX from 'calib export' (or the FP32 model with --cache)."),
     output: Path = typer.Option(..., "--output", "-o", help="Serialized TensorRT engine to write."),
-    fp16: bool = typer.Option(False, "--fp16", help="Let float layers run in FP16 (TensorRT 10: weakly typed "
+    fp16: bool = typer.Option(False, "--fp16", help="Let float layers run in FP16 (TensorRT 10 only: weakly typed "
                               "build with INT8+FP16 flags)."),
     workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="Builder workspace limit in MiB."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="TensorRT 10 implicit INT8: MODEL is the FP32 "

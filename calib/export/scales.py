@@ -6,6 +6,11 @@ sample count and non-finite count from the statistics, the rules that placed
 the Q/DQ, and every other method's amax beside it. Per int8 weight: the nodes
 reading it, the axis, and min/median/max channel scale with the number of
 all-zero channels. Skipped tensors and excluded nodes are listed with reasons.
+
+The scale and amax of each activation are read from the written model (its
+QuantizeLinear), so the report describes the file on disk even after advise
+or a precision cast; ``methods`` gives each tensor's true method label when
+advise mixed methods per tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from calib.calibrate.base import INT8_MAX, Ranges
 from calib.errors import RangesError
 from calib.export.qdq import QdqModel
+from calib.export.trt_cache import qdq_activation_scales
 from calib.io import write_json
 
 __all__ = ["REPORT_FORMAT", "scale_report", "write_scale_report"]
@@ -41,9 +47,10 @@ def _counts(stats: Any, tensor: str) -> tuple[int | None, int | None]:
 
 
 def scale_report(qdq: QdqModel, ranges: Mapping[str, Ranges], *, chosen: str | None = None,
-                 stats: Any = None) -> dict[str, Any]:
+                 stats: Any = None, methods: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Build the report. ``ranges`` maps method name -> Ranges (the chosen one included);
-    ``stats`` (an ActivationStats, optional) supplies sample and non-finite counts."""
+    ``stats`` (an ActivationStats, optional) supplies sample and non-finite counts; ``methods``
+    (tensor -> method label, optional) overrides the label of tensors whose method advise changed."""
     if not ranges:
         raise RangesError("scale report: no ranges given")
     if chosen is None:
@@ -54,16 +61,19 @@ def scale_report(qdq: QdqModel, ranges: Mapping[str, Ranges], *, chosen: str | N
         raise RangesError(f"scale report: chosen method '{chosen}' is not among {', '.join(ranges)}")
     main = ranges[chosen]
     shared_of = {t: [m for m in group if m != t] for group in qdq.shared for t in group}
+    written = qdq_activation_scales(qdq.model)
+    methods = dict(methods or {})
     activations = []
     for t in qdq.activation_tensors:
         r = main.tensors.get(t)
         amax = qdq.amax.get(t, r.amax if r else float("nan"))
+        scale = written.get(t, float(np.float32(amax / INT8_MAX)))
         n, n_nonfinite = _counts(stats, t)
         activations.append({
             "tensor": t,
-            "method": r.method if r else chosen,
+            "method": methods.get(t) or (r.method if r else chosen),
             "amax": _finite(amax),
-            "scale": _finite(float(np.float32(amax / INT8_MAX))),
+            "scale": _finite(scale),
             "calibrated_amax": _finite(r.amax) if r else None,
             "degenerate": r.degenerate if r else None,
             "shared_with": shared_of.get(t, []),
