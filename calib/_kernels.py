@@ -15,7 +15,8 @@ from numba import njit
 
 __all__ = ["fold", "fold_finite", "downsample"]
 
-_NUM_BINS = 2048
+_LOG2_BINS = 15  # keep equal to calib.stats.LOG2_BINS
+_NUM_BINS = 1 << _LOG2_BINS
 _MIN_EXP = -126
 
 
@@ -50,7 +51,7 @@ def _exp_for(a):
     if a <= 0.0:
         return _MIN_EXP
     m, ex = math.frexp(a)
-    return max(_MIN_EXP, ex - 11)
+    return max(_MIN_EXP, ex - _LOG2_BINS)
 
 
 @njit(nogil=True, cache=True)
