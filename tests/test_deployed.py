@@ -140,3 +140,20 @@ def test_int16_pair_saturation_is_detected_and_fixed_by_7_bit_weights():
     fixed_spec = run_outputs(fix.qdq.model, feeds, "disable")
     for a, b in zip(fixed_dep, fixed_spec):
         np.testing.assert_allclose(a["y"], b["y"], rtol=0, atol=float(_inits(fix.qdq.model)["c_scale"]) * 1.01)
+
+
+def test_compare_cli_deployed_flag(tmp_path, capsys):
+    from calib.cli import main
+
+    model, ranges, feeds = relu6_like_conv()
+    onnx.save(model.proto, tmp_path / "m.onnx")
+    export_qdq(model, ranges, placement="ort").save(tmp_path / "m.int8.onnx")
+    np.savez(tmp_path / "d.npz", x=np.concatenate([f["x"] for f in feeds]))
+    argv = ["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.int8.onnx"), "--data", str(tmp_path / "d.npz"),
+            "-o", str(tmp_path / "c.json"), "--deployed"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    doc = __import__("json").loads((tmp_path / "c.deployed.json").read_text())
+    assert "CPU:" in out and doc["format"] == "calib.deployed" and doc["cpu"]["has_vnni"] == cpu_features().has_vnni
+    if cpu_features().int16_pair_saturation:
+        assert doc["differs"] and doc["culprits"] == ["conv"] and "fused Conv 'conv'" in out

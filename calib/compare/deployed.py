@@ -33,6 +33,7 @@ from calib.model import Model
 
 __all__ = ["OutputDiff", "NodeCheck", "DeployedReport", "DeployedFix", "run_outputs", "compare_deployed",
            "fusable_nodes", "node_submodel", "check_fused_nodes", "verify_deployed", "fix_targets", "fix_deployed",
+           "deployed_json",
            "OUTPUT_TOLERANCE", "NODE_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,15 @@ class DeployedReport:
         if not self.differs:
             lines.append("deployed graph equals the spec evaluation within noise")
         return "\n".join(lines)
+
+
+def deployed_json(report: DeployedReport) -> dict:
+    """The ``*.deployed.json`` document written by ``calib compare --deployed``."""
+    return {"format": "calib.deployed", "version": 1, "cpu": {"known": report.cpu.known, "has_vnni": report.cpu.has_vnni,
+            "flags": sorted(f for f in report.cpu.flags if f.startswith(("avx", "amx"))), "model": report.cpu.model_name},
+            "tolerance": report.tolerance, "differs": report.differs, "culprits": report.culprits,
+            "outputs": [{"name": o.name, "rel_l2": o.rel_l2, "max_abs": o.max_abs} for o in report.outputs],
+            "nodes": [{"node": n.node, "op_type": n.op_type, "rel_l2": n.rel_l2} for n in report.nodes]}
 
 
 def run_outputs(proto: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], optimization: str = "all",
