@@ -138,7 +138,8 @@ class TensorHistogram:
                 downsample(self.neg, e - self.exp)
                 self.exp = e
             inv = math.ldexp(1.0, -e)
-            fold_finite(a, self.pos, self.neg, np.float32(inv) if a.dtype == np.float32 and e <= 126 else inv)
+            top = min(NUM_BINS, int(max(-mn, mx) * inv) + 1)  # bins this batch reaches
+            fold_finite(a, self.pos, self.neg, np.float32(inv) if a.dtype == np.float32 and e <= 126 else inv, top)
             self.n += int(a.size)
             self.min = min(self.min, mn)
             self.max = max(self.max, mx)
