@@ -157,3 +157,24 @@ def test_compare_cli_deployed_flag(tmp_path, capsys):
     assert "CPU:" in out and doc["format"] == "calib.deployed" and doc["cpu"]["has_vnni"] == cpu_features().has_vnni
     if cpu_features().int16_pair_saturation:
         assert doc["differs"] and doc["culprits"] == ["conv"] and "fused Conv 'conv'" in out
+
+
+def test_float_fallback_when_7_bits_are_not_enough(monkeypatch):
+    # runs anywhere: the deployed checks are replaced by reports saying conv still differs with 7-bit weights
+    import calib.compare.deployed as dep
+
+    model, ranges, feeds = relu6_like_conv()
+    bad, good = _report(0.5, {"conv": 0.6}), _report(0.0, {})
+    seen = []
+
+    def fake_verify(proto, feeds, **kw):
+        seen.append(proto)
+        return [bad, bad, good][len(seen) - 1]
+
+    monkeypatch.setattr(dep, "verify_deployed", fake_verify)
+    fix = dep.fix_deployed(model, ranges, feeds, cpu=AVX2_ONLY, placement="ort")
+    assert len(seen) == 3 and fix.float_nodes == ["conv"] and fix.weight_bits == {}
+    assert "conv" in fix.qdq.excluded and not any(n.op_type == "QLinearConv" or
+                                                  (n.op_type == "Conv" and "_dq" in n.input[1])
+                                                  for n in fix.qdq.model.graph.node)
+    assert "kept float: conv" in fix.summary()
