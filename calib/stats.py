@@ -20,8 +20,9 @@ max|x| lies in the upper half of the grid, so every linear bin spans 8 to 16
 fine bins and the re-binned counts, and hence entropy's amax, follow the data
 when it is scaled by any factor, not only by powers of two.
 
-Memory is constant in the number of samples: 2 x 32,768 int64 (512 KiB) per
-tensor; ``.npz`` files store them compressed (empty bins cost almost nothing).
+Memory is constant in the number of samples: 2 x 32,768 int32 counts (256 KiB)
+per tensor, int64 (512 KiB) once a tensor has seen 2**31 values; ``.npz`` files
+store them compressed (empty bins cost almost nothing).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ LOG2_BINS = 15  # calib._kernels has the same constant
 NUM_BINS = 1 << LOG2_BINS
 LINEAR_BINS = 2048  # pytorch-quantization's histogram (TENSORRT.md section 1)
 MIN_EXP = -126  # widths below 2**-126 are pointless for float32 activations
+_INT32_COUNTS = 2 ** 31 - 1  # counts are int32 up to this many values per tensor
 STATS_FORMAT_VERSION = 2  # 2: 32,768 bins (version 1 had 2,048; not readable, collect again)
 _MAGIC = "calib.stats"
 
@@ -61,8 +63,9 @@ def width_exponent(max_abs: float) -> int:
 class TensorHistogram:
     """Exact, mergeable statistics of one tensor (see module doc)."""
 
-    pos: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
-    neg: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
+    # int32 while fewer than 2**31 values were seen (no bin can then overflow), int64 after
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int32))
+    neg: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int32))
     exp: int = MIN_EXP
     min: float = math.inf
     max: float = -math.inf
@@ -128,6 +131,8 @@ class TensorHistogram:
         a = np.ascontiguousarray(a).reshape(-1)
         if a.size == 0:
             return
+        if self.n + a.size > _INT32_COUNTS and self.pos.dtype != np.int64:
+            self.pos, self.neg = self.pos.astype(np.int64), self.neg.astype(np.int64)
         mn, mx = float(a.min()), float(a.max())  # NaN if any value is NaN
         if math.isfinite(mn) and math.isfinite(mx):
             # fast path (no NaN/inf): grow the grid once to this batch's max|x|, then bin branch-free.
@@ -157,6 +162,8 @@ class TensorHistogram:
         e = max(self.exp, other.exp)
         out = TensorHistogram(exp=e, min=min(self.min, other.min), max=max(self.max, other.max),
                               n=self.n + other.n, n_nonfinite=self.n_nonfinite + other.n_nonfinite)
+        if out.n > _INT32_COUNTS:
+            out.pos, out.neg = out.pos.astype(np.int64), out.neg.astype(np.int64)
         for src in (self, other):
             p, q = src.pos.copy(), src.neg.copy()
             if src.exp < e:
@@ -235,8 +242,8 @@ class ActivationStats:
         return {
             "header": np.array(json.dumps(header, sort_keys=True)),
             "names": np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
-            "pos": np.stack([h.pos for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
-            "neg": np.stack([h.neg for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "pos": np.stack([h.pos.astype(np.int64) for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "neg": np.stack([h.neg.astype(np.int64) for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
             "exp": np.array([h.exp for h in hs], np.int64),
             "min": np.array([h.min for h in hs], np.float64),
             "max": np.array([h.max for h in hs], np.float64),

@@ -226,3 +226,20 @@ def test_fast_path_equals_value_by_value_path(kind):
     np.testing.assert_array_equal(fast.pos, slow.pos)
     np.testing.assert_array_equal(fast.neg, slow.neg)
     assert slow.n_nonfinite == 1 and fast.n_nonfinite == 0
+
+
+def test_counts_are_int32_until_2_31_values_then_int64():
+    x = np.random.default_rng(5).normal(size=5000).astype(np.float32)
+    small = fold_all([x])
+    assert small.pos.dtype == small.neg.dtype == np.int32 and small.pos.nbytes == NUM_BINS * 4
+    big = fold_all([x])
+    big.n = 2 ** 31 - 10  # as if it had seen that many values: the next batch must widen the counts first
+    big.update(x[:100])
+    assert big.pos.dtype == big.neg.dtype == np.int64
+    np.testing.assert_array_equal(big.pos, fold_all([x, x[:100]]).pos)
+    merged = small.merge(big)
+    assert merged.pos.dtype == np.int64 and merged.n == small.n + big.n
+    np.testing.assert_array_equal(merged.abs_counts(), small.abs_counts() + big.abs_counts())
+    half = fold_all([x])
+    half.n = 2 ** 30 - 1  # twice that is still below 2**31 - 1
+    assert half.merge(half).pos.dtype == np.int32 and fold_all([x]).merge(small).equals(fold_all([x, x]))
