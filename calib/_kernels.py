@@ -15,7 +15,8 @@ from numba import njit
 
 __all__ = ["fold", "fold_finite", "downsample"]
 
-_NUM_BINS = 2048
+_LOG2_BINS = 15  # keep equal to calib.stats.LOG2_BINS
+_NUM_BINS = 1 << _LOG2_BINS
 _MIN_EXP = -126
 
 
@@ -50,7 +51,7 @@ def _exp_for(a):
     if a <= 0.0:
         return _MIN_EXP
     m, ex = math.frexp(a)
-    return max(_MIN_EXP, ex - 11)
+    return max(_MIN_EXP, ex - _LOG2_BINS)
 
 
 @njit(nogil=True, cache=True)
@@ -89,23 +90,23 @@ def fold(x, pos, neg, exp, has_data):
 
 
 @njit(nogil=True, cache=True)
-def fold_finite(x, pos, neg, inv):
+def fold_finite(x, pos, neg, inv, top):
     """Bin the 1-D array ``x`` into ``pos``/``neg`` at a fixed width 1/``inv`` (a power of two).
 
-    The fast path: every value must be finite and |x| * inv < NUM_BINS (the caller has already
-    grown the grid to the batch's max|x|). Branch-free: one scatter into a scratch histogram of
-    2 * NUM_BINS (negative values in the upper half), then added into ``pos``/``neg``. With a
-    power-of-two ``inv`` the product is exact (a result below the smallest normal float is < 1,
-    so it lands in bin 0 whatever its rounding), in float32 as in float64.
+    The fast path: every value must be finite and |x| * inv < ``top`` <= NUM_BINS (the caller has
+    already grown the grid to the batch's max|x| and passes the bins it reaches). Branch-free: one
+    scatter into a scratch histogram of 2 * ``top`` (negative values in the upper half), then added
+    into ``pos``/``neg``. With a power-of-two ``inv`` the product is exact (a result below the
+    smallest normal float is < 1, so it lands in bin 0 whatever its rounding), in float32 as in float64.
     """
-    h = np.zeros(2 * _NUM_BINS, np.int64)
+    h = np.zeros(2 * top, np.int64)
     for i in range(x.shape[0]):
         v = x[i]
-        k = np.int64(abs(v) * inv) + _NUM_BINS * np.int64(v < 0)
+        k = np.int64(abs(v) * inv) + top * np.int64(v < 0)
         h[k] += 1
-    for k in range(_NUM_BINS):
+    for k in range(top):
         pos[k] += h[k]
-        neg[k] += h[_NUM_BINS + k]
+        neg[k] += h[top + k]
 
 
 @njit(nogil=True, cache=True)

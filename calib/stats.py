@@ -1,20 +1,28 @@
 """Mergeable activation statistics: the contract between collection and calibration.
 
 Per tensor, a ``TensorHistogram`` keeps the exact count, min, max and
-non-finite count, and a histogram of |x| with ``NUM_BINS`` = 2048 bins on a grid
-anchored at 0 whose bin width is a power of two, split by sign (``pos`` for
-x >= 0, ``neg`` for x < 0; the |x| histogram TensorRT's calibrators use is their
-sum).
+non-finite count, and a histogram of |x| with ``NUM_BINS`` = 32,768 bins on a
+grid anchored at 0 whose bin width is a power of two, split by sign (``pos`` for
+x >= 0, ``neg`` for x < 0; the |x| histogram is their sum).
 
 Why powers of two: the width is a function of the largest |x| seen only (the
-smallest 2**e with max|x| < 2048 * 2**e). Growing the range doubles the width
+smallest 2**e with max|x| < NUM_BINS * 2**e). Growing the range doubles the width
 and adds neighbouring bins pairwise, and floor(floor(|x|/w)/2) == floor(|x|/2w)
 exactly, so binning at a fine width and merging later equals binning at the
 final width. Hence shards collected apart, in any order and any batch split,
 merge bit for bit into what one pass gives. Non-finite values are counted and
 left out of the histogram and of min/max.
 
-Memory is constant in the number of samples: 2 x 2048 int64 per tensor.
+Why 32,768 bins: TensorRT's entropy calibration (pytorch-quantization) searches
+a histogram of 2,048 *linear* bins over [0, max|x|]. ``linear_abs_counts``
+re-bins this grid onto that one (values taken as uniform within a fine bin);
+max|x| lies in the upper half of the grid, so every linear bin spans 8 to 16
+fine bins and the re-binned counts, and hence entropy's amax, follow the data
+when it is scaled by any factor, not only by powers of two.
+
+Memory is constant in the number of samples: 2 x 32,768 int32 counts (256 KiB)
+per tensor, int64 (512 KiB) once a tensor has seen 2**31 values; ``.npz`` files
+store them compressed (empty bins cost almost nothing).
 """
 
 from __future__ import annotations
@@ -34,11 +42,15 @@ from calib.io import atomic_path
 from calib.errors import CacheFormatError, InputDataError, RangesError
 from calib.io import read_npz
 
-__all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent"]
+__all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent",
+           "LOG2_BINS", "LINEAR_BINS"]
 
-NUM_BINS = 2048
+LOG2_BINS = 15  # calib._kernels has the same constant
+NUM_BINS = 1 << LOG2_BINS
+LINEAR_BINS = 2048  # pytorch-quantization's histogram (TENSORRT.md section 1)
 MIN_EXP = -126  # widths below 2**-126 are pointless for float32 activations
-STATS_FORMAT_VERSION = 1
+_INT32_COUNTS = 2 ** 31 - 1  # counts are int32 up to this many values per tensor
+STATS_FORMAT_VERSION = 2  # 2: 32,768 bins (version 1 had 2,048; not readable, collect again)
 _MAGIC = "calib.stats"
 MAX_STATS_BYTES = 1 << 33  # 8 GiB: 250 000 tensors; a file declaring more is refused before it is read
 
@@ -48,15 +60,16 @@ def width_exponent(max_abs: float) -> int:
     if max_abs <= 0:
         return MIN_EXP
     _, ex = math.frexp(max_abs)  # max_abs = m * 2**ex, 0.5 <= m < 1
-    return max(MIN_EXP, ex - 11)
+    return max(MIN_EXP, ex - LOG2_BINS)
 
 
 @dataclass
 class TensorHistogram:
     """Exact, mergeable statistics of one tensor (see module doc)."""
 
-    pos: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
-    neg: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int64))
+    # int32 while fewer than 2**31 values were seen (no bin can then overflow), int64 after
+    pos: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int32))
+    neg: np.ndarray = field(default_factory=lambda: np.zeros(NUM_BINS, np.int32))
     exp: int = MIN_EXP
     min: float = math.inf
     max: float = -math.inf
@@ -82,6 +95,27 @@ class TensorHistogram:
         """The |x| histogram: ``NUM_BINS`` int64 counts, bin k = [k*w, (k+1)*w)."""
         return self.pos + self.neg
 
+    def linear_abs_counts(self, num_bins: int = LINEAR_BINS) -> tuple[np.ndarray, float]:
+        """The |x| histogram re-binned to ``num_bins`` linear bins over [0, max|x|]: (float64 counts, width).
+
+        What ``np.histogram(|x|, num_bins, (0, max|x|))`` gives on the raw values, up to where values lie
+        inside a fine bin: each fine bin's count is spread uniformly over it (the last occupied one over
+        [its lower edge, max|x|]), i.e. the cumulative count is interpolated linearly. Empty when max|x| = 0.
+        """
+        counts = self.abs_counts()
+        nz = np.flatnonzero(counts)
+        if nz.size == 0 or not self.max_abs > 0:
+            return np.zeros(num_bins), 0.0
+        n = int(nz[-1]) + 1
+        cum = np.zeros(n + 1)
+        np.cumsum(counts[:n], out=cum[1:])
+        xp = np.arange(n + 1, dtype=np.float64) * self.bin_width
+        xp[n] = self.max_abs  # the values of the last bin lie in [(n-1) w, max|x|]
+        width = self.max_abs / num_bins
+        at = np.interp(np.arange(num_bins + 1, dtype=np.float64) * width, xp, cum)
+        at[0], at[-1] = 0.0, cum[n]  # the range ends exactly at max|x| (and 0 * width is 0)
+        return np.maximum(np.diff(at), 0.0), width
+
     def edges(self) -> np.ndarray:
         return np.arange(NUM_BINS + 1, dtype=np.float64) * self.bin_width
 
@@ -101,6 +135,8 @@ class TensorHistogram:
         a = np.ascontiguousarray(a).reshape(-1)
         if a.size == 0:
             return
+        if self.n + a.size > _INT32_COUNTS and self.pos.dtype != np.int64:
+            self.pos, self.neg = self.pos.astype(np.int64), self.neg.astype(np.int64)
         mn, mx = float(a.min()), float(a.max())  # NaN if any value is NaN
         if math.isfinite(mn) and math.isfinite(mx):
             # fast path (no NaN/inf): grow the grid once to this batch's max|x|, then bin branch-free.
@@ -111,7 +147,8 @@ class TensorHistogram:
                 downsample(self.neg, e - self.exp)
                 self.exp = e
             inv = math.ldexp(1.0, -e)
-            fold_finite(a, self.pos, self.neg, np.float32(inv) if a.dtype == np.float32 and e <= 126 else inv)
+            top = min(NUM_BINS, int(max(-mn, mx) * inv) + 1)  # bins this batch reaches
+            fold_finite(a, self.pos, self.neg, np.float32(inv) if a.dtype == np.float32 and e <= 126 else inv, top)
             self.n += int(a.size)
             self.min = min(self.min, mn)
             self.max = max(self.max, mx)
@@ -129,6 +166,8 @@ class TensorHistogram:
         e = max(self.exp, other.exp)
         out = TensorHistogram(exp=e, min=min(self.min, other.min), max=max(self.max, other.max),
                               n=self.n + other.n, n_nonfinite=self.n_nonfinite + other.n_nonfinite)
+        if out.n > _INT32_COUNTS:
+            out.pos, out.neg = out.pos.astype(np.int64), out.neg.astype(np.int64)
         for src in (self, other):
             p, q = src.pos.copy(), src.neg.copy()
             if src.exp < e:
@@ -276,8 +315,8 @@ class ActivationStats:
         return {
             "header": np.array(json.dumps(header, sort_keys=True)),
             "names": np.array(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
-            "pos": np.stack([h.pos for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
-            "neg": np.stack([h.neg for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "pos": np.stack([h.pos.astype(np.int64) for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
+            "neg": np.stack([h.neg.astype(np.int64) for h in hs]) if hs else np.zeros((0, NUM_BINS), np.int64),
             "exp": np.array([h.exp for h in hs], np.int64),
             "min": np.array([h.min for h in hs], np.float64),
             "max": np.array([h.max for h in hs], np.float64),

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from reference import calibrators as ref
+from reference.linear_hist import rebin_linear_ref
 
 from calib.calibrate import (
     FALLBACK_AMAX,
@@ -26,7 +27,7 @@ from calib.calibrate import (
 from calib.calibrate.entropy import entropy_divergences
 from calib.calibrate.mse import mse_costs
 from calib.errors import CacheFormatError, RangesError
-from calib.stats import MIN_EXP, NUM_BINS, ActivationStats, TensorHistogram
+from calib.stats import LINEAR_BINS, MIN_EXP, NUM_BINS, ActivationStats, TensorHistogram
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -61,9 +62,11 @@ def _raw_cases() -> dict[str, np.ndarray]:
 
 
 def _count_cases() -> dict[str, tuple[np.ndarray, int]]:
-    """Hand-made |x| histograms (counts, exponent): shapes collection rarely produces."""
+    """Hand-made |x| histograms of 2048 bins (counts, exponent): shapes collection rarely produces.
+    The search kernels run on them as they are; as calib histograms they are padded to NUM_BINS."""
     rng = np.random.default_rng(7)
     c = {}
+    NUM_BINS = LINEAR_BINS  # noqa: N806 (the shapes below were written for 2048 bins)
 
     def hist(**bins) -> np.ndarray:
         a = np.zeros(NUM_BINS, np.int64)
@@ -109,7 +112,9 @@ def hist_from_counts(counts: np.ndarray, exp: int) -> TensorHistogram:
     w = 2.0 ** exp
     last = int(np.flatnonzero(counts)[-1])
     top = (last + 0.75) * w  # the largest value lies inside the last non-empty bin
-    return TensorHistogram(pos=counts.copy(), neg=np.zeros(NUM_BINS, np.int64), exp=exp, min=0.0, max=top,
+    pos = np.zeros(NUM_BINS, np.int64)
+    pos[:counts.size] = counts
+    return TensorHistogram(pos=pos, neg=np.zeros(NUM_BINS, np.int64), exp=exp, min=0.0, max=top,
                            n=int(counts.sum()), n_nonfinite=0)
 
 
@@ -123,20 +128,48 @@ ALL_HISTS = list(RAW) + list(COUNTS)
 
 
 @functools.lru_cache(maxsize=None)
+def linear_reference(name: str) -> tuple[np.ndarray, float]:
+    """The 2048 linear bins over [0, max|x|] the searches run on, re-binned by the slow reference."""
+    h = case(name)
+    return rebin_linear_ref(h.abs_counts(), h.bin_width, h.max_abs)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_counts(name: str) -> np.ndarray:
+    """Counts fed to the search kernels directly: the hand-made 2048 bins, or the reference re-binning."""
+    return COUNTS[name][0] if name in COUNTS else linear_reference(name)[0]
+
+
+@functools.lru_cache(maxsize=None)
 def entropy_reference(name: str) -> dict:
     h = case(name)
-    return ref.entropy_ref(h.abs_counts(), h.bin_width, h.max_abs)
+    counts, width = linear_reference(name)
+    return ref.entropy_ref(counts, width, h.max_abs)
 
 
 @functools.lru_cache(maxsize=None)
 def mse_reference(name: str) -> dict:
     h = case(name)
-    return ref.mse_ref(h.abs_counts(), h.bin_width, h.max_abs)
+    counts, width = linear_reference(name)
+    return ref.mse_ref(counts, width, h.max_abs)
+
+
+def test_linear_rebinning_matches_the_slow_reference():
+    for name in ALL_HISTS:
+        h = case(name)
+        if h.max_abs == 0:
+            continue
+        counts, width = h.linear_abs_counts()
+        want, want_width = linear_reference(name)
+        assert width == want_width, name
+        np.testing.assert_allclose(counts, want, rtol=1e-9, atol=1e-6 * max(1.0, h.n_finite), err_msg=name)
+        assert counts.sum() == pytest.approx(h.n_finite, rel=1e-12), name
 
 
 def chosen_candidate(amax: float, h: TensorHistogram, candidates) -> int:
-    """The candidate (in bins) whose clipped amax is ``amax`` (the largest one if several clip alike)."""
-    hits = [int(k) for k in candidates if min(int(k) * h.bin_width, h.max_abs) == amax]
+    """The candidate (in linear bins) whose clipped amax is ``amax`` (the largest one if several clip alike)."""
+    width = h.max_abs / LINEAR_BINS
+    hits = [int(k) for k in candidates if min(int(k) * width, h.max_abs) == amax]
     assert hits, f"amax {amax} is not a candidate"
     return hits[-1]
 
@@ -165,11 +198,12 @@ def test_entropy_matches_pytorch_quantization_loop(name):
         assert kl_at <= best + 1e-9 * max(abs(best), 1e-300), (name, ours, r["amax"], kl_at, best)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_HISTS if ref.last_nonempty(case(n).abs_counts()) > 128])
+@pytest.mark.parametrize("name", [n for n in ALL_HISTS if ref.last_nonempty(kernel_counts(n)) > 128])
 def test_entropy_divergence_curve_matches_scipy(name):
-    h = case(name)
-    r = entropy_reference(name)
-    cand, kl = entropy_divergences(h.abs_counts())
+    counts = kernel_counts(name)
+    cand_ref, kl_ref = ref.entropy_divergences_ref(counts)
+    r = {"candidates": cand_ref, "kl": kl_ref}
+    cand, kl = entropy_divergences(counts)
     np.testing.assert_array_equal(cand, r["candidates"])
     finite = np.isfinite(r["kl"])
     np.testing.assert_array_equal(np.isfinite(kl), finite)
@@ -199,11 +233,11 @@ def test_mse_matches_brute_force_integration(name):
 
 @pytest.mark.parametrize("name", ["normal", "spike_at_zero", "n_300", "first_two_bins", "one_outlier"])
 def test_mse_cost_curve_matches_brute_force(name):
-    h = case(name)
-    r = mse_reference(name)
-    cand, costs = mse_costs(h.abs_counts())
+    counts = kernel_counts(name)
+    r = ref.mse_ref(counts, 1.0, float(ref.last_nonempty(counts)))
+    cand, costs = mse_costs(counts)
     assert len(cand) == len(r["costs"])
-    np.testing.assert_allclose(costs * h.bin_width ** 2, r["costs"], rtol=1e-9)
+    np.testing.assert_allclose(costs, r["costs"], rtol=1e-9)
 
 
 # ---- percentile ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from calib.drift import (
     worst_layers,
 )
 from calib.errors import RangesError
-from calib.stats import ActivationStats, TensorHistogram, width_exponent
+from calib.stats import NUM_BINS, ActivationStats, TensorHistogram, width_exponent
 
 
 def _hist(x: np.ndarray, batches: int = 3) -> TensorHistogram:
@@ -35,8 +35,8 @@ def _signed_reference(x: np.ndarray, exp: int) -> np.ndarray:
     """Signed histogram of raw values at width 2**exp: [neg bins far..near 0, pos bins near..far]."""
     w = 2.0 ** exp
     k = np.floor(np.abs(x.astype(np.float64)) / w).astype(np.int64)
-    pos = np.bincount(k[x >= 0], minlength=2048)[:2048]
-    neg = np.bincount(k[x < 0], minlength=2048)[:2048]
+    pos = np.bincount(k[x >= 0], minlength=NUM_BINS)[:NUM_BINS]
+    neg = np.bincount(k[x < 0], minlength=NUM_BINS)[:NUM_BINS]
     return np.concatenate([neg[::-1], pos])
 
 

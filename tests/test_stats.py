@@ -72,11 +72,11 @@ def test_histogram_matches_np_histogram(kind):
     assert_matches_reference(fold_all(batches), batches)
 
 
-def test_histogram_layout_is_2048_bins_of_power_of_two_width():
+def test_histogram_layout_is_32768_bins_of_power_of_two_width():
     h = fold_all([np.array([0.5, -1000.0, 3.0], np.float32)])
-    assert h.pos.shape == h.neg.shape == (NUM_BINS,)
-    assert h.bin_width == 0.5  # 1000 < 2048 * 0.5, 1000 >= 2048 * 0.25
-    assert h.neg[2000] == 1 and h.pos[1] == 1 and h.pos[6] == 1
+    assert NUM_BINS == 32768 and h.pos.shape == h.neg.shape == (NUM_BINS,)
+    assert h.bin_width == 2.0 ** -5  # 1000 < 32768 / 32, 1000 >= 32768 / 64
+    assert h.neg[32000] == 1 and h.pos[16] == 1 and h.pos[96] == 1
     np.testing.assert_array_equal(h.abs_counts(), h.pos + h.neg)
 
 
@@ -192,10 +192,27 @@ def test_load_refuses_other_files(tmp_path):
         ActivationStats.load(tmp_path / "junk.npz")
     s = _stats({"t": [np.ones(3, np.float32)]}, ["0"])
     arrays = s.to_arrays()
-    arrays["header"] = np.array(str(arrays["header"]).replace('"version": 1', '"version": 99'))
+    arrays["header"] = np.array(str(arrays["header"]).replace('"version": 2', '"version": 99'))
     np.savez(tmp_path / "future.npz", **arrays)
     with pytest.raises(CacheFormatError, match="format version 99"):
         ActivationStats.load(tmp_path / "future.npz")
+
+
+def test_version_1_files_with_2048_bins_are_refused_in_one_line(tmp_path, capsys):
+    # what calib before the 32,768-bin grid wrote: version 1, 2048 bins per sign
+    arrays = _stats({"t": [np.ones(3, np.float32)]}, ["0"]).to_arrays()
+    arrays["header"] = np.array(str(arrays["header"]).replace('"version": 2', '"version": 1')
+                                .replace('"num_bins": 32768', '"num_bins": 2048'))
+    arrays["pos"], arrays["neg"] = arrays["pos"][:, :2048], arrays["neg"][:, :2048]
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(CacheFormatError, match="format version 1, this calib reads version 2"):
+        ActivationStats.load(tmp_path / "old.npz")
+    from calib.cli import main
+
+    assert main(["calibrate", str(tmp_path / "old.npz"), "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()  # the error, then the CLI's usual hint line
+    assert "version 1, this calib reads version 2" in lines[0] and lines[1:] == ["hint: collect the statistics again"]
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "nonfinite"])
@@ -209,3 +226,20 @@ def test_fast_path_equals_value_by_value_path(kind):
     np.testing.assert_array_equal(fast.pos, slow.pos)
     np.testing.assert_array_equal(fast.neg, slow.neg)
     assert slow.n_nonfinite == 1 and fast.n_nonfinite == 0
+
+
+def test_counts_are_int32_until_2_31_values_then_int64():
+    x = np.random.default_rng(5).normal(size=5000).astype(np.float32)
+    small = fold_all([x])
+    assert small.pos.dtype == small.neg.dtype == np.int32 and small.pos.nbytes == NUM_BINS * 4
+    big = fold_all([x])
+    big.n = 2 ** 31 - 10  # as if it had seen that many values: the next batch must widen the counts first
+    big.update(x[:100])
+    assert big.pos.dtype == big.neg.dtype == np.int64
+    np.testing.assert_array_equal(big.pos, fold_all([x, x[:100]]).pos)
+    merged = small.merge(big)
+    assert merged.pos.dtype == np.int64 and merged.n == small.n + big.n
+    np.testing.assert_array_equal(merged.abs_counts(), small.abs_counts() + big.abs_counts())
+    half = fold_all([x])
+    half.n = 2 ** 30 - 1  # twice that is still below 2**31 - 1
+    assert half.merge(half).pos.dtype == np.int32 and fold_all([x]).merge(small).equals(fold_all([x, x]))

@@ -1,17 +1,21 @@
 """Entropy: TensorRT's KL-divergence threshold search, vectorized.
 
 Follows pytorch-quantization's ``_compute_amax_entropy`` (NVIDIA's reference for
-TensorRT entropy calibration, see TENSORRT.md section 1) on the |x| histogram:
+TensorRT entropy calibration, see TENSORRT.md section 1) on its histogram: 2,048
+linear bins over [0, max|x|], which ``TensorHistogram.linear_abs_counts`` re-bins
+from calib's exact power-of-two grid (32,768 fine bins, so 8-16 per linear bin).
+Hence amax scales with the data by any factor and matches pytorch-quantization
+run on the raw values (to within the rare case where a value's position inside
+a fine bin moves it across a linear edge):
 
 * ``bins[0] = bins[1]`` (suppress the zero spike);
-* for every candidate i in [128, n] (n = last non-empty bin + 1; pytorch-
-  quantization's first-batch range ends at max|x|, so its last bin is the
-  last non-empty one): P = bins[:i] with the outliers sum(bins[i:]) added to
+* for every candidate i in [128, n] (n = last non-empty bin + 1, i.e. 2,048
+  unless the top bins are empty after re-binning): P = bins[:i] with the outliers sum(bins[i:]) added to
   P[i-1]; Q merges bins[:i] into 128 levels (source bin j -> level
   floor(128 j / i)) and spreads each level's count evenly over its non-empty
   source bins; KL(P || Q) with both normalised (natural log);
-* the last i of minimal divergence wins; amax = i * bin_width (the upper edge),
-  clipped to max|x|.
+* the last i of minimal divergence wins; amax = i * max|x| / 2048 (the upper
+  edge), clipped to max|x|.
 
 Instead of one O(i) pass per candidate this computes every candidate's KL from
 prefix sums (O(128) per candidate, compiled: calib._kernels.entropy_kl_kernel):
@@ -48,7 +52,7 @@ def entropy_divergences(counts: np.ndarray, num_quant_bins: int = 128) -> tuple[
 
 
 def entropy_amax(h: TensorHistogram, num_quant_bins: int = 128) -> float:
-    counts = h.abs_counts()
+    counts, width = h.linear_abs_counts()
     if counts.sum() == 0:
         return 0.0
     cand, kl = entropy_divergences(counts, num_quant_bins)
@@ -56,7 +60,7 @@ def entropy_amax(h: TensorHistogram, num_quant_bins: int = 128) -> float:
     best = kl[finite].min()
     tol = _REL_TIE * max(1.0, abs(best))
     i = int(cand[np.flatnonzero(finite & (kl <= best + tol))[-1]])
-    return min(i * h.bin_width, h.max_abs)
+    return min(i * width, h.max_abs)
 
 
 @dataclass(frozen=True)

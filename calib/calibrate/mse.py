@@ -1,6 +1,8 @@
 """MSE: the amax minimising the expected squared quantization error on the histogram.
 
-Values are taken as uniform within each histogram bin. For a candidate amax
+The search runs on the 2,048 linear bins over [0, max|x|] that entropy uses
+(``TensorHistogram.linear_abs_counts``), so the candidates scale with the data.
+Values are taken as uniform within each bin. For a candidate amax
 (every bin edge k*w, k = 1..n), the symmetric int8 quantizer with step
 s = amax/127 maps t >= 0 to s*min(round(t/s), 127); the expected error of a bin
 [l, r) is (G(r) - G(l)) / (r - l) with G(x) = integral_0^x (t - Q(t))^2 dt, which
@@ -47,13 +49,13 @@ def mse_costs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mse_amax(h: TensorHistogram) -> float:
-    counts = h.abs_counts()
+    counts, width = h.linear_abs_counts()
     if counts.sum() == 0:
         return 0.0
     cand, costs = mse_costs(counts)
     best = costs.min()
     k = int(cand[np.flatnonzero(costs <= best * (1 + 1e-12))[-1]])
-    return min(k * h.bin_width, h.max_abs)
+    return min(k * width, h.max_abs)
 
 
 @dataclass(frozen=True)

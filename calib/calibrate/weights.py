@@ -71,8 +71,8 @@ def weight_ranges(model: Model) -> dict[str, WeightRange]:
     return out
 
 
-def scales_from_amax(amax, floor=None) -> tuple[np.ndarray, int]:
-    """Symmetric int8 scales ``amax / 127`` (float32) and how many channels have amax 0.
+def scales_from_amax(amax, floor=None, qmax: int = INT8_MAX) -> tuple[np.ndarray, int]:
+    """Symmetric int8 scales ``amax / qmax`` (float32; qmax 127, or 63 for 7-bit weights) and how many channels have amax 0.
 
     A channel whose amax is 0 gets scale 1.0 (its values are all 0 and stay 0): TensorRT
     and ONNX Runtime both need strictly positive scales; no scale is below the smallest
@@ -81,7 +81,7 @@ def scales_from_amax(amax, floor=None) -> tuple[np.ndarray, int]:
     """
     amax = np.asarray(amax, dtype=np.float64).reshape(-1)
     zero = amax <= 0
-    scales = np.maximum(np.where(zero, 1.0, amax / INT8_MAX), _TINY_SCALE)
+    scales = np.maximum(np.where(zero, 1.0, amax / qmax), _TINY_SCALE)
     if floor is None:
         return scales.astype(np.float32), int(zero.sum())
     lo = np.broadcast_to(np.asarray(floor, dtype=np.float64), scales.shape)
@@ -93,9 +93,9 @@ def scales_from_amax(amax, floor=None) -> tuple[np.ndarray, int]:
 
 
 def weight_scales(w: np.ndarray, axis: int | None, amax: np.ndarray | None = None,
-                  floor=None) -> tuple[np.ndarray, int]:
+                  floor=None, qmax: int = INT8_MAX) -> tuple[np.ndarray, int]:
     """Int8 scales of ``w`` along ``axis`` (None: one scale), from ``amax`` if given; (scales, zero channels)."""
     if amax is None:
         a = np.abs(w.astype(np.float64))
         amax = np.array([a.max()]) if axis is None else a.max(axis=tuple(d for d in range(w.ndim) if d != axis))
-    return scales_from_amax(amax, floor)
+    return scales_from_amax(amax, floor, qmax)

@@ -110,6 +110,8 @@ def compare_cmd(
     optimization: str = typer.Option("disable", "--ort-optimization",
                                      help="ONNX Runtime level: disable|basic|extended|all (see docs)."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+    deployed: bool = typer.Option(False, "--deployed", help="Also run the Q/DQ model as ONNX Runtime deploys it "
+                                  "(default optimisation, real outputs only) vs the spec; name fused nodes that differ."),
 ) -> None:
     """Compare an FP32 model and its Q/DQ model layer by layer and at the outputs."""
     fm = load_model(fp32)
@@ -132,6 +134,17 @@ def compare_cmd(
     if html_path is not None:
         write_html(html_path, report, stats=st, title=f"calib: {fp32.name} vs {qdq.name}")
         echo(f"-> {html_path}")
+    if deployed:
+        from calib.compare.deployed import deployed_json, verify_deployed
+        from calib.data.base import batches
+        from calib.io import write_json
+
+        first = (s for _, s in zip(range(limit or 64), source))
+        feeds = [f for _, f, _ in batches(first, fm.inputs, batch_size, layout=getattr(source, "layout", "batch"))]
+        dep = verify_deployed(qm.proto, feeds, providers=provider)
+        echo(dep.summary())
+        side = write_json(output.with_suffix(".deployed.json"), deployed_json(dep))
+        echo(f"-> {side}")
 
 
 def advise_cmd(

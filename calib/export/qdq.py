@@ -112,10 +112,10 @@ def _amax_from_user(node: str, value: Any, channels: int) -> np.ndarray:
     return arr
 
 
-def _quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
+def _quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX) -> np.ndarray:
     s = scales.reshape([-1 if d == axis else 1 for d in range(w.ndim)]) if axis is not None else scales[0]
     q = np.rint(w.astype(np.float32) / s)
-    return np.clip(q, WEIGHT_QMIN, WEIGHT_QMAX).astype(np.int8)
+    return np.clip(q, max(WEIGHT_QMIN, -qmax), min(WEIGHT_QMAX, qmax)).astype(np.int8)
 
 
 # ---------------------------------------------------------------- graph edits
@@ -211,7 +211,8 @@ def _activation_qdq(proto, plan: Plan, amax: dict[str, float], names: _Names) ->
 
 
 def _weight_dq(proto, model: Model, slots: list[WeightSlot], weight_amax: Mapping[str, Any] | None,
-               names: _Names, floors: Mapping[str, np.ndarray]) -> tuple[list[onnx.NodeProto], list[WeightQuant]]:
+               names: _Names, floors: Mapping[str, np.ndarray], weight_bits: Mapping[str, int] | None = None
+               ) -> tuple[list[onnx.NodeProto], list[WeightQuant]]:
     g = proto.graph
     nodes_by_name = {n.name: n for n in g.node}
     groups: dict[tuple[str, int | None], list[WeightSlot]] = {}
@@ -230,8 +231,10 @@ def _weight_dq(proto, model: Model, slots: list[WeightSlot], weight_amax: Mappin
             key = next((s.node for s in members if s.node in weight_amax), None)
             if key is not None:
                 user = _amax_from_user(key, weight_amax[key], channels)
-        scales, zero = weight_scales(w, axis, user, floor=_slot_floor(members, floors, channels))
-        q = _quantize_weight(w, scales, axis)
+        # weight_bits < 8 (e.g. 7: |q| <= 64, ORT's reduce_range) stays symmetric int8 with zero point 0
+        qmax = min([INT8_MAX] + [2 ** (int(weight_bits[s.node]) - 1) for s in members if s.node in (weight_bits or {})])
+        scales, zero = weight_scales(w, axis, user, floor=_slot_floor(members, floors, channels), qmax=qmax)
+        q = _quantize_weight(w, scales, axis, qmax)
         base = f"{init}_int8" if init not in multi_axis else f"{init}_int8_axis{axis}"
         q_name = names.new(base)
         s_name, zp_name = names.new(f"{init}_w_scale"), names.new(f"{init}_w_zero_point")
@@ -297,6 +300,7 @@ def export_qdq(
     weight_amax: Mapping[str, Any] | None = None,
     fold_bn: bool | None = None,
     flagged: Mapping[str, str] | None = None,
+    weight_bits: Mapping[str, int] | None = None,
 ) -> QdqModel:
     """Insert Q/DQ into a copy of ``model`` following ``placement``; ``model`` itself is not changed.
 
@@ -306,7 +310,9 @@ def export_qdq(
     max|w|. ``fold_bn``: fold Conv+BatchNormalization first (default: only for
     the "ort" placement, see ``calib.export.fold``). ``flagged``: tensor ->
     reason for tensors that must never be quantized (e.g. statistics saw
-    non-finite values); they are listed in ``QdqModel.skipped``.
+    non-finite values); they are listed in ``QdqModel.skipped``. ``weight_bits``:
+    node name -> bits of its weight (7: scale amax/64, |q| <= 64, still int8 with
+    zero point 0; see calib.compare.deployed); 8 when absent.
     """
     if weights not in WEIGHT_MODES:
         raise ConfigError(f"weights='{weights}': expected one of {', '.join(WEIGHT_MODES)}")
@@ -328,7 +334,7 @@ def export_qdq(
     proto = work.copy_proto()
     names = _Names(proto)
     after = _activation_qdq(proto, plan, amax, names)
-    head, infos = _weight_dq(proto, work, plan.weights, weight_amax, names, bias_floors(work, plan, amax))
+    head, infos = _weight_dq(proto, work, plan.weights, weight_amax, names, bias_floors(work, plan, amax), weight_bits)
     _drop_unused_float_weights(proto, {w.initializer for w in plan.weights})
     _reorder(proto, head, after)
     try:

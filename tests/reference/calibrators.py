@@ -36,7 +36,9 @@ def last_nonempty(counts: np.ndarray) -> int:
 def entropy_divergences_ref(counts: np.ndarray, num_quant_bins: int = 128, start_bin: int = 128):
     """(candidates, divergences) of pytorch-quantization's KL loop on counts[:n]."""
     n = last_nonempty(counts)
-    bins = np.array(counts[:n], dtype=np.int64)  # a copy: the caller's histogram is not touched
+    # a copy (the caller's histogram is not touched); float64: re-binned counts are fractional, and for
+    # integer counts float64 is exact (pytorch-quantization casts its integer counts to int64)
+    bins = np.array(counts[:n], dtype=np.float64)
     bins[0] = bins[1]
     candidates = list(range(start_bin, len(bins) + 1))
     # one row per candidate, zero-padded to n bins (a 0 in both P and Q adds 0 to the KL sum), so that

@@ -1,7 +1,7 @@
 """Reference histogram: ``np.histogram`` of all the data at once, at the final power-of-two width.
 
 Written from calib.stats' documented layout (not from its code): bins of width w = 2**e on a grid
-anchored at 0, bin k = [k*w, (k+1)*w); 2048 bins; e is the smallest exponent >= -126 with
+anchored at 0, bin k = [k*w, (k+1)*w); 32,768 bins; e is the smallest exponent >= -126 with
 max|x| < 2048 * w; positive values (x >= 0, including -0.0) and negative values counted apart;
 NaN/inf counted and left out of the histogram and of min/max.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NUM_BINS = 2048
+NUM_BINS = 1 << 15  # 32,768 (stats format version 2)
 MIN_EXP = -126
 
 
