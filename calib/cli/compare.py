@@ -130,20 +130,20 @@ def advise_cmd(
     target: str = typer.Option("cosine:0.99", "--target", "-t", help="METRIC:VALUE, e.g. cosine:0.99, top1:0.99."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ model to write (.onnx)."),
     method: Optional[str] = typer.Option(None, "--method", "-m",
-                                         help="Calibration methods to try, first = base (default: "
-                                              "all four, starting from the best on --data)."),
+                                         help="Calibration methods to try, first = base ('auto': per-tensor choice; "
+                                              "default: all four, starting from the best on --data)."),
     placement: str = typer.Option("trt", "--placement", help="Q/DQ placement: trt | ort."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
-    sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
+    sensitivity_samples: int = typer.Option(32, "--sensitivity-samples", help="Samples for the ranking at most."),
     candidate_samples: Optional[int] = typer.Option(
         None, "--candidate-samples", help="Samples to compare a step's candidates on (default: all; every "
                                           "chosen step is verified on all)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many greedy steps."),
     time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", help="Seconds: try no new node after this (at least one is tried); keep the best model so far."),
+        None, "--time-budget", help="Seconds (default 240): try no new node after this (at least one is tried); keep the best model."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
