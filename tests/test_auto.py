@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calib.calibrate import calibrate
 from calib.collect import collect
-from calib.compare.auto import CANDIDATES, choose_auto
+from calib.compare.auto import CANDIDATES, candidate_ranges, choose_auto
 from calib.data import ListSource, Sample
 from calib.data.split import split_source
-from calib.export import export_qdq
+from calib.export import export_qdq, scale_report
 from calib.model import model_from_proto
 
 D = 64  # features per branch; outliers sit in column 0 of both branches
@@ -112,3 +112,13 @@ def test_a_zero_time_budget_returns_the_best_single_method(case):
     c = choose_auto(fm, stats, sp.select, batch_size=64, time_budget=0.0)
     assert c.stopped.startswith("time budget") and c.changed == {}
     assert c.value == c.scores[c.base_method] == max(c.scores.values())
+
+
+def test_scales_json_names_the_candidate_per_tensor(case):
+    _, fm, stats, _, choice = case
+    q = export_qdq(fm, choice.ranges)
+    doc = choice.annotate_scales(scale_report(q, {"auto": choice.ranges, **candidate_ranges(stats)}, chosen="auto"))
+    rows = {r["tensor"]: r for r in doc["activations"]}
+    assert rows["a"]["method"] == choice.records["a"]["chosen"] and rows["b"]["method"] != "minmax"
+    assert rows["b"]["auto"]["runner_up"] == choice.records["b"]["runner_up"]
+    assert rows["b"]["amax"] == pytest.approx(choice.ranges["b"].amax)

@@ -43,12 +43,13 @@ from calib.export import export_qdq
 from calib.model import Model, model_from_proto
 from calib.stats import ActivationStats
 
-__all__ = ["CANDIDATES", "AutoChoice", "choose_auto", "candidate_ranges"]
+__all__ = ["CANDIDATES", "DEFAULT_TIME_BUDGET_S", "AutoChoice", "choose_auto", "candidate_ranges"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 CANDIDATES = ("minmax", "percentile:99.9", "percentile:99.99", "percentile:99.999", "entropy", "mse")
+DEFAULT_TIME_BUDGET_S = 120.0  # seconds; None: no limit
 TOLERANCE = 1e-6  # a change must improve the metric by more than this (relative to |metric|, at least absolute)
 
 
@@ -72,6 +73,16 @@ class AutoChoice:
     def changed(self) -> dict[str, str]:
         """Tensors whose candidate differs from the best single method."""
         return {t: r["chosen"] for t, r in self.records.items() if r["chosen"] != self.base_method}
+
+    def annotate_scales(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Add each tensor's chosen candidate, runner-up and margin to a ``scale_report`` document (in place)."""
+        for row in doc.get("activations", []):
+            rec = self.records.get(row["tensor"])
+            if rec is not None:
+                row["auto"] = safe_float({k: rec[k] for k in ("chosen", "runner_up", "margin")})
+        doc["auto"] = safe_float({"metric": self.metric, "value_on_selection": self.value, "n_select": self.n_select,
+                                  "base_method": self.base_method, "stopped": self.stopped})
+        return doc
 
     def to_json(self) -> dict[str, Any]:
         return safe_float({
@@ -172,17 +183,19 @@ class _Search:
         proto = q.model
         tm = map_models(self.fm, model_from_proto(proto))
         variants, where = self.variants(proto, tm, choice)
-        budget = max(4 * len(proto.graph.node), 64)
-        sessions = []
-        for group in group_variants(proto, variants, budget) if variants else [[]]:
+        groups = group_variants(proto, variants, max(4 * len(proto.graph.node), 64)) if variants else [[]]
+        metrics: dict[str, Any] = {}
+        for k, group in enumerate(groups):  # one session at a time: memory bounded by one group
+            if k and self.out_of_time():
+                break
+            if self.progress:
+                self.progress(f"auto round {r}: measuring tensor variants", k, len(groups))
             mp, w = build_multi(proto, group, self.outputs)
             prune(mp, {t for x in w.values() for t in x.values()})
-            sessions.append(Session(mp, w))
-        metrics, _ = self.ev.evaluate(sessions, stage=f"auto round {r}: {len(variants)} tensor variants",
-                                      progress=self.progress)
+            metrics.update(self.ev.evaluate([Session(mp, w)])[0])
         now = metrics["base"].value(self.metric)
         scores = {t: {m: (now if v == "base" else metrics[v].value(self.metric)) for m, v in labels.items()}
-                  for t, labels in where.items()}
+                  for t, labels in where.items() if all(v == "base" or v in metrics for v in labels.values())}
         return now, scores
 
 
@@ -231,13 +244,14 @@ def _round(s: _Search, q, value: float, choice: dict[str, str], r: int, history:
 def choose_auto(model: Model | str, stats: ActivationStats, selection_source, *,
                 candidates: Sequence[str] = CANDIDATES, placement: str = "trt", weights: str = "per_channel",
                 exclude: Sequence[str] = (), batch_size: int = 16, metric: str = "sqnr", max_rounds: int = 2,
-                time_budget: float | None = None, optimization: str = "disable",
+                time_budget: float | None = DEFAULT_TIME_BUDGET_S, optimization: str = "disable",
                 providers: Sequence[str] | None = None, progress: Progress | None = None) -> AutoChoice:
     """Choose a candidate range per activation tensor on ``selection_source`` (see the module docstring).
 
     ``metric``: a target metric name (``calib.compare.targets.TARGET_METRICS``), higher is better;
-    ``sqnr`` (lowest output SQNR, dB) is continuous and suits selection. ``time_budget`` (seconds):
-    no verification starts after it; the single-method scoring always completes.
+    ``sqnr`` (lowest output SQNR, dB) is continuous and suits selection. ``time_budget`` (seconds,
+    default ``DEFAULT_TIME_BUDGET_S`` = 120; None: no limit): no further variant group or verification
+    starts after it (the single-method scoring and one variant group always complete).
     """
     t0 = time.perf_counter()
     fm = as_model(model)
