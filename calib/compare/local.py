@@ -107,6 +107,11 @@ def local_model(fm: Model, tm: TensorMap) -> LocalModel:
     qnodes = {n.name: n for n in qproto.graph.node}
     qinits = {t.name: t for t in qproto.graph.initializer}
     rev = {q: f for f, q in tm.sources.items()}
+    fp_inits = {t.name: t for t in m.graph.initializer}
+    # a Q/DQ-model initializer equal to the FP32 one of the same name is read from the FP32 model, not copied
+    qinits = {k: t for k, t in qinits.items()
+              if not (k in fp_inits and fp_inits[k].SerializeToString() == t.SerializeToString())}
+    rev.update({k: k for k in fp_inits if k not in qinits})
     inits: dict[str, onnx.TensorProto] = {}
     lm = LocalModel(m, {}, {})
     for k, (fnode, qins) in enumerate(tm.quantized.items()):
@@ -116,7 +121,8 @@ def local_model(fm: Model, tm: TensorMap) -> LocalModel:
             continue
         ren: dict[str, str] = {}
         new, why = [], None
-        for c in [qnodes[n] for qi in qins for n in qi.chain if n in qnodes] + [qn]:
+        chain = dict.fromkeys(n for qi in qins for n in qi.chain if n in qnodes)  # an input read twice: one copy
+        for c in [qnodes[n] for n in chain] + [qn]:
             cc, why = _copy_node(c, k, ren, rev, qinits, inits)
             if why:
                 break
