@@ -39,7 +39,7 @@ import numpy as np
 from calib._kernels import downsample, fold, fold_finite
 from calib.errors import CacheFormatError, RangesError
 from calib.io import atomic_path
-from calib.errors import CacheFormatError, InputDataError, RangesError
+from calib.errors import InputDataError
 from calib.io import read_npz
 
 __all__ = ["NUM_BINS", "MIN_EXP", "TensorHistogram", "ActivationStats", "STATS_FORMAT_VERSION", "width_exponent",

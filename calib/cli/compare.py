@@ -21,6 +21,9 @@ from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
 from calib.export.precision import apply_high_precision, resolve_target
 from calib.io import save_onnx
+from calib.compare.deployed import deployed_json, verify_deployed
+from calib.data.base import batches
+from calib.io import write_json
 
 __all__ = ["register", "read_labels"]
 
@@ -135,9 +138,6 @@ def compare_cmd(
         write_html(html_path, report, stats=st, title=f"calib: {fp32.name} vs {qdq.name}")
         echo(f"-> {html_path}")
     if deployed:
-        from calib.compare.deployed import deployed_json, verify_deployed
-        from calib.data.base import batches
-        from calib.io import write_json
 
         first = (s for _, s in zip(range(limit or 64), source))
         feeds = [f for _, f, _ in batches(first, fm.inputs, batch_size, layout=getattr(source, "layout", "batch"))]
@@ -154,8 +154,8 @@ def advise_cmd(
     target: str = typer.Option("cosine:0.99", "--target", "-t", help="METRIC:VALUE, e.g. cosine:0.99, top1:0.99."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ model to write (.onnx)."),
     method: Optional[str] = typer.Option(None, "--method", "-m",
-                                         help="Calibration methods to try, first = base (default: "
-                                              "all four, starting from the best on --data)."),
+                                         help="Calibration methods to try, first = base ('auto': per-tensor choice; "
+                                              "default: all four, starting from the best on --data)."),
     placement: Optional[str] = typer.Option(None, "--placement", help="Q/DQ placement: trt (default) | ort."),
     target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
                                                  "remainder; ort: ort placement + fp32 (see calib export)."),
@@ -165,13 +165,13 @@ def advise_cmd(
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
-    sensitivity_samples: int = typer.Option(128, "--sensitivity-samples", help="Samples for the ranking at most."),
+    sensitivity_samples: int = typer.Option(32, "--sensitivity-samples", help="Samples for the ranking at most."),
     candidate_samples: Optional[int] = typer.Option(
         None, "--candidate-samples", help="Samples to compare a step's candidates on (default: all; every "
                                           "chosen step is verified on all)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many greedy steps."),
     time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", help="Seconds: try no new node after this (at least one is tried); keep the best model so far."),
+        None, "--time-budget", help="Seconds (default 240): try no new node after this (at least one is tried); keep the best model."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
 ) -> None:
@@ -197,17 +197,22 @@ def advise_cmd(
         prog.close()
     _print_advice(adv, output, advice_json_path(output))
     if dtype != "fp32":  # the written model gets the high-precision remainder; the advice JSON is unchanged
-
         cast, prec = apply_high_precision(adv.qdq, dtype, stats=st)
         save_onnx(cast.model, output)
         echo(f"{prec.summary()} -> {output}")
     if html_path is not None:
-        report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
-                         providers=provider)
-        if adv.sensitivity is not None:
-            report.sensitivity = adv.sensitivity.to_json()
-        write_html(html_path, report, stats=st, advice=adv.to_json(), title=f"calib advise: {model.name}")
-        echo(f"-> {html_path}")
+        _advice_html(html_path, fm, adv, source, st, labs, model.name, batch_size=batch_size,
+                     optimization=optimization, providers=provider)
+
+
+def _advice_html(html_path: Path, fm, adv, source, st, labs, name: str, *, batch_size: int, optimization: str,
+                 providers) -> None:
+    report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
+                     providers=providers)
+    if adv.sensitivity is not None:
+        report.sensitivity = adv.sensitivity.to_json()
+    write_html(html_path, report, stats=st, advice=adv.to_json(), title=f"calib advise: {name}")
+    echo(f"-> {html_path}")
 
 
 def _print_advice(adv, output: Path, side: Path) -> None:

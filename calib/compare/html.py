@@ -122,7 +122,7 @@ def _layer_table(layers: Sequence[Mapping[str, Any]]) -> str:
         return ""
     out = ["<h2>All layers (topological order)</h2><table><tr><th class='l'>node</th><th class='l'>op</th>"
            "<th>depth</th><th class='l'>tensor</th><th>cosine</th><th>min cosine</th><th>SQNR dB</th>"
-           "<th>max |e|</th><th>mean |e|</th><th>rel. error</th><th class='l'>note</th></tr>"]
+           "<th>local SQNR dB</th><th>max |e|</th><th>mean |e|</th><th>rel. error</th><th class='l'>note</th></tr>"]
     worst = {id(r) for r in sorted(layers, key=lambda r: r["sqnr_db"] if isinstance(r["sqnr_db"], float)
                                    else math.inf)[:5]}
     for r in layers:
@@ -130,7 +130,7 @@ def _layer_table(layers: Sequence[Mapping[str, Any]]) -> str:
         out.append(f"<tr{cls}><td class='l'>{_f(r['node'])}</td><td class='l'>{_f(r['op_type'])}</td>"
                    f"<td>{r['depth']}</td><td class='l'>{_f(r['fp32_tensor'])}</td><td>{_f(r['cosine'], '.6f')}</td>"
                    f"<td>{_f(r['min_cosine'], '.5f')}</td><td>{_f(r['sqnr_db'], '.2f')}</td>"
-                   f"<td>{_f(r['max_abs_error'])}</td><td>{_f(r['mean_abs_error'])}</td>"
+                   f"<td>{_f(r.get('local_sqnr_db'), '.2f')}</td><td>{_f(r['max_abs_error'])}</td><td>{_f(r['mean_abs_error'])}</td>"
                    f"<td>{_f(r['relative_error'])}</td><td class='l'>{_f(r.get('note', ''))}</td></tr>")
     out.append("</table>")
     return "\n".join(out)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from calib.compare.local import local_model
 from calib.compare.mapping import TensorMap, map_models
 from calib.compare.metrics import TensorAccumulator, safe_float, unsafe_float
 from calib.compare.sensitivity import sensitivity as run_sensitivity
@@ -99,6 +100,8 @@ DEFINITIONS = {
     "sqnr_db": "10*log10(sum fp32^2 / sum (int8-fp32)^2) over all values",
     "relative_error": "||int8-fp32||_2 / ||fp32||_2 over all values",
     "max_abs_error": "max |int8-fp32|", "mean_abs_error": "mean |int8-fp32|",
+    "local_*": "the quantized node run in INT8 on FP32 inputs vs its FP32 output: where error enters "
+               "(None for a node that reads no Q/DQ input)",
     "layer": "the float output of the FP32 node and of its counterpart in the Q/DQ model (before any Q/DQ "
              "on that output); fused Relu/Clip compare with the dequantized tensor",
 }
@@ -110,6 +113,16 @@ def _labels_for(source, labels: Sequence[int] | None) -> Sequence[int] | None:
     if len(labels) != len(source):
         raise InputDataError(f"{len(labels)} labels for {len(source)} samples", hint="give one label per sample")
     return labels
+
+
+def _layer_rows(pairs, acc, lm) -> list[dict[str, Any]]:
+    """One row per paired tensor: accumulated error (FP32 vs Q/DQ) beside the local error where it enters."""
+    rows = []
+    for p in pairs:
+        r = acc[p.fp32].result()
+        rows.append({"fp32_tensor": p.fp32, "qdq_tensor": p.qdq, "node": p.node, "op_type": p.op_type,
+                     "depth": p.depth, "note": p.note, **{k: r[k] for k in LAYER_KEYS}, **lm.fields(p.fp32)})
+    return rows
 
 
 def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: int = 16,
@@ -135,11 +148,13 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
     outs = fm.output_names
     acc = {p.fp32: TensorAccumulator() for p in pairs}
     om = OutputMetrics(list(outs), user)
+    lm = local_model(fm, tm) if pairs else None  # local error: quantized nodes on FP32 inputs (calib.compare.local)
     total = min(len(source), limit) if limit is not None else len(source)
     done = 0
     if progress:
         progress("compare", 0, total)
-    with open_runner(fm.proto, [p.fp32 for p in pairs] + outs, optimization=optimization, providers=providers,
+    with open_runner(lm.proto if lm else fm.proto, [p.fp32 for p in pairs] + outs + (lm.outputs if lm else []),
+                     optimization=optimization, providers=providers,
                      name="FP32 model") as rf, \
             open_runner(qm.proto, [p.qdq for p in pairs] + outs, optimization=optimization, providers=providers,
                         name="Q/DQ model") as rq:
@@ -151,17 +166,15 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
                     raise ModelError(f"tensor '{p.fp32}' (node '{p.node}'): {e}",
                                      hint="the Q/DQ model computes a different shape here") from None
             om.update(fa, qa, ids, labs)
+            if lm:
+                lm.update(fa, ids)
             del fa, qa
             done += len(ids) if ids is not None else 1
             if progress:
                 progress("compare", done, total)
     if done == 0:
         raise InputDataError("the evaluation data holds no samples")
-    rows = []
-    for p in pairs:
-        r = acc[p.fp32].result()
-        rows.append({"fp32_tensor": p.fp32, "qdq_tensor": p.qdq, "node": p.node, "op_type": p.op_type,
-                     "depth": p.depth, "note": p.note, **{k: r[k] for k in LAYER_KEYS}})
+    rows = _layer_rows(pairs, acc, lm)
     cfg = {"fp32": str(fm.path) if fm.path else None, "qdq": str(qm.path) if qm.path else None,
            "fp32_sha256": fm.sha256, "batch_size": batch_size, "optimization": optimization,
            "providers": list(providers or ["cpu"]), "user_metric": user.name if user else None}
