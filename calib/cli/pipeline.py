@@ -192,6 +192,7 @@ def demo_cmd(
     n_calib: int = typer.Option(256, "--n-calib", help="Calibration pages."),
     n_eval: int = typer.Option(192, "--n-eval", help="Evaluation pages."),
     target: str = typer.Option("top1:0.995", "--target", help="Target for advise."),
+    quick: bool = typer.Option(False, "--quick", help="16 + 16 pages and two methods: checks an install in seconds."),
 ) -> None:
     """The whole loop on the bundled demo: data, collect, all methods, export, compare, advise, report."""
     from calib.demo import run_demo
@@ -199,7 +200,7 @@ def demo_cmd(
     prog = Progress()
     try:
         run = run_demo(store, data_dir, n_calib=n_calib, n_eval=n_eval, target=target, progress=prog,
-                       command=["calib", *sys.argv[1:]])
+                       command=["calib", *sys.argv[1:]], quick=quick)
     finally:
         prog.close()
     _print_summary(run)
