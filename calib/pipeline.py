@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from calib.calibrate import Ranges, calibrate_all, parse_method, save_ranges, weight_ranges
 from calib.collect import collect
 from calib.config import RunConfig
+from calib.data.preprocess import stamp_model
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.model import Model, load_model
 from calib.runs import Run, RunStore, fingerprint_path
@@ -160,7 +161,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              target: str = "", placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = 8,
              limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
              bias_correction: bool = False, bias_samples: int | None = 128,
-             progress: Progress | None = None) -> QuantizeResult:
+             progress: Progress | None = None, preprocess: dict | None = None) -> QuantizeResult:
     """Collect, calibrate, export; with eval data and a target, compare and advise.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples``
@@ -180,11 +181,11 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         m = parse_method(method)
         if m.label not in methods:
             methods.append(m.label)
-    source = open_run_data(Path(data), model)
+    source = open_run_data(Path(data), model, preprocess=preprocess)
     stats = collect(model, source, batch_size=batch_size, limit=limit, providers=providers, progress=progress)
     ranges = calibrate_all(stats, methods)
     result = QuantizeResult(output, method, ranges, stats)
-    ev = open_run_data(Path(eval_data), model) if eval_data is not None else None
+    ev = open_run_data(Path(eval_data), model, preprocess=preprocess) if eval_data is not None else None
     chosen = method if method != "best" else None
     qdqs: dict[str, Any] = {}
     corrected: dict[str, Any] = {}
@@ -231,6 +232,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
         if result.advice is not None:
             _bias_into_advice(result.advice, qdq, result.bias, outs)
             result.target_met = bool(result.advice.met)
+    for q in {id(qdq): qdq, id(getattr(result.advice, "qdq", qdq)): getattr(result.advice, "qdq", qdq)}.values():
+        stamp_model(q.model, getattr(source, "spec", None))  # the spec travels with the model (metadata_props)
     if result.advice is not None:
         _, side = result.advice.save(output)  # the model plus the exclude list and per-step curve beside it
         result.artifacts["advice"] = side
@@ -317,7 +320,7 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
     from calib.io import write_json
 
     source = open_run_data(cfg.calib_data, model, preprocess=cfg.preprocess, skip_bad=cfg.skip_bad)
-    spec = getattr(source, "preprocess", None)
+    spec = getattr(source, "spec", None)
     if spec is not None and hasattr(spec, "to_dict"):
         write_json(run.add_artifact("preprocess", "preprocess.json"), spec.to_dict())
     if calib_ids is not None:
@@ -411,6 +414,7 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
         write_json(run.add_artifact("advise", "advise.json"), adv.to_json())
         summary.update({"target": cfg.target, "target_met": bool(adv.met), "float_nodes": len(adv.exclude),
                         "advised_metric": adv.metric})
+    stamp_model(final.model, getattr(source, "spec", None))
     final.save(run.add_artifact("model", "model.int8.onnx"))
     if cfg.cache:
         write_cache(run.add_artifact("cache", "model.cache"), ranges[primary])

@@ -8,6 +8,8 @@ from typing import List, Optional
 import typer
 
 from calib.cli._common import Progress, echo
+from calib.cli._preprocess import load_spec, preprocess_option, show_spec
+from calib.data.preprocess import stamp_model
 from calib.errors import ConfigError
 
 __all__ = ["register"]
@@ -111,6 +113,7 @@ def export_cmd(
                                              "the mean error INT8 adds, measured on these samples (calibration "
                                              "data)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Samples of --bias-data to use."),
+    preprocess: Optional[Path] = preprocess_option(),
     bias_mode: str = typer.Option("robust", "--bias-mode", help="robust: take a channel's mean shift off only "
                                   "where that lowers its mean absolute error (default); mean: always (NNCF's "
                                   "fast bias correction; harmful where ranges clip outliers)."),
@@ -130,7 +133,9 @@ def export_cmd(
     if bias_data is not None:  # bad data is reported before any work
         from calib.pipeline import open_run_data
 
-        bias_source = open_run_data(bias_data, m)
+        spec = load_spec(preprocess)
+        bias_source = open_run_data(bias_data, m, preprocess=spec.to_dict() if spec is not None else None)
+        show_spec(bias_source, "bias data")
     for note in m.notes:
         echo(f"model: {note}")
     stats_obj, flagged = None, {}
@@ -157,6 +162,7 @@ def export_cmd(
              + (f", largest shift {largest[0]['max_abs_shift']:.3g} at {largest[0]['node']}" if largest else "")
              + (f"; {len(bc.skipped)} skipped" if bc.skipped else ""))
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
+    stamp_model(qdq.model, getattr(bias_source, "spec", None) or load_spec(preprocess))
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")
     for t, why in list(qdq.skipped.items())[:5]:

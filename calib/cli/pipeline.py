@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from calib.cli._common import Progress, echo, is_quiet
+from calib.cli._preprocess import preprocess_option, resolve_spec
 
 __all__ = ["register"]
 
@@ -65,6 +66,7 @@ def quantize_cmd(
                                          "for the mean error INT8 adds (measured on the calibration data; with "
                                          "--eval-data kept only if it scores at least as well)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
+    preprocess: Optional[Path] = preprocess_option(),
 ) -> None:
     """One shot: collect, calibrate, export (and with --target: compare and advise)."""
     from calib.compare import parse_target
@@ -72,12 +74,14 @@ def quantize_cmd(
 
     if target:
         parse_target(target)
+    spec = resolve_spec(model, data, preprocess)
     prog = Progress()
     try:
         res = quantize(model, data, output, method=method, cache=cache, report=report, eval_data=eval_data,
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
                        providers=provider, metric=metric, bias_correction=bias_correction,
-                       bias_samples=bias_samples, progress=prog)
+                       bias_samples=bias_samples, progress=prog,
+                       preprocess=spec.to_dict() if spec is not None else None)
     finally:
         prog.close()
     if res.metrics:
