@@ -23,6 +23,7 @@ from calib.config import RunConfig
 from calib.data.preprocess import stamp_model
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.model import Model, load_model
+from calib.recalibrate import collect_into_run
 from calib.runs import Run, RunStore, fingerprint_path
 from calib.stats import ActivationStats
 
@@ -348,8 +349,8 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
             stats = ActivationStats.load(stats_path)
             run.update(stats_reused_from=str(reused.parent.name))
         else:
-            stats = collect(model, source, batch_size=cfg.batch_size, limit=cfg.limit or None,
-                            providers=cfg.providers, progress=progress)
+            stats = collect_into_run(run, model, source, batch_size=cfg.batch_size, limit=cfg.limit or None,
+                                     providers=cfg.providers, progress=progress)  # shards: calib.recalibrate
             stats.save(stats_path)
     run.update(n_samples=stats.n_samples)
     with run.timing("calibrate"):
