@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -98,7 +98,7 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         keep = ("id", "kind", "label", "stage", "done", "total", "started", "finished", "error")
-        d = {k: v for k, v in asdict(self).items() if k in keep}
+        d = {k: getattr(self, k) for k in keep}  # not asdict: it would deep-copy the thread and the result
         d["result"] = self.result if isinstance(self.result, (str, int, float)) else None
         d["pid"] = os.getpid()
         return d

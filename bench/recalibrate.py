@@ -111,7 +111,7 @@ def main() -> int:
     from calib.calibrate import load_ranges
 
     saved = load_ranges(new.artifact("ranges"))
-    diff_saved = [(m, t) for m in rb for t in rb[m].tensors if saved[m].tensors[t].amax != rb[m].tensors[t].amax]
+    diff_saved = [(m, t) for m in saved for t in saved[m].tensors if saved[m].tensors[t].amax != rb[m].tensors[t].amax]
     lines = [
         "# Re-calibrate after dropping 2 of 256 samples (demo)", "",
         f"- machine: {machine()}",
@@ -119,8 +119,9 @@ def main() -> int:
         "(on a machine shared with other jobs)",
         f"- base run: `{run.id}`: {N_CALIB} demo pages, shards of {shards.size} samples ({len(shards.groups)} shards)",
         f"- dropped: {', '.join(drop)}",
-        f"- re-calibrate (`calib.recalibrate.recalibrate`, what the dashboard runs; model and data already open): "
-        f"median {statistics.median(times):.2f} s over {len(times)} runs ({', '.join(f'{x:.2f}' for x in times)} s)",
+        f"- re-calibrate (`calib.recalibrate.recalibrate`, what the dashboard runs; model and data already open; "
+        f"the first run also loads numba's kernels): median {statistics.median(times):.2f} s over {len(times)} runs "
+        f"({', '.join(f'{x:.2f}' for x in times)} s)",
         f"- shards reused {result.reused}, collected again {result.recollected} "
         f"({result.samples_collected} samples); the new run writes stats, ranges of every method, the Q/DQ model, "
         "the TensorRT cache and scales.json (no compare, no new advise: 'ranges only')",
@@ -128,8 +129,10 @@ def main() -> int:
         f"- statistics equal bit for bit: {'yes' if not diff_stats else 'NO: ' + ', '.join(diff_stats[:5])} "
         f"({len(fresh.tensors)} tensors: counts, exponent, min, max, n)",
         f"- ranges equal bit for bit: {'yes' if not diff_ranges and not diff_saved else 'NO'} "
-        f"({n_ranges} amax values over {len(ra)} methods; also ranges.json of the new run: "
+        f"({n_ranges} amax values of {len(ra)} methods computed from the merged statistics; the new run's "
+        f"ranges.json ({', '.join(saved)}: the shipped model's method, 'ranges only' calibrates no other): "
         f"{'equal' if not diff_saved else f'{len(diff_saved)} differ'})",
+        f"- load while measuring: {os.getloadavg()[0]:.1f} (1-minute load average; 2 CPUs)",
     ]
     out = REPO / "bench" / "results" / "recalibrate.md"
     out.parent.mkdir(parents=True, exist_ok=True)

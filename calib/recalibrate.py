@@ -135,22 +135,32 @@ class Recalibration:
 
 
 def _plan_new(old: ShardSet | None, keep: Sequence[str], size: int) -> list[tuple[list[str], Path | None]]:
-    """(ids, reusable shard file or None) per shard of the new run."""
+    """(ids, reusable shard file or None) per shard of the new run.
+
+    Untouched shards are reused; the remaining samples of every touched shard form one new shard (one
+    ``collect``, one ONNX Runtime session), placed where the first touched shard was.
+    """
     if old is None:
         return [(g, None) for g in plan_shards(list(keep), size)]
     kept = set(keep)
-    out = []
+    out: list[tuple[list[str], Path | None]] = []
+    touched: list[str] | None = None
     for g, p in zip(old.groups, old.paths):
         rest = [i for i in g if i in kept]
-        if rest:
-            out.append((rest, p if len(rest) == len(g) else None))
+        if len(rest) == len(g):
+            out.append((rest, p))
+        elif rest and touched is None:
+            touched = list(rest)
+            out.append((touched, None))
+        elif rest:
+            touched.extend(rest)
     return out
 
 
 def _final_ranges(ranges: dict[str, Ranges], primary: str, advice: dict | None) -> Ranges:
     """The primary method's ranges, with the per-tensor methods the old run's advise chose."""
     base = ranges[primary]
-    changed = (advice or {}).get("changed") or {}
+    changed = (advice or {}).get("changed_methods") or {}
     if not changed:
         return base
     tensors = {t: (ranges[m].tensors[t] if m in ranges and t in ranges[m].tensors else r)
@@ -159,8 +169,13 @@ def _final_ranges(ranges: dict[str, Ranges], primary: str, advice: dict | None) 
 
 
 def recalibrate(store: RunStore, old: Run, model: Model, source, keep_ids: Sequence[str], *,
-                progress: Progress | None = None, command: list[str] | None = None) -> Recalibration:
-    """A new run on ``keep_ids`` of ``source`` (the old run's calibration data), ranges only (see the module doc)."""
+                all_methods: bool = False, progress: Progress | None = None,
+                command: list[str] | None = None) -> Recalibration:
+    """A new run on ``keep_ids`` of ``source`` (the old run's calibration data), ranges only (see the module doc).
+
+    ``all_methods=False`` calibrates only the methods the exported model uses (the run's method and those
+    its advise chose per tensor); True, every method of the old run's config.
+    """
     t0 = time.perf_counter()
     if not keep_ids:
         raise InputDataError("every sample was dropped", hint="keep at least one sample")
@@ -171,13 +186,14 @@ def recalibrate(store: RunStore, old: Run, model: Model, source, keep_ids: Seque
                        config={**cfg, "recalibrated_from": old.id}, model=old.manifest.get("model"),
                        data=old.manifest.get("data"), method=old.manifest.get("method", ""))
     try:
-        return _recalibrate(run, old, model, source, plan, cfg, progress, t0)
+        return _recalibrate(run, old, model, source, plan, cfg, progress, t0, all_methods)
     except BaseException as e:
         run.fail(f"{type(e).__name__}: {e}")
         raise
 
 
-def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, progress, t0: float) -> Recalibration:
+def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, progress, t0: float,
+                 all_methods: bool) -> Recalibration:
     todo = [ids for ids, p in plan if p is None]
     fresh = iter(collect_sharded(model, source, todo, batch_size=int(cfg.get("batch_size") or 8),
                                  providers=cfg.get("providers"), progress=progress))
@@ -193,9 +209,10 @@ def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, prog
             shutil.copyfile(old.artifact(key), run.add_artifact(key, old.manifest["artifacts"][key]))
     methods = list(cfg.get("methods") or ["entropy", "minmax", "percentile", "mse"])
     primary = old.manifest.get("method") or methods[0]
-    ranges = calibrate_all(stats, list(dict.fromkeys([*methods, parse_method(primary).label])))
-    save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
     advice = old.read_json("advise") if "advise" in old.manifest.get("artifacts", {}) else None
+    used = [parse_method(primary).label, *sorted(set(((advice or {}).get("changed_methods") or {}).values()))]
+    ranges = calibrate_all(stats, list(dict.fromkeys([*(methods if all_methods else []), *used])))
+    save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
     exclude = list(dict.fromkeys([*(cfg.get("exclude") or []), *((advice or {}).get("exclude") or [])]))
     chosen = _final_ranges(ranges, parse_method(primary).label, advice)
     q = export_qdq(model, chosen, placement=cfg.get("placement") or "trt", exclude=exclude)

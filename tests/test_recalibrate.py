@@ -61,7 +61,7 @@ def test_dropping_samples_recollects_only_touched_shards_and_equals_a_fresh_coll
     ids = [i for g in load_shards(run).groups for i in g]
     drop = {ids[7], ids[9]}  # both in shard 0
     keep = [i for i in ids if i not in drop]
-    res = recalibrate(store, run, model, src, keep)
+    res = recalibrate(store, run, model, src, keep, all_methods=True)
     new = res.run
     assert new.is_complete and (res.reused, res.recollected, res.samples_collected) == (2, 1, 14)
     fresh = collect(model, src.subset([ids.index(i) for i in keep]), batch_size=5)
@@ -78,3 +78,18 @@ def test_dropping_samples_recollects_only_touched_shards_and_equals_a_fresh_coll
     assert new.read_json("calib_ids") == keep and spec_of_model(q) is None  # arrays: no image spec
     again = recalibrate(store, new, model, src, keep[1:])  # shards of the new run are reused in turn
     assert (again.reused, again.recollected) == (2, 1)
+    assert list(load_ranges(again.run.artifact("ranges"))) == ["entropy"]  # ranges only: the shipped method
+
+
+def test_dropping_from_two_shards_collects_their_rest_once(base):
+    run, store = base["run"], base["store"]
+    model = load_model(base["model"])
+    src = open_run_data(run.manifest["data"]["path"], model)
+    ids = [i for g in load_shards(run).groups for i in g]
+    keep = [i for k, i in enumerate(ids) if k not in (3, 20)]  # shards 0 and 1
+    res = recalibrate(store, run, model, src, keep)
+    assert (res.reused, res.recollected, res.samples_collected) == (1, 1, 30)
+    groups = load_shards(res.run).groups
+    assert [len(g) for g in groups] == [30, 8] and sorted(i for g in groups for i in g) == sorted(keep)
+    fresh = collect(model, src.subset([ids.index(i) for i in keep]), batch_size=8)
+    assert _same(ActivationStats.load(res.run.artifact("stats")), fresh)
