@@ -123,8 +123,10 @@ def main() -> int:
         f"the first run also loads numba's kernels): median {statistics.median(times):.2f} s over {len(times)} runs "
         f"({', '.join(f'{x:.2f}' for x in times)} s)",
         f"- shards reused {result.reused}, collected again {result.recollected} "
-        f"({result.samples_collected} samples); the new run writes stats, ranges of every method, the Q/DQ model, "
-        "the TensorRT cache and scales.json (no compare, no new advise: 'ranges only')",
+        f"({result.samples_collected} samples); the new run writes its shards, stats, the shipped method's ranges, "
+        "the Q/DQ model, the TensorRT cache and scales.json (no compare, no new advise: 'ranges only')",
+        "- where the time goes (last run, s): " + ", ".join(f"{k} {v}" for k, v in
+                                                            new.manifest.get("timings_s", {}).items()),
         f"- a fresh collection on the remaining {len(keep)} samples took {t_fresh:.2f} s (for scale)",
         f"- statistics equal bit for bit: {'yes' if not diff_stats else 'NO: ' + ', '.join(diff_stats[:5])} "
         f"({len(fresh.tensors)} tensors: counts, exponent, min, max, n)",

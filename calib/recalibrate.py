@@ -15,6 +15,7 @@ methods), the TensorRT cache and the scale report are exported again. No compare
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -80,12 +81,21 @@ def collect_sharded(model: Model, source, groups: Sequence[Sequence[str]], *, ba
     return out
 
 
-def _save_shards(run: Run, shards: Sequence[ActivationStats], groups: Sequence[Sequence[str]], size: int) -> None:
+def _save_shards(run: Run, shards: Sequence[ActivationStats], groups: Sequence[Sequence[str]], size: int, *,
+                 reuse: Sequence[Path | None] | None = None) -> None:
+    """Write each shard (a reused shard's file is hard-linked, or copied, not serialised again) and shards.json."""
     (run.dir / SHARDS_DIR).mkdir(exist_ok=True)
     files = []
     for k, s in enumerate(shards):
         name = f"{SHARDS_DIR}/shard_{k:04d}.npz"
-        s.save(run.dir / name)
+        old = reuse[k] if reuse is not None else None
+        if old is None:
+            s.save(run.dir / name)
+        else:
+            try:
+                os.link(old, run.dir / name)
+            except OSError:
+                shutil.copyfile(old, run.dir / name)
         files.append(name)
     write_json(run.add_artifact("shards", "shards.json"),
                {"format": "calib.shards", "version": 1, "size": size,
@@ -195,13 +205,15 @@ def recalibrate(store: RunStore, old: Run, model: Model, source, keep_ids: Seque
 def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, progress, t0: float,
                  all_methods: bool) -> Recalibration:
     todo = [ids for ids, p in plan if p is None]
-    fresh = iter(collect_sharded(model, source, todo, batch_size=int(cfg.get("batch_size") or 8),
-                                 providers=cfg.get("providers"), progress=progress))
-    shards = [ActivationStats.load(p) if p is not None else next(fresh) for _, p in plan]
-    groups = [ids for ids, _ in plan]
-    _save_shards(run, shards, groups, max(len(g) for g in groups))
-    stats = merge_all(shards)
-    stats.save(run.add_artifact("stats", "stats.npz"))
+    with run.timing("collect"):
+        fresh = iter(collect_sharded(model, source, todo, batch_size=int(cfg.get("batch_size") or 8),
+                                     providers=cfg.get("providers"), progress=progress))
+    with run.timing("merge"):
+        shards = [ActivationStats.load(p) if p is not None else next(fresh) for _, p in plan]
+        groups = [ids for ids, _ in plan]
+        _save_shards(run, shards, groups, max(len(g) for g in groups), reuse=[p for _, p in plan])
+        stats = merge_all(shards)
+        stats.save(run.add_artifact("stats", "stats.npz"))
     keep = [i for g in groups for i in g]
     write_json(run.add_artifact("calib_ids", "calib_ids.json"), keep)
     for key in ("preprocess",):
@@ -211,17 +223,19 @@ def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, prog
     primary = old.manifest.get("method") or methods[0]
     advice = old.read_json("advise") if "advise" in old.manifest.get("artifacts", {}) else None
     used = [parse_method(primary).label, *sorted(set(((advice or {}).get("changed_methods") or {}).values()))]
-    ranges = calibrate_all(stats, list(dict.fromkeys([*(methods if all_methods else []), *used])))
-    save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
+    with run.timing("calibrate"):
+        ranges = calibrate_all(stats, list(dict.fromkeys([*(methods if all_methods else []), *used])))
+        save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
     exclude = list(dict.fromkeys([*(cfg.get("exclude") or []), *((advice or {}).get("exclude") or [])]))
     chosen = _final_ranges(ranges, parse_method(primary).label, advice)
-    q = export_qdq(model, chosen, placement=cfg.get("placement") or "trt", exclude=exclude)
-    stamp_model(q.model, _spec(old))
-    q.save(run.add_artifact("model", "model.int8.onnx"))
-    if cfg.get("cache", True):
-        write_cache(run.add_artifact("cache", "model.cache"), chosen)
-    write_scale_report(run.add_artifact("scales", "scales.json"),
-                       scale_report(q, ranges, chosen=parse_method(primary).label, stats=stats))
+    with run.timing("export"):
+        q = export_qdq(model, chosen, placement=cfg.get("placement") or "trt", exclude=exclude)
+        stamp_model(q.model, _spec(old))
+        q.save(run.add_artifact("model", "model.int8.onnx"))
+        if cfg.get("cache", True):
+            write_cache(run.add_artifact("cache", "model.cache"), chosen)
+        write_scale_report(run.add_artifact("scales", "scales.json"),
+                           scale_report(q, ranges, chosen=parse_method(primary).label, stats=stats))
     result = Recalibration(run, sum(p is not None for _, p in plan), len(todo), sum(len(g) for g in todo),
                            time.perf_counter() - t0)
     run.update(n_samples=stats.n_samples, recalibrated_from=old.id)
