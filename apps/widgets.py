@@ -120,7 +120,9 @@ def metric_select(key: str, default: str = "sqnr_db") -> str:
 def store_jobs() -> None:
     """Every job of the run store (read from its progress files, so any session sees them), polled each second."""
 
-    @st.fragment(run_every=1.0)
+    busy = any(j.get("finished") is None for j in actions.store_jobs())
+
+    @st.fragment(run_every=1.0 if busy else 3.0)  # a job started in another session shows within 3 s
     def _poll() -> None:
         jobs = actions.store_jobs()
         running = [j for j in jobs if j.get("finished") is None]
