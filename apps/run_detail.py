@@ -79,6 +79,8 @@ def shipped(run: Run) -> None:
                       "advise stopped": advice.get("stopped", "")})
     st.table([{"": k, "value": str(v)} for k, v in facts.items()], hide_index=True)
     downloads(run)
+    if not run.is_complete:
+        return
     if not advice:
         st.caption("no advise in this run (it had no target): every quantizable node is INT8")
         return

@@ -37,7 +37,7 @@ from calib.stats import ActivationStats
 __all__ = ["SHARD_SIZE", "plan_shards", "collect_sharded", "collect_into_run", "load_shards", "recalibrate",
            "Recalibration"]
 
-SHARD_SIZE = 16
+SHARD_SIZE = 8  # dropping a sample re-collects at most 7 others per touched shard
 SHARDS_DIR = "shards"
 Progress = Callable[[str, int, "int | None"], None]
 
