@@ -1,14 +1,10 @@
-"""Cached wrappers around calib for the dashboard pages, and background jobs.
+"""What the dashboard reads: the run store and a run's artifacts, cached; small page helpers.
 
-Pages call only these functions (and ``calib`` objects they return). Everything
+Pages read runs through these functions (and the ``calib`` objects they return). Everything
 derived from a run is cached on the run's directory (its id is part of it):
 ``st.cache_resource`` for large read-only objects (statistics, models, ORT work),
-``st.cache_data`` for small tables. Nothing here writes into an existing run:
-new runs are made by ``calib.pipeline.execute`` in a new directory, and edited
-calibration sets are written as manifests under ``<store>/.calib-sets/``.
-
-Long work (a new run, a re-calibration, the drift analysis) runs in a background
-thread held by a ``Jobs`` registry that survives reruns; pages poll it.
+``st.cache_data`` for small tables. Nothing here writes: what the dashboard runs (new runs,
+re-calibrations, the drift analysis, edited calibration sets) lives in ``actions.py``.
 """
 
 from __future__ import annotations
