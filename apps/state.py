@@ -1,29 +1,20 @@
-"""Cached wrappers around calib for the dashboard pages, and background jobs.
+"""What the dashboard reads: the run store and a run's artifacts, cached; small page helpers.
 
-Pages call only these functions (and ``calib`` objects they return). Everything
+Pages read runs through these functions (and the ``calib`` objects they return). Everything
 derived from a run is cached on the run's directory (its id is part of it):
 ``st.cache_resource`` for large read-only objects (statistics, models, ORT work),
-``st.cache_data`` for small tables. Nothing here writes into an existing run:
-new runs are made by ``calib.pipeline.execute`` in a new directory, and edited
-calibration sets are written as manifests under ``<store>/.calib-sets/``.
-
-Long work (a new run, a re-calibration, the drift analysis) runs in a background
-thread held by a ``Jobs`` registry that survives reruns; pages poll it.
+``st.cache_data`` for small tables. Nothing here writes: what the dashboard runs (new runs,
+re-calibrations, the drift analysis, edited calibration sets) lives in ``actions.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
-import threading
-import time
-import traceback
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import streamlit as st
 
@@ -298,174 +289,6 @@ def scan_folder(run: Run, folder: str) -> tuple[Any, SampleTable]:
             src = src.subset(keep)
             src.skipped = skipped
     return src, sample_table(src)
-
-
-# ---- edited calibration sets --------------------------------------------------------------
-
-
-def write_calibration_manifest(files: list[tuple[str, int | None]]) -> Path:
-    """Write a CSV manifest (absolute path, label index) under ``<store>/.calib-sets/`` and return its path."""
-    from calib.io import write_text
-
-    if not files:
-        raise CalibError("the edited calibration set is empty", hint="keep or add at least one sample")
-    labelled = all(lab is not None for _, lab in files)
-    lines = ["path,label" if labelled else "path"]
-    for f, lab in files:
-        p = str(Path(f).resolve())
-        if "," in p or '"' in p or "\n" in p:
-            p = '"' + p.replace('"', '""') + '"'
-        lines.append(f"{p},{int(lab)}" if labelled else p)
-    text = "\n".join(lines) + "\n"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    out = store_root() / SETS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, text)
-    return out
-
-
-# ---- background jobs -------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One piece of long work running in a thread; ``progress`` is what the page draws."""
-
-    id: str
-    kind: str
-    label: str
-    stage: str = "starting"
-    done: int = 0
-    total: int | None = None
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    result: Any = None
-    error: str | None = None
-    hint: str | None = None
-    thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.finished is None
-
-    def progress(self, stage: str, done: int, total: int | None) -> None:
-        self.stage, self.done, self.total = stage, int(done), total
-
-    @property
-    def fraction(self) -> float:
-        if not self.total:
-            return 0.0
-        return max(0.0, min(1.0, self.done / self.total))
-
-
-class Jobs:
-    """Jobs by key; at most one running job per key."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Job | None:
-        return self._jobs.get(key)
-
-    def all(self) -> list[Job]:
-        return list(self._jobs.values())
-
-    def start(self, key: str, kind: str, label: str, fn: Callable[[Job], Any]) -> Job:
-        with self._lock:
-            old = self._jobs.get(key)
-            if old is not None and old.running:
-                return old
-            job = Job(key, kind, label)
-
-            def work() -> None:
-                try:
-                    job.result = fn(job)
-                except CalibError as e:
-                    job.error, job.hint = str(e), e.hint
-                except Exception as e:  # a bug: keep the traceback visible
-                    job.error = f"{type(e).__name__}: {e}"
-                    job.hint = traceback.format_exc(limit=6)
-                finally:
-                    job.finished = time.time()
-
-            job.thread = threading.Thread(target=work, name=f"calib-job-{kind}", daemon=True)
-            self._jobs[key] = job
-            job.thread.start()
-            return job
-
-    def forget(self, key: str) -> None:
-        with self._lock:
-            j = self._jobs.get(key)
-            if j is not None and not j.running:
-                del self._jobs[key]
-
-
-@st.cache_resource
-def jobs() -> Jobs:
-    return Jobs()
-
-
-def start_run(key: str, label: str, cfg, *, calib_ids: list[str] | None = None,
-              command: list[str] | None = None) -> Job:
-    """Run ``calib.pipeline.execute(cfg)`` into the store in the background; the result is the new run id."""
-    from calib.pipeline import execute
-
-    def fn(job: Job) -> str:
-        run = execute(cfg, store=store(), command=command or ["calib", "dashboard"], progress=job.progress,
-                      calib_ids=calib_ids)
-        return run.id
-
-    return jobs().start(key, "run", label, fn)
-
-
-# ---- drift (calibration vs evaluation data) ---------------------------------------------------
-
-
-@dataclass
-class DriftResult:
-    rows: list[dict]  # TensorDrift.to_row()
-    methods: list[str]
-    novelty: list[dict]  # Novelty.rows()
-    feature_tensor: str
-    n_calib: int
-    n_eval: int
-    eval_path: str
-    skipped: dict[str, str]
-    files: dict[str, str]  # eval id -> file
-
-
-def drift_key(run: Run, eval_path: str) -> str:
-    return f"drift:{run.dir}:{eval_path}"
-
-
-def start_drift(run: Run, eval_path: str, *, limit: int | None = None) -> Job:
-    """Collect evaluation statistics and sample features in the background (nothing is written)."""
-    from calib.collect import collect
-    from calib.drift import embed, novelty, tensor_drift
-
-    model = model_of(run)
-    calib_stats = stats(run)
-    rng = ranges(run)
-    calib_src, _ = calibration_set(run)
-    eval_src = open_data(run, eval_path, skip_bad=True)
-    batch = int(config_dict(run).get("batch_size", 8) or 8)
-
-    def fn(job: Job) -> DriftResult:
-        ev = collect(model, eval_src, tensors=list(calib_stats.tensors), batch_size=batch, limit=limit,
-                     progress=job.progress)
-        drift = tensor_drift(calib_stats, ev, rng, depth=model.tensor_depth)
-        ec = embed(model, calib_src, batch_size=batch, progress=lambda s, d, t: job.progress("features (calib)", d, t))
-        ee = embed(model, eval_src, tensor=ec.tensor, batch_size=batch,
-                   progress=lambda s, d, t: job.progress("features (eval)", d, t))
-        nov = novelty(ec, ee)
-        files = {}
-        for f, sid, _ in getattr(eval_src, "items", []):
-            files[sid] = str(f)
-        return DriftResult([d.to_row() for d in drift], list(rng), nov.rows(), ec.tensor, len(ec.ids), len(ee.ids),
-                           str(eval_path), dict(getattr(eval_src, "skipped", {})), files)
-
-    return jobs().start(drift_key(run, eval_path), "drift", f"drift of {run.id}", fn)
 
 
 def histogram_tensors(run: Run, node: str | None, tensor: str) -> tuple[list[str], str]:

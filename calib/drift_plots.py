@@ -148,7 +148,8 @@ def delta_figure(deltas: Sequence[Mapping[str, Any]], metric: str, names: tuple[
     fig.add_hline(y=0, line=dict(color="#555", width=1))
     fig.update_xaxes(title="depth (topological)")
     fig.update_yaxes(title=f"{METRIC_LABELS.get(metric, metric)}: {names[1]} − {names[0]}")
-    return _layout(fig, f"Change per layer, {names[0]} → {names[1]} (green = better)", height=320)
+    return _layout(fig, f"Change per layer: {names[1]} − {names[0]} (green: {names[1]} is better there, "
+                        f"red: worse)", height=320)
 
 
 def ranges_figure(amax_a: Mapping[str, float], amax_b: Mapping[str, float], names: tuple[str, str]) -> go.Figure:

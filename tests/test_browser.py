@@ -1,4 +1,9 @@
-"""``calib dashboard`` in headless Chromium: every page, a drift analysis, drop a sample and re-calibrate.
+"""``calib dashboard`` in headless Chromium: every page, a drift analysis, drop a sample and re-calibrate,
+land on the worst layer, start a run with a target, see its progress from a second session, download the model,
+and open an HTML report offline.
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``) and the ``playwright`` Python package (no browser download:
+Playwright drives the system Chromium). Without them the tests skip, except in CI (``CI=true``), where they fail.
 
 Starts the real CLI on a free loopback port against a copy of the session's demo
 store, drives it with Playwright and saves a screenshot of each step under
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +30,7 @@ from dashboard_run import copy_store, shared_store
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent / "_output" / "screenshots"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
+               "--disable-component-update", "--disable-sync", "--no-first-run"]  # + a fresh --user-data-dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -49,11 +55,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
     raise AssertionError("calib dashboard did not come up")
 
 
+def _missing(what: str) -> None:
+    """Skip on a developer machine; fail in CI, where .ci/run installs Chromium so these tests always run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"browser tests cannot run in CI: {what}", pytrace=False)
+    pytest.skip(what)
+
+
+def require_browser() -> None:
+    if not CHROMIUM.exists():
+        _missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _missing("the playwright package is missing: pip install -e '.[dev]'")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'); the browser test needs it")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    require_browser()
     src, pages = shared_store(tmp_path_factory)
     store = copy_store(src, tmp_path_factory.mktemp("dash-browser") / "store")
     port = _free_port()
@@ -74,16 +94,25 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser(tmp_path_factory):
+    """A persistent Chromium context on a fresh profile (``--user-data-dir``); each page is its own session."""
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1800})
-        pg.set_default_timeout(60000)
-        yield pg
-        browser.close()
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
+            args=LAUNCH_ARGS, viewport={"width": 1400, "height": 1800}, accept_downloads=True)
+        yield ctx
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    pg = browser.pages[0] if browser.pages else browser.new_page()
+    pg.set_default_timeout(60000)
+    return pg
 
 
 def _settle(pg) -> None:
@@ -110,14 +139,16 @@ def test_every_page_renders_real_numbers(server, page):
     _open(page, url, "", "Runs")
     body = page.inner_text("body")
     assert "Runs" in body and "New run" in body
-    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
     assert run.name in body  # the pick box shows the run
     _shot(page, "01-runs")
 
     _open(page, url, "layers", "Layers: drift through depth")
     assert "Worst layers" in page.inner_text("body")
     assert page.locator(".js-plotly-plot").count() >= 2  # depth curves and a histogram
-    assert "SQNR (dB) through depth" in page.inner_text("body")
+    body = page.inner_text("body")
+    assert "SQNR (dB) through depth" in body
+    assert "opened on the worst layer: lowest sqnr_db" in body and f"Layer {_worst_node(run)} (" in body
     _shot(page, "02-layers")
 
     _open(page, url, "data", "Data drift: calibration vs evaluation")
@@ -126,7 +157,8 @@ def test_every_page_renders_real_numbers(server, page):
     _settle(page)
     body = page.inner_text("body")
     assert "24 calibration samples vs 16 evaluation samples" in body
-    assert page.locator('[data-testid="stImage"]').count() >= 12  # thumbnails of the most novel eval pages
+    page.locator('[data-testid="stImage"]').nth(11).wait_for()  # thumbnails of the 12 most novel eval pages
+    assert "Verdict:" in page.inner_text("body")
     _shot(page, "03-data-drift")
 
     _open(page, url, "compare_runs", "Compare runs")
@@ -168,3 +200,63 @@ def test_drop_a_sample_and_recalibrate(server, page):
     body = page.inner_text("body")
     assert run.name in body and new[0].name in body
     _shot(page, "07-compare-after-recalibration")
+
+
+def test_report_opens_offline_with_its_shared_plotly_bundle(browser, tmp_path):
+    from compare_graphs import calib_qdq, cnn_data, small_cnn
+
+    from calib.compare import compare
+    from calib.compare.html import write_html
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn())
+    src = cnn_data(8)
+    stats, _, q = calib_qdq(m, src)
+    path = write_html(tmp_path / "report.html", compare(m, q, src), stats=stats)
+    pg = browser.new_page()
+    pg.route("http*://**", lambda route: route.abort())  # offline: any network request fails
+    pg.goto(path.as_uri())
+    pg.wait_for_selector(".js-plotly-plot .main-svg", timeout=30000)
+    assert pg.locator(".js-plotly-plot").count() >= 3
+    pg.close()
+
+
+def _worst_node(run: Path) -> str:
+    method = json.loads((run / "run.json").read_text())["method"]
+    rows = json.loads((run / f"compare.{method}.json").read_text())["layers"]
+    return min((r for r in rows if r["sqnr_db"] == r["sqnr_db"]), key=lambda r: r["sqnr_db"])["node"]
+
+
+def test_new_run_with_a_target_progress_elsewhere_and_download(server, page, browser, tmp_path):
+    url, store, run, pages = server["url"], server["store"], server["run"], server["pages"]
+    _open(page, url, "", "Runs")
+    model = json.loads((run / "run.json").read_text())["model"]["path"]
+    page.get_by_label("FP32 ONNX model (path)").fill(model)
+    page.get_by_label("run name (default: the model's file name)").fill("browser-target")
+    page.get_by_label("calibration data (image folder, manifest .csv/.jsonl, .npz)").fill(str(pages / "calib"))
+    page.get_by_role("textbox", name="evaluation data (needed for compare, best and a target)").fill(str(pages / "eval"))
+    page.get_by_role("textbox", name="target (optional)").fill("top1:0.9")
+    before = {d.name for d in store.iterdir()}
+    page.get_by_role("button", name="Start run").click()
+
+    other = browser.new_page()  # a second session, opened after the job started
+    other.set_default_timeout(60000)
+    _open(other, url, "", "Runs")
+    other.get_by_text("job(s) running in this store").wait_for(timeout=60000)
+    assert "run browser-target" in other.inner_text("body")
+    _shot(other, "09-progress-second-session", full=False)
+    other.close()
+
+    page.get_by_text(re.compile(r"run .*browser-target.* finished")).wait_for(timeout=300000)
+    (new,) = [store / d for d in {d.name for d in store.iterdir()} - before if not d.startswith(".")]
+    cfg = json.loads((new / "config.json").read_text())
+    assert cfg["target"] == "top1:0.9" and (new / "advise.json").exists() and (new / "COMPLETE").exists()
+
+    _open(page, url, "", "Runs")  # the newest run is opened: its shipped model can be downloaded
+    page.get_by_text(f"Shipped model of {new.name}").wait_for()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Q/DQ model (.onnx)").click()
+    got = tmp_path / "downloaded.onnx"
+    dl.value.save_as(got)
+    assert got.read_bytes() == (new / "model.int8.onnx").read_bytes()
+    _shot(page, "10-shipped-model")

@@ -143,8 +143,11 @@ def test_layers_page_shows_worst_layers_histogram_and_errors(demo, monkeypatch):
         assert shown == pytest.approx(sq[:5])
     # pick the worst entropy layer by searching its node name
     w = min(rep["entropy"]["layers"], key=lambda r: r["sqnr_db"])
+    pick = f"layers_tensor_pick_{demo['run'].name}"
+    assert at.selectbox(key=pick).value == w["fp32_tensor"]  # the page opens on the worst layer (primary method)
+    assert "opened on the worst layer: lowest sqnr_db" in texts(at)
     at.text_input(key="layers_search").set_value(w["node"]).run()
-    at.selectbox(key="layers_tensor_pick").set_value(w["fp32_tensor"]).run()
+    at.selectbox(key=pick).set_value(w["fp32_tensor"]).run()
     ranges = json.loads((demo["run"] / "ranges.json").read_text())["methods"]
     amax_tab = frame(at, "clipped fraction (calibration data)")
     shown_t = [t for t in ranges["entropy"] if t == w["fp32_tensor"]] or None
@@ -264,7 +267,8 @@ def test_compare_runs_page_shows_both_runs_ranges(demo, monkeypatch):
     assert top["B / A"] == pytest.approx(rb[top["tensor"]]["amax"] / ra[top["tensor"]]["amax"])
     change = {k: abs(rb[k]["amax"] / ra[k]["amax"] - 1) for k in ra if ra[k]["amax"]}
     assert abs(top["B / A"] - 1) == pytest.approx(max(change.values()))
-    assert len(at.get("plotly_chart")) == 3  # per-layer curves overlaid, their change, ranges scatter
+    # the re-calibration was "ranges only" (no comparison): A's curves and the ranges scatter
+    assert len(at.get("plotly_chart")) == 2 and "run B has no per-layer comparison" in texts(at)
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
+import actions
 import state
 import widgets
-from calib import drift, drift_plots
+from calib import drift, drift_plots, drift_verdict
 from calib.errors import CalibError, InputDataError
 
 st.title("Calibration set")
@@ -39,6 +40,37 @@ q = c2.text_input("filter by id", key="cs_query", placeholder="substring of the 
 rows = [{"id": sid, "label": state.class_name(table, lab), "file": f, "dropped": sid in edits["drop"]}
         for sid, lab, f in zip(table.ids, table.labels, table.files)
         if (not want_classes or state.class_name(table, lab) in want_classes) and (not q or q.lower() in sid.lower())]
+sig_job = actions.jobs().get(actions.signals_key(run))
+if sig_job is None or (not sig_job.running and sig_job.error):
+    if st.button("Find the samples that set the ranges (and outliers)", key="cs_signals"):
+        try:
+            actions.jobs().forget(actions.signals_key(run))
+            actions.start_signals(run)
+        except CalibError as e:
+            state.show_error(e, "cannot compute per-sample signals")
+widgets.job_progress(actions.signals_key(run))
+signals = sig_job.result if sig_job is not None and not sig_job.running and sig_job.result else None
+if signals is not None:
+    for r in rows:
+        r.update(signals.rows.get(r["id"], {}))
+    n_out = sum(1 for v in signals.rows.values() if v["outlier"])
+    setters = sorted(signals.rows.items(), key=lambda kv: -kv[1]["ranges_set"])[:5]
+    st.caption(f"{len(signals.setters)} tensor ranges (max |x|): set by {sum(1 for v in signals.rows.values() if v['ranges_set'])} "
+               f"samples; {n_out} outlier(s) set a max more than {drift_verdict.OUTLIER_RATIO:g}x the runner-up. "
+               "Most ranges: " + ", ".join(f"`{i}` ({v['ranges_set']})" for i, v in setters))
+
+
+def _signal(r: dict) -> str:
+    if "ranges_set" not in r:
+        return ""
+    parts = [f"sets {r['ranges_set']} range{'s' if r['ranges_set'] != 1 else ''}"] if r["ranges_set"] else []
+    if r["outlier"]:
+        parts.append(f"**outlier** ({r['outlier_ranges']})")
+    if r.get("unlike_eval") is not None:
+        parts.append(f"unlike eval {r['unlike_eval']:.2f}")
+    return " · ".join(parts)
+
+
 view = st.radio("view", ["gallery", "table"], horizontal=True, key="cs_view")
 page, start = widgets.paged(rows, "cs_page", per_page=24)
 if view == "gallery" and any(r["file"] for r in page):
@@ -48,7 +80,8 @@ if view == "gallery" and any(r["file"] for r in page):
             im = state.thumb(r["file"])
             if im is not None:
                 st.image(im, width="stretch")
-            st.caption(("~~" + r["id"] + "~~" if r["dropped"] else r["id"]) + (f" · {r['label']}" if r["label"] else ""))
+            st.caption(("~~" + r["id"] + "~~" if r["dropped"] else r["id"]) + (f" · {r['label']}" if r["label"] else "")
+                       + (f"  \n{_signal(r)}" if _signal(r) else ""))
 else:
     st.dataframe(page, hide_index=True, width="stretch")
 
@@ -102,7 +135,7 @@ st.metric("samples in the edited set", n_new, delta=n_new - len(table.ids))
 job_key = f"recal:{rk}"
 
 
-def _recalibrate() -> None:
+def _recalibrate(full: bool) -> None:
     kept = [(sid, f, lab) for sid, f, lab in zip(table.ids, table.files, table.labels) if sid not in edits["drop"]]
     name = f"{run.manifest.get('name') or 'run'}-recal"
     if edits["add"]:
@@ -110,30 +143,37 @@ def _recalibrate() -> None:
             raise InputDataError("samples can be added only to image data (this run's data is arrays)",
                                  hint="drop samples or resample instead")
         files = [(f, lab) for _, f, lab in kept] + [(a["file"], a["label"]) for a in edits["add"].values()]
-        manifest = state.write_calibration_manifest(files)
+        manifest = actions.write_calibration_manifest(files)
         cfg = state.run_config(run, name=name, store=state.store_root(), calib_data=manifest,
                                sampling_strategy="", sampling_n=0, skip_bad=True)
-        state.start_run(job_key, f"re-calibration of {run.id}", cfg)
-    else:
-        ids = [sid for sid, _, _ in kept]
-        if not ids:
-            raise InputDataError("every sample was dropped", hint="keep at least one sample")
+        actions.start_run(job_key, f"re-calibration of {run.id}", cfg)
+        return
+    ids = [sid for sid, _, _ in kept]
+    if not ids:
+        raise InputDataError("every sample was dropped", hint="keep at least one sample")
+    if full:
         cfg = state.run_config(run, name=name, store=state.store_root())
-        state.start_run(job_key, f"re-calibration of {run.id}", cfg, calib_ids=ids)
+        actions.start_run(job_key, f"re-calibration of {run.id}", cfg, calib_ids=ids)
+    else:  # ranges only: the untouched shards of statistics are merged, the touched ones collected again
+        actions.start_recalibrate(job_key, run, ids)
 
 
 def _resample(strategy: str, n: int, seed: int) -> None:
     data = (run.manifest.get("data") or {}).get("path", "")
     cfg = state.run_config(run, name=f"{run.manifest.get('name') or 'run'}-{strategy}{n}", store=state.store_root(),
                            calib_data=Path(data), sampling_strategy=strategy, sampling_n=n, sampling_seed=seed)
-    state.start_run(job_key, f"resampling of {run.id}", cfg)
+    actions.start_run(job_key, f"resampling of {run.id}", cfg)
 
 
+full = st.checkbox("also compare and advise again (a full run: minutes, not seconds)", key="cs_full",
+                   help="Off: ranges only. The statistics of the samples you kept are re-merged from the run's "
+                        "shards (only shards that held a dropped sample are collected again), then the ranges, the "
+                        "Q/DQ model with the run's float nodes, the cache and scales.json are written to a new run.")
 c1, c2 = st.columns(2)
-busy = bool(state.jobs().get(job_key) and state.jobs().get(job_key).running)
+busy = bool(actions.jobs().get(job_key) and actions.jobs().get(job_key).running)
 if c1.button("Re-calibrate with the edited set", type="primary", key="cs_recal", disabled=busy):
     try:
-        _recalibrate()
+        _recalibrate(full)
     except CalibError as e:
         state.show_error(e, "cannot re-calibrate")
 with c2.popover("Resample from the run's data"):

@@ -12,10 +12,10 @@ from calib.errors import CalibError
 st.title("Compare runs")
 
 c1, c2 = st.columns(2)
-with c1:
-    run_a = state.pick_run("run A", "cmp_a", default_index=0)
+with c1:  # A = the older run, B = the newer (the store lists newest first): changes read "B − A", new minus old
+    run_a = state.pick_run("run A (before)", "cmp_a", default_index=1)
 with c2:
-    run_b = state.pick_run("run B", "cmp_b", default_index=1)
+    run_b = state.pick_run("run B (after)", "cmp_b", default_index=0)
 if run_a is None or run_b is None:
     st.stop()
 if run_a.dir == run_b.dir:

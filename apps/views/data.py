@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
+import actions
 import state
 import widgets
-from calib import drift_plots
+from calib import drift_plots, drift_verdict
 from calib.errors import CalibError
 
 st.title("Data drift: calibration vs evaluation")
@@ -27,13 +28,13 @@ if not Path(eval_path).exists():
     st.error(f"evaluation data: no such file or folder {eval_path!r}")
     st.stop()
 
-key = state.drift_key(run, eval_path)
-job = state.jobs().get(key)
+key = actions.drift_key(run, eval_path)
+job = actions.jobs().get(key)
 if job is None or (not job.running and job.error):
     if st.button("Analyse drift", type="primary", key="data_go"):
         try:
-            state.jobs().forget(key)
-            state.start_drift(run, eval_path)
+            actions.jobs().forget(key)
+            actions.start_drift(run, eval_path)
         except CalibError as e:
             state.show_error(e, "cannot analyse")
     st.caption("Runs the FP32 model over the evaluation data to collect its statistics and per-sample features; "
@@ -42,14 +43,18 @@ job = widgets.job_progress(key)
 if job is None or job.running or job.error:
     st.stop()
 
-res: state.DriftResult = job.result
+res: actions.DriftResult = job.result
 st.caption(f"{res.n_calib} calibration samples vs {res.n_eval} evaluation samples; features from "
            f"`{res.feature_tensor}` (mean over spatial axes)")
 if res.skipped:
     with st.expander(f"{len(res.skipped)} unreadable evaluation file(s) skipped", expanded=True):
         st.dataframe([{"file": k, "reason": v} for k, v in res.skipped.items()], hide_index=True)
 
-method = st.selectbox("clip rate against the ranges of", res.methods, key="data_method")
+method = st.selectbox("clip rate against the ranges of", res.methods, key="data_method",
+                      index=res.methods.index(run.manifest.get("method")) if run.manifest.get("method") in res.methods
+                      else 0)
+verdict = drift_verdict.drift_verdict(res.rows, res.novelty, method)
+{"ok": st.success, "watch": st.warning, "act": st.error}[verdict.level](f"**Verdict:** {verdict.text}")
 st.plotly_chart(drift_plots.drift_figure(res.rows, method), width="stretch", key="data_fig")
 
 st.subheader("Per tensor")

@@ -6,7 +6,7 @@ import streamlit as st
 
 import state
 import widgets
-from calib import drift, drift_plots
+from calib import drift, drift_plots, drift_verdict
 from calib.errors import CalibError
 
 st.title("Layers: drift through depth")
@@ -64,9 +64,22 @@ st.dataframe(page, hide_index=True, width="stretch")
 if not found:
     st.info("no layer matches the search")
     st.stop()
-options = [r["tensor"] for r in page]
-labels = {r["tensor"]: (f"{r['node']} ({r['op']}, depth {r['depth']})" if r["node"] else r["tensor"]) for r in page}
-tensor = st.selectbox("layer", options, key="layers_tensor_pick", format_func=lambda t: labels[t])
+worst_row, worst_why = (None, "")
+if layers:
+    primary = run.manifest.get("method", "")
+    worst_row, worst_why = drift_verdict.worst_layer(layers.get(primary) or next(iter(layers.values())))
+shown_rows = list(page)
+if worst_row is not None and worst_row["fp32_tensor"] not in {r["tensor"] for r in shown_rows}:
+    shown_rows.insert(0, next((r for r in table if r["tensor"] == worst_row["fp32_tensor"]), shown_rows[0]))
+options = [r["tensor"] for r in shown_rows]
+labels = {r["tensor"]: (f"{r['node']} ({r['op']}, depth {r['depth']})" if r["node"] else r["tensor"])
+          for r in shown_rows}
+pick_key = f"layers_tensor_pick_{run.id}"  # a run opens on its worst layer; the pick then stays the user's
+if worst_row is not None and st.session_state.get(pick_key) not in options:
+    st.session_state[pick_key] = worst_row["fp32_tensor"]
+tensor = st.selectbox("layer", options, key=pick_key, format_func=lambda t: labels[t])
+if worst_row is not None and tensor == worst_row["fp32_tensor"]:
+    st.caption(f"opened on the worst layer: {worst_why}")
 st.session_state["layers_tensor"] = tensor
 
 st.subheader(f"Layer `{labels[tensor]}`")

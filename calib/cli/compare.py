@@ -24,6 +24,8 @@ from calib.io import save_onnx
 from calib.compare.deployed import deployed_json, verify_deployed
 from calib.data.base import batches
 from calib.io import write_json
+from calib.cli._preprocess import show_spec
+from calib.data.preprocess import spec_of_model
 
 __all__ = ["register", "read_labels"]
 
@@ -102,7 +104,7 @@ def compare_cmd(
     qdq: Path = typer.Argument(..., help="Q/DQ (INT8) ONNX model derived from it."),
     data: Path = typer.Option(..., "--data", "-d", help="Evaluation data (.npz keyed by input name, ...)."),
     output: Path = typer.Option(..., "--output", "-o", help="compare.json to write."),
-    html_path: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report (opens offline; plotly.min.js is written beside it)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics (.npz) for the report's histograms."),
@@ -119,7 +121,8 @@ def compare_cmd(
     """Compare an FP32 model and its Q/DQ model layer by layer and at the outputs."""
     fm = load_model(fp32)
     qm = load_model(qdq)
-    source = open_data(data, fm)
+    source = open_data(data, fm, spec=spec_of_model(qm.proto))  # the spec the Q/DQ model was calibrated with
+    show_spec(source, "evaluation data")
     labs = read_labels(labels, len(source)) if labels is not None else None
     st = None
     if stats is not None:
@@ -182,6 +185,7 @@ def advise_cmd(
     st = ActivationStats.load(stats)
     st.check_model(fm)
     source = open_data(data, fm)
+    show_spec(source, "evaluation data")
     labs = read_labels(labels, len(source)) if labels is not None else None
     methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
     prog = Progress()

@@ -14,6 +14,7 @@ from calib.data import open_data
 from calib.model import load_model
 from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.cli._preprocess import load_spec, preprocess_option, show_spec
 
 __all__ = ["register"]
 
@@ -32,12 +33,14 @@ def collect_cmd(
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+    preprocess: Optional[Path] = preprocess_option(),
 ) -> None:
     """Stream calibration data through the FP32 model and save mergeable per-tensor statistics."""
     m = load_model(model)
     for note in m.notes:
         echo(f"model: {note}")
-    source = open_data(data, m)
+    source = open_data(data, m, spec=load_spec(preprocess))
+    show_spec(source, "calibration data")
     prog = Progress()
     try:
         stats = collect(m, source, batch_size=batch_size, limit=limit, providers=provider, progress=prog)

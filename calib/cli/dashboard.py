@@ -23,12 +23,14 @@ def register(app: typer.Typer) -> None:
 
 
 def app_path() -> Path:
-    """``apps/dashboard.py`` of this checkout (it sits beside the ``calib`` package)."""
-    p = Path(__file__).resolve().parents[2] / "apps" / "dashboard.py"  # calib/cli/dashboard.py -> checkout
-    if not p.is_file():
-        raise CalibError(f"the dashboard app is not installed here (looked for {p})",
-                         hint="run calib from a source checkout (pip install -e '.[app]')")
-    return p
+    """``calib/_apps/dashboard.py`` of an installed wheel, else ``apps/dashboard.py`` of the source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    tried = [package / "_apps" / "dashboard.py", package.parent / "apps" / "dashboard.py"]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise CalibError(f"the dashboard app is not installed here (looked for {tried[0]} and {tried[1]})",
+                     hint="reinstall calib from its wheel, or run it from a source checkout (pip install -e '.[app]')")
 
 
 def dashboard_command(store: Path, port: int) -> list[str]:

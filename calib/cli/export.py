@@ -20,6 +20,8 @@ from calib.stats import ActivationStats
 from calib.export.precision import resolve_target
 from calib.export.precision import apply_high_precision
 from calib.export.trt_cache import model_cache
+from calib.cli._preprocess import load_spec, preprocess_option, show_spec
+from calib.data.preprocess import stamp_model
 
 __all__ = ["register"]
 
@@ -123,6 +125,7 @@ def export_cmd(
                                              "the mean error INT8 adds, measured on these samples (calibration "
                                              "data)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Samples of --bias-data to use."),
+    preprocess: Optional[Path] = preprocess_option(),
     bias_mode: str = typer.Option("robust", "--bias-mode", help="robust: take a channel's mean shift off only "
                                   "where that lowers its mean absolute error (default); mean: always (NNCF's "
                                   "fast bias correction; harmful where ranges clip outliers)."),
@@ -138,7 +141,9 @@ def export_cmd(
     bias_source = None
     if bias_data is not None:  # bad data is reported before any work
 
-        bias_source = open_run_data(bias_data, m)
+        spec = load_spec(preprocess)
+        bias_source = open_run_data(bias_data, m, preprocess=spec.to_dict() if spec is not None else None)
+        show_spec(bias_source, "bias data")
     for note in m.notes:
         echo(f"model: {note}")
     stats_obj, flagged = None, {}
@@ -154,6 +159,7 @@ def export_cmd(
     if dtype != "fp32":
         qdq = _high_precision(qdq, dtype, stats_obj, keep_fp32)
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
+    stamp_model(qdq.model, getattr(bias_source, "spec", None) or load_spec(preprocess))
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")
     for t, why in list(qdq.skipped.items())[:5]:

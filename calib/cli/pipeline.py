@@ -24,6 +24,7 @@ from calib.runs import RunStore
 from calib.rundiff import diff_runs
 from calib.demo import run_demo
 from calib.compare.report import CompareReport
+from calib.cli._preprocess import preprocess_option, resolve_spec
 
 __all__ = ["register"]
 
@@ -86,18 +87,21 @@ def quantize_cmd(
                                          "for the mean error INT8 adds (measured on the calibration data; with "
                                          "--eval-data kept only if it scores at least as well)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
+    preprocess: Optional[Path] = preprocess_option(),
 ) -> None:
     """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
 
     if target:
         parse_target(target)
+    spec = resolve_spec(model, data, preprocess)
     prog = Progress()
     try:
         res = quantize(model, data, output, method=method, cache=cache, report=report, eval_data=eval_data,
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
                        providers=provider, metric=metric, bias_correction=bias_correction,
                        bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
-                       time_budget_s=time_budget, progress=prog)
+                       time_budget_s=time_budget, progress=prog,
+                       preprocess=spec.to_dict() if spec is not None else None)
     except TargetNotMet as e:
         prog.close()
         if getattr(e, "result", None) is not None:
@@ -239,13 +243,14 @@ def demo_cmd(
     n_calib: int = typer.Option(256, "--n-calib", help="Calibration pages."),
     n_eval: int = typer.Option(192, "--n-eval", help="Evaluation pages."),
     target: str = typer.Option("top1:0.995", "--target", help="Target for advise."),
+    quick: bool = typer.Option(False, "--quick", help="16 + 16 pages and two methods: checks an install in seconds."),
 ) -> None:
     """The whole loop on the bundled demo: data, collect, all methods, export, compare, advise, report."""
 
     prog = Progress()
     try:
         run = run_demo(store, data_dir, n_calib=n_calib, n_eval=n_eval, target=target, progress=prog,
-                       command=["calib", *sys.argv[1:]])
+                       command=["calib", *sys.argv[1:]], quick=quick)
     except TargetNotMet as e:  # the best model is written: show it, then exit 1
         prog.close()
         _print_summary(e.run)

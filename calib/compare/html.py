@@ -1,4 +1,10 @@
-"""A self-contained HTML report: plotly.js is inlined once, so the file opens with no network."""
+"""The HTML report: opens with no network.
+
+``render_html`` inlines plotly.js once (a self-contained page, ~5 MB). ``write_html`` writes the
+page with ``<script src="plotly.min.js">`` and one shared ``plotly.min.js`` beside it, so a run
+directory with several reports holds the bundle once. ``inline_plotly`` turns such a page back into
+a self-contained one (for a download).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ from calib.calibrate import calibrate
 from calib.compare.report import CompareReport
 from calib.io import write_text
 
-__all__ = ["render_html", "write_html", "histogram_tensors"]
+__all__ = ["render_html", "write_html", "histogram_tensors", "write_plotly_bundle", "inline_plotly", "PLOTLY_JS"]
+
+PLOTLY_JS = "plotly.min.js"
+_SCRIPT_TAG = f'<script src="{PLOTLY_JS}"></script>'
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1280px;color:#222}
@@ -63,8 +72,11 @@ def _thresholds(stats: Any, tensor: str, methods: Sequence[str]) -> dict[str, fl
 
 def render_html(report: CompareReport, *, stats: Any = None, methods: Sequence[str] = ("minmax", "percentile",
                 "entropy", "mse"), advice: Mapping[str, Any] | None = None, title: str = "calib: FP32 vs INT8",
-                n_histograms: int = 6) -> str:
-    """The report as one HTML page (figures from ``calib.plots``)."""
+                n_histograms: int = 6, plotlyjs: bool | str = True) -> str:
+    """The report as one HTML page (figures from ``calib.plots``).
+
+    ``plotlyjs``: True inlines the bundle once; ``"directory"`` links ``plotly.min.js`` beside the page.
+    """
     figs: list[tuple[str, Any]] = []
     layers = report.layers
     if layers:
@@ -80,9 +92,11 @@ def render_html(report: CompareReport, *, stats: Any = None, methods: Sequence[s
     if stats is not None:
         for t in histogram_tensors(report, stats, n_histograms):
             figs.append((f"Histogram: {t}", plots.histogram_thresholds(stats[t], _thresholds(stats, t, methods), t)))
+    linked = plotlyjs == "directory"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>", _header(report)]
-    first = True
+             f"{_SCRIPT_TAG if linked else ''}<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             _header(report)]
+    first = not linked and bool(plotlyjs)
     for name, fig in figs:
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False}))
@@ -145,7 +159,31 @@ def _skipped(report: CompareReport) -> str:
     return f"<h2>Not compared</h2><ul class='note'>{items}</ul>"
 
 
-def write_html(path: str | os.PathLike, report: CompareReport, **kwargs: Any) -> Path:
-    """Render and write atomically."""
+def write_html(path: str | os.PathLike, report: CompareReport, *, plotlyjs: bool | str = "directory",
+               **kwargs: Any) -> Path:
+    """Render and write atomically; by default with the shared ``plotly.min.js`` beside the page."""
+    if plotlyjs == "directory":
+        write_plotly_bundle(Path(path).parent)
+    return write_text(path, render_html(report, plotlyjs=plotlyjs, **kwargs))
 
-    return write_text(path, render_html(report, **kwargs))
+
+def _bundle() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def write_plotly_bundle(folder: str | os.PathLike) -> Path:
+    """``folder/plotly.min.js`` (the installed plotly's bundle), written only if missing or different."""
+    out = Path(folder) / PLOTLY_JS
+    js = _bundle()
+    if out.is_file() and out.stat().st_size == len(js.encode()) and out.read_text(encoding="utf-8") == js:
+        return out
+    return write_text(out, js)
+
+
+def inline_plotly(page: str) -> str:
+    """A page written by ``write_html`` made self-contained (its bundle link replaced by the bundle)."""
+    if _SCRIPT_TAG not in page:
+        return page
+    return page.replace(_SCRIPT_TAG, f'<script type="text/javascript">{_bundle()}</script>', 1)

@@ -16,7 +16,7 @@ float images (modes ``I``, ``I;16``, ``F``) are refused: their value range is no
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from calib.errors import ConfigError, InputDataError
 from calib.io import write_text
 from calib.model import InputSpec
 
-__all__ = ["PreprocessSpec", "RESAMPLE", "guess_preprocess", "to_rgb", "check_spec", "IMAGENET_MEAN",
+__all__ = ["PreprocessSpec", "RESAMPLE", "guess_preprocess", "to_rgb", "check_spec", "stamp_model", "spec_of_model",
+           "METADATA_KEY", "IMAGENET_MEAN",
            "IMAGENET_STD", "SPEC_FORMAT_VERSION"]
 
 SPEC_FORMAT_VERSION = 1
@@ -156,6 +157,26 @@ class PreprocessSpec:
             a = np.clip(np.rint(a), info.min, info.max)
         return np.ascontiguousarray(a, dtype=self.dtype)
 
+    def describe(self) -> str:
+        """One line: what is done to an image, in order."""
+        steps = []
+        if self.resize is not None:
+            steps.append(f"resize {self.resize[0]}x{self.resize[1]}")
+        if self.resize_short is not None:
+            steps.append(f"short side {self.resize_short}")
+        if steps:
+            steps[-1] += f" ({self.resample})"
+        if self.crop is not None:
+            steps.append(f"centre crop {self.crop[0]}x{self.crop[1]}")
+        steps.append(f"{self.channels} {self.layout}")
+        steps.append(f"x{self.scale:.6g}")
+        if any(self.mean):
+            steps.append("mean " + ",".join(f"{v:.4g}" for v in self.mean))
+        if any(v != 1.0 for v in self.std):
+            steps.append("std " + ",".join(f"{v:.4g}" for v in self.std))
+        steps.append(self.dtype)
+        return ", ".join(steps)
+
     # ---- persistence -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -260,9 +281,9 @@ def guess_preprocess(model) -> PreprocessSpec | None:
     * channel order: BGR for Paddle exports (PaddleClas/PaddleOCR read images with OpenCV), else RGB.
     The guess is written into ``notes`` so a run shows why it chose what it chose.
     """
-    meta = {p.key: p.value for p in model.proto.metadata_props}
-    if "calib.preprocess" in meta:
-        return PreprocessSpec.from_json(meta["calib.preprocess"], source="model metadata 'calib.preprocess'")
+    stored = spec_of_model(model.proto)
+    if stored is not None:
+        return stored
     inp = _image_input(model)
     if inp is None:
         return None
@@ -300,3 +321,27 @@ def guess_preprocess(model) -> PreprocessSpec | None:
     return PreprocessSpec(resize_short=resize_short, resample="lanczos" if paddle else "bilinear", crop=crop,
                           layout=layout, channels=channels, scale=scale, mean=tuple(mean), std=tuple(std),
                           dtype=dtype, notes=tuple(notes))
+
+
+METADATA_KEY = "calib.preprocess"
+
+
+def stamp_model(proto, spec: PreprocessSpec | None) -> None:
+    """Record ``spec`` in the model's ``metadata_props`` (key ``calib.preprocess``), replacing an older one."""
+    if spec is None:
+        return
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    for k, v in keep:
+        proto.metadata_props.add(key=k, value=v)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(spec.to_dict(), separators=(",", ":")))
+
+
+def spec_of_model(proto) -> PreprocessSpec | None:
+    """The spec a model carries in its metadata (``stamp_model``), noted as read from there; else None."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in meta:
+        return None
+    where = f"model metadata '{METADATA_KEY}'"
+    spec = PreprocessSpec.from_json(meta[METADATA_KEY], source=where)
+    return replace(spec, notes=(f"from the {where}",))

@@ -67,7 +67,7 @@ def run_plan(ctx: Context, sink) -> Context:
     """Execute the plan on ``ctx`` into ``sink`` (a ``FileSink`` or a ``RunSink``)."""
     with sink.timing("collect"):
         reuse = sink.reuse_stats()
-        collect_step(ctx, reuse)
+        collect_step(ctx, reuse, sink.collector())
         if reuse is None and (p := sink.path("stats", "stats.npz")) is not None:
             ctx.stats.save(p)
             sink.seal("stats")
@@ -103,7 +103,7 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
                       limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
                       bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
-                      time_budget_s: float = 0.0) -> RunConfig:
+                      time_budget_s: float = 0.0, preprocess: dict | None = None) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
     methods = list(DEFAULT_METHODS)
     if method != "best" and parse_method(method).label not in methods:
@@ -114,7 +114,7 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      placement=placement, exclude=list(exclude), cache=cache, all_methods=False,
                      bias_correction=bias_correction, bias_samples=bias_samples or 0, compare=True,
                      compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
-                     time_budget_s=time_budget_s)
+                     time_budget_s=time_budget_s, preprocess=preprocess)
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -124,7 +124,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
              providers: Sequence[str] | None = None, metric: str = "", bias_correction: bool = False,
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
-             max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None) -> QuantizeResult:
+             max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
+             preprocess: dict | None = None) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -136,11 +137,11 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                             target=target, placement=placement, exclude=exclude, batch_size=batch_size,
                             limit=limit, providers=providers, metric=metric, bias_correction=bias_correction,
                             bias_samples=bias_samples, max_float_nodes=max_float_nodes,
-                            time_budget_s=time_budget_s)
+                            time_budget_s=time_budget_s, preprocess=preprocess)
     check_config(cfg)
     model = load_model(model_path)
-    source = open_run_data(Path(data), model)
-    ev = open_run_data(Path(eval_data), model) if eval_data is not None else None
+    source = open_run_data(Path(data), model, preprocess=cfg.preprocess)
+    ev = open_run_data(Path(eval_data), model, preprocess=cfg.preprocess) if eval_data is not None else None
     sink = FileSink(Path(output), cache=Path(cache) if cache else None, report=Path(report) if report else None,
                     stats_out=Path(stats_out) if stats_out else None)
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
@@ -200,7 +201,7 @@ def execute(cfg: RunConfig, *, store: RunStore | None = None, command: list[str]
 def _run_sources(cfg: RunConfig, run: Run, model: Model, progress, calib_ids):
     """The calibration and evaluation sources of a run (preprocessing, edited set or sampling recorded)."""
     source = open_run_data(cfg.calib_data, model, preprocess=cfg.preprocess, skip_bad=cfg.skip_bad)
-    spec = getattr(source, "preprocess", None)
+    spec = getattr(source, "spec", None)
     if spec is not None and hasattr(spec, "to_dict"):
         write_json(run.add_artifact("preprocess", "preprocess.json"), spec.to_dict())
     if calib_ids is not None:

@@ -8,13 +8,16 @@ artifact to, or ``None`` when it does not keep that artifact.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
 from calib.compare.advice import advice_json_path
 from calib.compare.metrics import safe_float
 from calib.export import QdqModel, scale_report, write_cache, write_scale_report
+from calib.data.preprocess import stamp_model
 from calib.io import save_onnx, write_json
+from calib.recalibrate import collect_into_run
 from calib.model import Model
 from calib.pipeline.scoring import compare_model
 from calib.pipeline.steps import Context, final_ranges
@@ -52,6 +55,9 @@ class FileSink:
     def reuse_stats(self) -> ActivationStats | None:
         return None
 
+    def collector(self):
+        return None  # plain ``collect``
+
     def seal(self, key: str) -> None:
         pass
 
@@ -88,6 +94,11 @@ class RunSink:
         stats = ActivationStats.load(stats_path)
         self.seal("stats")
         return stats
+
+    def collector(self):
+        """Collect shard by shard into the run (``calib.recalibrate``: re-calibration re-collects only the
+        shards whose samples changed); the merged total equals one pass bit for bit."""
+        return functools.partial(collect_into_run, self.run)
 
     def seal(self, key: str) -> None:
         """Record the artifact's sha256 so a later run reuses it only if it is unchanged."""
@@ -164,6 +175,7 @@ def write_artifacts(ctx: Context, sink) -> None:
         write_json(p, safe_float(ctx.bias))
     if ctx.advice is not None:
         write_json(sink.path("advise", "advise.json"), ctx.advice.to_json())
+    stamp_model(ctx.qdq.model, getattr(ctx.source, "spec", None))  # the spec travels with the model
     save_onnx(ctx.qdq.model, sink.path("model", "model.int8.onnx"))
     final = final_ranges(ctx)
     if c.cache and (p := sink.path("cache", "model.cache")) is not None:

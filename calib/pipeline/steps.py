@@ -85,9 +85,10 @@ def register_transform(name: str, fn: Transform | None = None):
     return put(fn) if fn is not None else put
 
 
-def collect_step(ctx: Context, reuse: ActivationStats | None = None) -> None:
+def collect_step(ctx: Context, reuse: ActivationStats | None = None, collector: Callable | None = None) -> None:
+    """Statistics: reused, or collected (by ``collector`` when the sink keeps per-shard statistics)."""
     c = ctx.cfg
-    ctx.stats = reuse if reuse is not None else collect(
+    ctx.stats = reuse if reuse is not None else (collector or collect)(
         ctx.model, ctx.source, batch_size=c.batch_size, limit=c.limit or None, providers=c.providers,
         progress=ctx.progress)
     ctx.flagged = flagged_tensors(ctx.stats)

@@ -1,0 +1,127 @@
+"""The "New run" form: every option ``calib run`` has (method incl. best, target, placement, float nodes,
+preprocessing, subset, bias correction), checked before anything starts; the run goes to ``actions``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+import actions
+import state
+from calib.calibrate import METHODS
+from calib.compare import parse_target
+from calib.config import RunConfig
+from calib.data.preprocess import PreprocessSpec
+from calib.errors import CalibError, ConfigError
+
+PRIMARIES = [*METHODS, "best"]
+PREPROCESS_MODES = ["guessed from the model (shown in the run)", "spec file (JSON)", "spec as JSON text"]
+
+
+def _paths_and_methods() -> dict[str, Any]:
+    c1, c2 = st.columns(2)
+    v = {"model": c1.text_input("FP32 ONNX model (path)", key="nr_model"),
+         "name": c2.text_input("run name (default: the model's file name)", key="nr_name"),
+         "calib": c1.text_input("calibration data (image folder, manifest .csv/.jsonl, .npz)", key="nr_calib"),
+         "eval": c2.text_input("evaluation data (needed for compare, best and a target)", key="nr_eval")}
+    v["methods"] = c1.multiselect("methods", list(METHODS), default=list(METHODS), key="nr_methods")
+    v["primary"] = c2.selectbox("method of the exported model", PRIMARIES, key="nr_primary",
+                                index=PRIMARIES.index("entropy") if "entropy" in PRIMARIES else 0,
+                                help="best: the method that scores best on the evaluation data")
+    return v
+
+
+def _export_options() -> dict[str, Any]:
+    c1, c2, c3 = st.columns(3)
+    v = {"target": c1.text_input("target (optional)", key="nr_target", placeholder="top1:0.99 or cosine:0.995",
+                                 help="advise keeps nodes in float until the target holds on the evaluation data"),
+         "max_float": c2.number_input("max float nodes (0 = no limit)", 0, 10000, 0, key="nr_max_float"),
+         "budget": c3.number_input("advise time budget, s (0 = none)", 0.0, 1e6, 0.0, key="nr_budget"),
+         "placement": c1.selectbox("placement", ["trt", "ort"], key="nr_placement",
+                                   help="trt: TensorRT's Q/DQ rules; ort: ONNX Runtime's CPU int8 fusions"),
+         "exclude": c2.text_input("keep in float (node names, op types or tensors; comma-separated)",
+                                  key="nr_exclude"),
+         "batch": c3.number_input("batch size", 1, 4096, 8, key="nr_batch"),
+         "bias": c1.checkbox("bias correction", key="nr_bias"),
+         "cache": c2.checkbox("TensorRT cache", True, key="nr_cache"),
+         "html": c3.checkbox("HTML reports", True, key="nr_html")}
+    return v
+
+
+def _data_options() -> dict[str, Any]:
+    c1, c2 = st.columns(2)
+    v = {"strategy": c1.selectbox("calibration subset", ["", "random", "stratified", "kmeans", "kcenter"],
+                                  format_func=lambda s: s or "all samples", key="nr_strategy"),
+         "size": c2.number_input("subset size", 0, 100000, 0, key="nr_size"),
+         "pp_mode": c1.selectbox("image preprocessing", PREPROCESS_MODES, key="nr_pp_mode"),
+         "pp": c2.text_area("spec file path or JSON", key="nr_pp", height=80,
+                            placeholder='{"format": "calib.preprocess", "version": 1, "resize_short": 256, ...}')}
+    return v
+
+
+def _preprocess(mode: str, text: str) -> dict:
+    if mode == PREPROCESS_MODES[0]:
+        return {}
+    if mode == PREPROCESS_MODES[1]:
+        return PreprocessSpec.load(Path(text.strip()).expanduser()).to_dict()
+    return PreprocessSpec.from_json(text, source="the preprocessing JSON").to_dict()
+
+
+def _problems(v: dict[str, Any]) -> list[str]:
+    out = []
+    if not v["model"] or not Path(v["model"]).expanduser().is_file():
+        out.append(f"model: no such file {v['model']!r}")
+    if not v["calib"] or not Path(v["calib"]).expanduser().exists():
+        out.append(f"calibration data: no such file or folder {v['calib']!r}")
+    if v["eval"] and not Path(v["eval"]).expanduser().exists():
+        out.append(f"evaluation data: no such file or folder {v['eval']!r}")
+    if not v["methods"]:
+        out.append("methods: choose at least one")
+    if v["strategy"] and not v["size"]:
+        out.append("subset size: give the number of samples to pick")
+    if (v["primary"] == "best" or v["target"]) and not v["eval"]:
+        out.append("method best and a target need evaluation data")
+    return out
+
+
+def build_config(v: dict[str, Any]) -> RunConfig:
+    """The ``RunConfig`` of the form's values (a ConfigError lists every problem; nothing is started)."""
+    problems = _problems(v)
+    if v["target"]:
+        try:
+            parse_target(v["target"])
+        except CalibError as e:
+            problems.append(f"target: {e}")
+    try:
+        pp = _preprocess(v["pp_mode"], v["pp"])
+    except CalibError as e:
+        problems.append(f"preprocessing: {e}")
+        pp = {}
+    if problems:
+        raise ConfigError("; ".join(problems), hint="fix the fields above; nothing was started")
+    mp = Path(v["model"]).expanduser().resolve()
+    primary = v["primary"]
+    return RunConfig(
+        name=v["name"] or mp.stem, store=state.store_root(), model=mp,
+        calib_data=Path(v["calib"]).expanduser().resolve(),
+        eval_data=Path(v["eval"]).expanduser().resolve() if v["eval"] else None,
+        methods=list(dict.fromkeys([*v["methods"], *([primary] if primary != "best" else [])])), primary=primary,
+        skip_bad=True, sampling_strategy=v["strategy"], sampling_n=int(v["size"]) if v["strategy"] else 0,
+        target=v["target"].strip(), max_float_nodes=int(v["max_float"]), time_budget_s=float(v["budget"]),
+        placement=v["placement"], exclude=[x.strip() for x in v["exclude"].split(",") if x.strip()],
+        batch_size=int(v["batch"]), bias_correction=bool(v["bias"]), cache=bool(v["cache"]), html=bool(v["html"]),
+        preprocess=pp)
+
+
+def new_run_form(job_key: str) -> None:
+    with st.form("new_run"):
+        v = {**_paths_and_methods(), **_export_options(), **_data_options()}
+        submitted = st.form_submit_button("Start run", type="primary")
+    if submitted:
+        try:
+            cfg = build_config(v)
+            actions.start_run(job_key, f"run {cfg.name}", cfg)
+        except CalibError as e:
+            state.show_error(e, "cannot start the run")
