@@ -28,7 +28,8 @@ import onnxruntime as ort
 from calib._memory import steady_malloc
 from calib.data.base import Sample, batches
 from calib.errors import InputDataError, ModelError
-from calib.model import Model, load_model, refuse_quantized
+from calib.model import Model, load_model
+from calib.model_guard import refuse_quantized
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]
