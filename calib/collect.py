@@ -26,7 +26,8 @@ import numpy as np
 from calib.data.base import Sample, batches, limited
 from calib.errors import InputDataError, ModelError
 from calib.runtime import expose_outputs, make_session, resolve_providers
-from calib.model import Model, load_model, refuse_quantized
+from calib.model import Model, load_model
+from calib.model_guard import refuse_quantized
 from calib.stats import ActivationStats, TensorHistogram
 
 __all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]  # the last three: calib.runtime

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calib.errors import ModelError
 from calib.graph import constant_tensors, consumers, fold_constant_nodes, name_nodes, node_depth, producers
+from calib.model_guard import lift_ir3
 
 __all__ = [
     "InputSpec",
@@ -33,7 +34,6 @@ __all__ = [
     "model_from_proto",
     "as_model",
     "as_qdq_model",
-    "refuse_quantized",
     "WEIGHTED_OPS",
     "QUANTIZABLE_OPS",
     "MIN_OPSET",
@@ -301,7 +301,7 @@ def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy:
         proto = _upgrade(proto, path)
         notes.append(f"upgraded opset {opset} -> {TARGET_OPSET}")
     if 0 < proto.ir_version < 4:
-        notes.append(_lift_ir3(proto))
+        notes.append(lift_ir3(proto))
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     try:
@@ -322,29 +322,6 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 1
-
-
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
-                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul"})
-
-
-def refuse_quantized(model: Model) -> None:
-    """Raise ``ModelError`` if ``model`` is already quantized: calibrating INT8 twice is never meant."""
-    q = [n for n in model.graph.node if n.op_type in QUANTIZED_OPS]
-    if q:
-        raise ModelError(f"{model.path or 'model'}: is already quantized ({len(q)} quantization node(s), e.g. "
-                         f"'{q[0].name}' {q[0].op_type})", hint="pass the FP32 model it was made from")
-
-
-def _lift_ir3(proto: onnx.ModelProto) -> str:
-    """IR 3 (opset 7/8 exports) lists every initializer as a graph input, and onnx.checker then demands that
-    of every initializer the Q/DQ export adds: drop initializers from the inputs and move to IR >= 4."""
-    init = {t.name for t in proto.graph.initializer}
-    keep = [vi for vi in proto.graph.input if vi.name not in init]
-    del proto.graph.input[:]
-    proto.graph.input.extend(keep)
-    old, proto.ir_version = proto.ir_version, max(4, helper.find_min_ir_version_for(list(proto.opset_import)))
-    return f"IR version {old} -> {proto.ir_version} (initializers are no longer graph inputs)"
 
 
 def _upgrade(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:

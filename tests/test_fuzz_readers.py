@@ -28,7 +28,7 @@ from calib.export.trt_cache import read_cache
 from calib.model import InputSpec
 from calib.stats import NUM_BINS, ActivationStats, TensorHistogram
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 INPUTS = [InputSpec("x", (None, 4), np.dtype(np.float32))]
 
 

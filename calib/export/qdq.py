@@ -32,7 +32,8 @@ from calib.export.checks import check_needed, check_ranges_fit
 from calib.export.fold import fold_batchnorm
 from calib.export.placement import Plan, PlacementContext, WeightSlot, make_plan, resolve_exclude
 from calib.io import save_onnx
-from calib.model import Model, model_from_proto, refuse_quantized
+from calib.model import Model, model_from_proto
+from calib.model_guard import refuse_quantized
 
 __all__ = ["QdqModel", "WeightQuant", "export_qdq", "weight_scales", "check_ranges_fit", "WEIGHT_MODES"]
 
