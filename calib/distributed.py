@@ -25,14 +25,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from calib.collect import collect
+from calib.collect import Progress, collect
+from calib.collect_groups import default_max_memory, parse_bytes
 from calib.data.base import Sample, check_feeds
 from calib.data.uri import open_data_uri
 from calib.errors import CalibError, ConfigError, InputDataError
 from calib.model import load_model
 from calib.stats import ActivationStats
 
-__all__ = ["BACKENDS", "ShardSpec", "ShardedResult", "plan_shards", "collect_shard", "collect_sharded"]
+__all__ = ["BACKENDS", "ShardSpec", "ShardedResult", "plan_shards", "collect_shard", "collect_sharded",
+           "resolve_max_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,16 @@ class ShardedResult:
     merge_seconds: float = 0.0
 
 
+def resolve_max_memory(text: str | int | None, workers: int = 1) -> int | None:
+    """``"2GB"`` -> bytes; ``"auto"`` -> half the memory available now, split over ``workers`` on this
+    machine; ``"none"``/None -> no bound."""
+    if text is None or str(text).strip().lower() in ("none", "0", ""):
+        return None
+    if str(text).strip().lower() == "auto":
+        return default_max_memory(0.5 / max(1, workers))
+    return parse_bytes(str(text))
+
+
 def plan_shards(n_samples: int, n_shards: int) -> list[tuple[int, int]]:
     """``n_shards`` contiguous, near-equal ``[start, stop)`` ranges covering ``0..n_samples`` (none empty)."""
     k = max(1, min(int(n_shards), n_samples))
@@ -92,7 +104,7 @@ class _Checked:
             yield s
 
 
-def collect_shard(shard: ShardSpec) -> dict:
+def collect_shard(shard: ShardSpec, progress: Progress | None = None) -> dict:
     """Collect one shard where it runs; returns plain data (stats arrays or the error), never raises CalibError."""
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}
@@ -103,7 +115,7 @@ def collect_shard(shard: ShardSpec) -> dict:
         feed = _Checked(part, model.inputs, skipped) if shard.skip_bad else part
         stats = collect(model, feed, batch_size=shard.batch_size, providers=list(shard.providers),
                         intra_op_threads=shard.intra_op_threads, fold_threads=shard.fold_threads,
-                        max_memory=shard.max_memory)
+                        max_memory=shard.max_memory, progress=progress)
         skipped.update(getattr(part, "skipped", {}) or {})
         return {"index": shard.index, "arrays": stats.to_arrays(), "skipped": skipped, "error": None,
                 "seconds": time.perf_counter() - t0}
@@ -116,29 +128,34 @@ def collect_sharded(model_path: str | os.PathLike, data_path: str | os.PathLike,
                     address: str | None = None, num_workers: int = 2, num_shards: int | None = None,
                     batch_size: int = 8, skip_bad: bool = False, max_memory: int | None = None,
                     max_retries: int = 3, threads_per_worker: int = 1, providers: Sequence[str] = ("cpu",),
-                    spec: str | None = None, task: Callable[[ShardSpec], dict] = collect_shard) -> ShardedResult:
+                    spec: str | None = None, limit: int | None = None, progress: Progress | None = None,
+                    task: Callable[[ShardSpec], dict] = collect_shard) -> ShardedResult:
     """Collect statistics of ``model_path`` over ``data_path`` (path or URI) on ``backend``.
 
     ``local``: one shard, run here (the embedded default; same numbers as ``calib.collect``).
     ``ray``: ``num_shards`` (default ``num_workers``) shards as Ray tasks of one CPU each, at most
     ``num_workers`` at a time, on the cluster at ``address`` (None: a local Ray started for this
-    call). ``task`` is what each shard runs (default ``collect_shard``).
+    call). ``limit`` keeps the first samples only; ``progress`` is drawn for the local backend.
+    ``task`` is what each shard runs (default ``collect_shard``).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend '{backend}' is not one of {list(BACKENDS)}")
     if num_workers < 1:
         raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
     model_s, data_s = os.fspath(model_path), os.fspath(data_path)
-    n = len(open_data_uri(data_s, load_model(model_s), skip_bad=skip_bad, spec=spec))  # lists samples only
+    listing = open_data_uri(data_s, load_model(model_s), skip_bad=skip_bad, spec=spec)  # lists samples only
+    n = len(listing) if limit is None else min(len(listing), limit)
     ranges = plan_shards(n, 1 if backend == "local" else (num_shards or num_workers))
     threads = None if backend == "local" else threads_per_worker
     shards = [ShardSpec(k, model_s, data_s, a, b, batch_size, skip_bad, max_memory, threads, 1 if threads else None,
                         tuple(providers), spec) for k, (a, b) in enumerate(ranges)]
     if backend == "local":
-        results = [task(s) for s in shards]
+        results = [collect_shard(s, progress) if task is collect_shard else task(s) for s in shards]
     else:
         results = _run_on_ray(shards, task, address=address, num_workers=num_workers, max_retries=max_retries)
-    return _merge(results, shards, skip_bad)
+    out = _merge(results, shards, skip_bad)
+    out.skipped = {**(getattr(listing, "skipped", {}) or {}), **out.skipped}  # files missing at listing time
+    return out
 
 
 def _run_on_ray(shards: list[ShardSpec], task: Callable[[ShardSpec], dict], *, address: str | None,

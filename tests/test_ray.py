@@ -204,3 +204,18 @@ def test_cli_collect_backend_ray(cluster, demo_npz, demo_local, tmp_path):
                  "--backend", "ray", "--num-workers", "2", "--max-memory", "64MB"])
     assert code == 0
     assert ActivationStats.load(out).equals(demo_local)
+
+
+def test_cli_bad_sample_exit_2_then_skip_bad_lists_it(cluster, tmp_path, capsys):
+    path = models.save(models.gemm_mlp(seed=4), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(4).standard_normal((6, 10)).astype(np.float32)
+    x[1, 0] = np.inf
+    np.savez(tmp_path / "bad.npz", **{load_model(path).inputs[0].name: x})
+    args = ["collect", path, "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "s.npz"),
+            "--backend", "ray", "--num-workers", "2"]
+    assert main(args) == 2
+    assert "sample bad.npz[1]: input 'x' holds 1 NaN/inf value(s)" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
+    assert main(args + ["--skip-bad"]) == 0
+    assert "left out 1 sample(s): bad.npz[1]" in capsys.readouterr().out
+    assert ActivationStats.load(tmp_path / "s.npz").n_samples == 5
