@@ -8,8 +8,9 @@
 2. Per-shard times and the merge cost feed a written cost model for N nodes (assumptions in the output).
 3. ONNX Runtime's own calibrators (``onnxruntime.quantization.calibrate``: MinMax, Entropy) over the same samples
    and batch, timed from ``create_calibrator`` to ``compute_data``; calib's time adds ``calibrate`` (entropy).
-4. Peak RSS of ``python -m calib collect`` (whole process tree, bench/peers/procmon.py) with ``--max-memory``
-   none / 256MB / 64MB on the orientation model and the PP-OCRv4 text detector.
+4. Peak RSS of ``calib collect`` in a subprocess (whole process tree, bench/peers/procmon.py) with
+   ``--max-memory`` none and two bounds on the orientation model and the PP-OCRv4 text detector, with the
+   number of passes the bound needed.
 
 Inputs are N(0, 1) arrays (the timing and memory of collection do not depend on the values). Run it briefly:
 the machine is shared.
@@ -21,6 +22,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -119,12 +121,13 @@ def memory(model: Path, data: Path, batch: int, bounds: list[str], log_dir: Path
     out = []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for b in bounds:
-        argv = [sys.executable, "-m", "calib", "collect", str(model), "--data", str(data), "-o",
+        argv = [sys.executable, "-c", "import sys; from calib.cli import main; sys.exit(main(sys.argv[1:]))", "collect", str(model), "--data", str(data), "-o",
                 str(log_dir / "s.npz"), "-b", str(batch), "--max-memory", b]
         run = run_measured(argv, log_dir=log_dir / b, env=env, timeout_s=900)
         if run.returncode != 0:
             raise SystemExit(f"{argv}: exit {run.returncode}: {run.stderr_tail}")
-        out.append((b, run.peak_rss_mb, run.wall_s))
+        passes = re.search(r"in (\d+) pass", (log_dir / b / "stderr.txt").read_text())
+        out.append((b, run.peak_rss_mb, run.wall_s, passes.group(1) if passes else "?"))
     return out
 
 
@@ -168,13 +171,15 @@ def main() -> int:
         load0 = os.getloadavg()
         r = scaling(orient, data, args.n, args.batch, [int(w) for w in args.workers.split(",")])
         ort_t = ort_calibrators(orient, data, args.batch)
+        write(Path(args.out), args, r, ort_t, [], (load0, os.getloadavg()))  # kept if the memory part fails
         mem = []
         if not args.skip_memory:
-            mem.append(("orientation, batch 32", memory(orient, make_npz(d, "o32", name, (3, 224, 224), 64), 32,
-                                                        ["none", "256MB", "64MB"], d / "mo")))
+            mem.append(("orientation 224x224, batch 32, 64 samples",
+                        memory(orient, make_npz(d, "o32", name, (3, 224, 224), 64), 32, ["none", "512MB", "256MB"],
+                               d / "mo")))
             det_name = load_model(det).inputs[0].name
-            mem.append(("PP-OCRv4 det 256x256, batch 16",
-                        memory(det, make_npz(d, "det", det_name, (3, 256, 256), 32), 16, ["none", "256MB", "64MB"],
+            mem.append(("PP-OCRv4 det 256x256, batch 16, 32 samples",
+                        memory(det, make_npz(d, "det", det_name, (3, 256, 256), 32), 16, ["none", "1GB", "512MB"],
                                d / "md")))
         load1 = os.getloadavg()
     write(Path(args.out), args, r, ort_t, mem, (load0, load1))
@@ -209,9 +214,9 @@ def write(path: Path, args, r: dict, ort_t: dict, mem: list, loads) -> None:
               ""] + cost_model(r)
     if mem:
         lines += ["", "## Peak memory under --max-memory (`python -m calib collect`, peak RSS of the process tree)",
-                  "", "| model | --max-memory | peak RSS (MiB) | wall (s) |", "|---|---|---|---|"]
+                  "", "| model | --max-memory | passes | peak RSS (MiB) | wall (s) |", "|---|---|---|---|---|"]
         for label, rows in mem:
-            lines += [f"| {label} | {b} | {p:.0f} | {w:.1f} |" for b, p, w in rows]
+            lines += [f"| {label} | {b} | {k} | {p:.0f} | {w:.1f} |" for b, p, w, k in rows]
         lines += ["", "The bound covers the exposed activations (2 batches of each group's tensors) plus a "
                   "baseline (twice the model, two batches of inputs); ONNX Runtime's own working memory for the "
                   "unexposed intermediates and the Python/ONNX Runtime runtime (~300 MiB) come on top."]

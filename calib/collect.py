@@ -136,7 +136,8 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
                 else make_session(groups_mod.group_proto(optimized, group), providers, intra_op_threads=ort_threads,
                                   spinning=False, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
         done = _one_pass(model, sess, group, _limited(source, limit), stats, layout, batch_size, fold_threads,
-                         first=k == 0, progress=progress if k == 0 else None, total=total)
+                         first=k == 0, progress=progress, total=total,
+                         stage="collect" if k == 0 else f"collect (pass {k + 1}/{len(groups)})")
         del sess
     if done == 0:
         raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
@@ -169,12 +170,12 @@ def _groups(model: Model, source: Iterable[Sample], fetch: list[str], layout: st
 
 def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source: Iterable[Sample],
               stats: ActivationStats, layout: str, batch_size: int, fold_threads: int, *, first: bool,
-              progress: Progress | None, total: int | None) -> int:
+              progress: Progress | None, total: int | None, stage: str = "collect") -> int:
     """Run the data through ``sess`` once, folding ``fetch`` (and, on the first pass, inputs and sample ids)."""
     hists = stats.tensors
     done = 0
     if progress:
-        progress("collect", 0, total)
+        progress(stage, 0, total)
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=fold_threads, thread_name_prefix="calib-fold") as pool:
         for ids, feeds, _labels in batches(source, model.inputs, batch_size, layout=layout):
@@ -194,7 +195,7 @@ def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source
                 stats.add_samples(ids)
             done += len(ids)
             if progress:
-                progress("collect", done, total)
+                progress(stage, done, total)
         for f in pending:
             f.result()
     return done

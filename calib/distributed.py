@@ -145,6 +145,8 @@ def collect_sharded(model_path: str | os.PathLike, data_path: str | os.PathLike,
     model_s, data_s = os.fspath(model_path), os.fspath(data_path)
     listing = open_data_uri(data_s, load_model(model_s), skip_bad=skip_bad, spec=spec)  # lists samples only
     n = len(listing) if limit is None else min(len(listing), limit)
+    if n == 0:
+        raise InputDataError(f"{data_s}: the calibration set is empty (no samples)")
     ranges = plan_shards(n, 1 if backend == "local" else (num_shards or num_workers))
     threads = None if backend == "local" else threads_per_worker
     shards = [ShardSpec(k, model_s, data_s, a, b, batch_size, skip_bad, max_memory, threads, 1 if threads else None,

