@@ -22,15 +22,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
+from calib import collect_groups as groups_mod
 from calib.data.base import Sample, batches, limited
 from calib.errors import InputDataError, ModelError
-from calib.runtime import expose_outputs, make_session, resolve_providers
 from calib.model import Model, load_model
 from calib.model_guard import refuse_quantized
+from calib.runtime import expose_outputs, make_session, resolve_providers
 from calib.stats import ActivationStats, TensorHistogram
 
-__all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]  # the last three: calib.runtime
+__all__ = ["collect", "make_session", "expose_outputs", "resolve_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,13 @@ def fold_thread_split(intra_op_threads: int | None = None, fold_threads: int | N
 def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tensors: Sequence[str] | None = None,
             batch_size: int = 8, providers: Sequence[str] | None = None, limit: int | None = None,
             intra_op_threads: int | None = None, fold_threads: int | None = None,
-            progress: Progress | None = None) -> ActivationStats:
+            progress: Progress | None = None, max_memory: int | None = None) -> ActivationStats:
     """Collect exact, mergeable statistics of ``tensors`` (default: every quantizable activation).
 
     ``source`` yields ``Sample`` objects (``calib.data``); its ``layout`` attribute
-    ("batch" or "feed") says whether samples are stacked into batches.
+    ("batch" or "feed") says whether samples are stacked into batches. ``max_memory``
+    (bytes) exposes the tensors in groups that fit, one pass over the data per group
+    (``calib.collect_groups``); the statistics are the same bit for bit.
     """
     if not isinstance(model, Model):
         model = load_model(model)
@@ -66,19 +70,62 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     if limit is not None:
         total = min(total, limit) if total is not None else limit
     ort_threads, fold_threads = fold_thread_split(intra_op_threads, fold_threads)
-    sess = make_session(expose_outputs(model.proto, [t for t in names if t not in {s.name for s in model.inputs}]),
-                        providers, intra_op_threads=ort_threads, spinning=False)
     fetch = [t for t in names if t not in {s.name for s in model.inputs}]
+    groups = _groups(model, source, fetch, layout, batch_size, max_memory)
+    exposed = expose_outputs(model.proto, fetch)
+    optimized = groups_mod.optimized_exposed(exposed, resolve_providers(providers)) if len(groups) > 1 else None
     hists = {t: TensorHistogram() for t in names}
     stats = ActivationStats(hists, model.sha256, meta={"inputs": [s.name for s in model.inputs], "shapes": {},
                                                        "dtypes": {}, "skipped": {}, "layout": layout})
+    t0 = time.perf_counter()
+    for k, group in enumerate(groups):
+        sess = (make_session(exposed, providers, intra_op_threads=ort_threads, spinning=False) if optimized is None
+                else make_session(groups_mod.group_proto(optimized, group), providers, intra_op_threads=ort_threads,
+                                  spinning=False, optimization="disable"))
+        done = _one_pass(model, sess, group, limited(source, limit), stats, layout, batch_size, fold_threads,
+                         first=k == 0, progress=progress, total=total,
+                         stage="collect" if k == 0 else f"collect (pass {k + 1}/{len(groups)})")
+        del sess
+    if done == 0:
+        raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
+    for t in list(stats.meta["skipped"]):
+        hists.pop(t, None)
+    log.info("collected %d tensors over %d samples in %d pass(es) in %.1fs", len(hists), done, len(groups),
+             time.perf_counter() - t0)
+    return stats
+
+
+def _groups(model: Model, source: Iterable[Sample], fetch: list[str], layout: str, batch_size: int,
+            max_memory: int | None) -> list[list[str]]:
+    """One group (today's single pass) unless ``max_memory`` asks for several (calib.collect_groups)."""
+    if max_memory is None or not fetch:
+        return [fetch]
+    first = next(iter(source), None)
+    if first is None:
+        return [fetch]
+    if iter(source) is source:
+        raise InputDataError("collection in memory-bounded groups reads the data several times; this source "
+                             "can be read only once", hint="pass a Source (calib.data) or drop max_memory")
+    shapes = {k: tuple(np.shape(v)) for k, v in first.feeds.items()}
+    per_sample = groups_mod.tensor_bytes_per_sample(model, fetch, shapes, layout)
+    in_bytes = sum(int(np.asarray(v).nbytes) for v in first.feeds.values())
+    budget = groups_mod.group_budget(model, max_memory, batch_size, in_bytes)
+    groups = groups_mod.plan_groups(fetch, per_sample, batch_size, budget)
+    log.info("max_memory %d MiB: %d tensor group(s)", max_memory >> 20, len(groups))
+    return groups
+
+
+def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source: Iterable[Sample],
+              stats: ActivationStats, layout: str, batch_size: int, fold_threads: int, *, first: bool,
+              progress: Progress | None, total: int | None, stage: str = "collect") -> int:
+    """Run the data through ``sess`` once, folding ``fetch`` (and, on the first pass, inputs and sample ids)."""
+    hists = stats.tensors
     done = 0
     if progress:
-        progress("collect", 0, total)
-    t0 = time.perf_counter()
+        progress(stage, 0, total)
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=fold_threads, thread_name_prefix="calib-fold") as pool:
-        for ids, feeds, _labels in batches(limited(source, limit), model.inputs, batch_size, layout=layout):
+        for ids, feeds, _labels in batches(source, model.inputs, batch_size, layout=layout):
             try:
                 outs = sess.run(fetch, feeds)
             except Exception as e:
@@ -86,23 +133,19 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
                                      hint="check the data against the model's inputs") from None
             values = dict(zip(fetch, outs))
             for s in model.inputs:
-                if s.name in hists:
+                if first and s.name in hists:
                     values[s.name] = feeds[s.name]
             for f in pending:
                 f.result()
             pending = [pool.submit(_fold_batch, stats, part, layout) for part in _split(values, fold_threads)]
-            stats.add_samples(ids)
+            if first:
+                stats.add_samples(ids)
             done += len(ids)
             if progress:
-                progress("collect", done, total)
+                progress(stage, done, total)
         for f in pending:
             f.result()
-    if done == 0:
-        raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
-    for t in list(stats.meta["skipped"]):
-        hists.pop(t, None)
-    log.info("collected %d tensors over %d samples in %.1fs", len(hists), done, time.perf_counter() - t0)
-    return stats
+    return done
 
 
 def _split(values: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:

@@ -92,6 +92,13 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "sensitivity_samples": (int, 128, "Evaluation samples used to rank nodes and pick each step's action "
                                           "(every step is verified on all of them)."),
     },
+    "compute": {
+        "backend": (str, "local", "Where collection runs: local (this process) or ray (shards as Ray tasks)."),
+        "address": (str, "", "Ray cluster address, e.g. 'ray://head:10001' or 'auto' ('' = start a local Ray)."),
+        "num_workers": (int, 2, "Ray tasks running at once (one CPU each)."),
+        "max_memory": (str, "auto", "Memory bound per worker for exposed activations, e.g. '2GB' "
+                                    "('auto' = half the available RAM per worker, 'none' = no bound)."),
+    },
 }
 
 
@@ -125,6 +132,10 @@ class RunConfig:
     max_float_nodes: int = 0
     time_budget_s: float = 0.0
     sensitivity_samples: int = 128
+    backend: str = "local"
+    address: str = ""
+    num_workers: int = 2
+    max_memory: str = "auto"
     source: Path | None = None  # the config file
 
     @property
@@ -231,6 +242,8 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
     if strategy and strategy not in ("random", "stratified", "kmeans", "kcenter"):
         raise ConfigError(f"{source}: sampling.strategy {strategy!r} is not one of random, stratified, kmeans, "
                           "kcenter", hint=_suggest(strategy, ["random", "stratified", "kmeans", "kcenter"]))
+    if get("compute", "backend") not in ("local", "ray") or get("compute", "num_workers") < 1:
+        raise ConfigError(f"{source}: compute.backend must be 'local' or 'ray' and compute.num_workers >= 1")
     model = path("model", "path")
     eval_data = path("data", "eval")
     if (primary == "best" or target) and eval_data is None:
@@ -250,6 +263,8 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
         target=target, max_float_nodes=get("target", "max_float_nodes"), time_budget_s=get("target", "time_budget_s"),
         sensitivity_samples=get("target", "sensitivity_samples"),
+        backend=get("compute", "backend"), address=get("compute", "address"),
+        num_workers=get("compute", "num_workers"), max_memory=get("compute", "max_memory"),
     )
 
 

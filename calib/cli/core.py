@@ -10,7 +10,8 @@ import typer
 from calib.calibrate import METHODS, calibrate_all, save_ranges, weight_ranges
 from calib.cli._common import Progress, echo
 from calib.collect import collect
-from calib.data import open_data
+from calib.data.uri import open_data_uri
+from calib.distributed import collect_sharded, resolve_max_memory
 from calib.model import load_model
 from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
@@ -27,23 +28,42 @@ def register(app: typer.Typer) -> None:
 
 def collect_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Calibration data: .npz (arrays keyed by input name, "
-                              "first axis = sample), .npy, an image folder or a manifest."),
+    data: str = typer.Option(..., "--data", "-d", help="Calibration data: .npz (arrays keyed by input name, "
+                             "first axis = sample), .npy, an image folder or a manifest; a path or a URI "
+                             "(file://, s3://, ... with the [ray] extra)."),
     output: Path = typer.Option(..., "--output", "-o", help="Statistics file to write (.npz)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
     preprocess: Optional[Path] = preprocess_option(),
+    backend: str = typer.Option("local", "--backend", help="local (this process) or ray (shards as Ray tasks)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local "
+                                          "Ray)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Ray tasks at once (one CPU each)."),
+    max_memory: str = typer.Option("auto", "--max-memory", help="Memory bound per worker for exposed "
+                                   "activations, e.g. 2GB; auto = half the available RAM; none = no bound."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and list) samples that cannot be read or "
+                                  "do not fit the model."),
 ) -> None:
     """Stream calibration data through the FP32 model and save mergeable per-tensor statistics."""
     m = load_model(model)
     for note in m.notes:
         echo(f"model: {note}")
-    source = open_data(data, m, spec=load_spec(preprocess))
-    show_spec(source, "calibration data")
+    bound = resolve_max_memory(max_memory, num_workers if backend == "ray" and not address else 1)
+    spec = load_spec(preprocess)
     prog = Progress()
     try:
-        stats = collect(m, source, batch_size=batch_size, limit=limit, providers=provider, progress=prog)
+        if backend != "local" or skip_bad:  # sharded path: ray, or samples checked one by one
+            res = collect_sharded(model, data, backend=backend, address=address, num_workers=num_workers,
+                                  batch_size=batch_size, skip_bad=skip_bad, max_memory=bound, providers=provider,
+                                  limit=limit, progress=prog, spec=str(preprocess) if preprocess else None)
+            stats, skipped_samples = res.stats, res.skipped
+        else:
+            source = open_data_uri(data, m, spec=spec, skip_bad=skip_bad)
+            show_spec(source, "calibration data")
+            stats = collect(m, source, batch_size=batch_size, limit=limit, providers=provider, progress=prog,
+                            max_memory=bound)
+            skipped_samples = dict(getattr(source, "skipped", {}) or {})
     finally:
         prog.close()
     stats.save(output)
@@ -55,6 +75,8 @@ def collect_cmd(
              + ", ".join(f"{k}: {v}" for k, v in list(nonfinite.items())[:3]))
     if skipped:
         echo(f"skipped {len(skipped)} non-float tensor(s): " + ", ".join(list(skipped)[:5]))
+    if skipped_samples:
+        echo(f"left out {len(skipped_samples)} sample(s): " + ", ".join(list(skipped_samples)[:10]))
 
 
 def calibrate_cmd(

