@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from calib.collect import expose_outputs, make_session
+from calib.runtime import expose_outputs, make_session
 from calib.data.base import batches
 
 __all__ = ["worst_layer", "drift_verdict", "Verdict", "range_setters", "RangeSetters", "LOCAL_METRICS",
