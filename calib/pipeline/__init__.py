@@ -14,7 +14,8 @@ Modules: ``core`` (plan, entry points), ``steps`` (the steps and their registrie
 
 from calib.pipeline.core import (DEFAULT_METHODS, STEPS, QuantizeResult, config_from_flags, execute, quantize,
                                  run_plan, summary)
-from calib.pipeline.inputs import flagged_tensors, open_run_data, subset_by_ids
+from calib.export import flagged_tensors
+from calib.pipeline.inputs import open_run_data, subset_by_ids
 from calib.pipeline.scoring import (BC_SUFFIX, best_key, score_methods, score_outputs, task_metrics)
 from calib.pipeline.sinks import FileSink, RunSink, method_file_label
 from calib.pipeline.steps import CHOOSERS, TRANSFORMS, Context, register_chooser, register_transform

@@ -17,9 +17,8 @@ from calib.subset import sample_source
 from calib.data.sources import open_source
 from calib.errors import InputDataError
 from calib.model import Model
-from calib.stats import ActivationStats
 
-__all__ = ["open_run_data", "subset_by_ids", "stats_key", "flagged_tensors", "mark_flagged", "sample_subset"]
+__all__ = ["open_run_data", "subset_by_ids", "stats_key", "mark_flagged", "sample_subset"]
 
 
 def open_run_data(path: Path, model: Model, *, preprocess: dict | None = None, skip_bad: bool = False):
@@ -57,14 +56,6 @@ def stats_key(model: Model, tensors: Sequence[str], extra: dict) -> str:
     h.update("\0".join(tensors).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def flagged_tensors(stats: ActivationStats) -> dict[str, str]:
-    """Tensors whose statistics saw NaN/inf -> why they stay float (the rule ``calib export`` applies).
-
-    When the flagged-tensor policy moves into ``calib.export`` (issue 14), call it from here."""
-    return {t: f"{h.n_nonfinite} of {h.n} values were NaN/inf" for t, h in stats.tensors.items()
-            if h.n_nonfinite}
 
 
 def mark_flagged(ranges: dict[str, Ranges], flagged: dict[str, str]) -> dict[str, Ranges]:

@@ -19,10 +19,10 @@ from calib.collect import collect
 from calib.compare import Advice, advise, load_metric
 from calib.config import RunConfig
 from calib.errors import TargetNotMet
-from calib.export import QdqModel, export_qdq
+from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
 from calib.model import Model
-from calib.pipeline.inputs import flagged_tensors, mark_flagged
+from calib.pipeline.inputs import mark_flagged
 from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into_advice, methods_first,
                                     score_methods, score_outputs, task_metrics)
 from calib.stats import ActivationStats
