@@ -16,7 +16,9 @@ from typing import Any
 from calib.calibrate import parse_method
 from calib.compare import parse_target
 from calib.data.preprocess import PreprocessSpec
-from calib.errors import ConfigError
+from calib.errors import CalibError, ConfigError
+from calib.export.precision import resolve_target
+from calib.export.trt_cache import DEFAULT_TRT_VERSION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,6 +80,12 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "bias_correction": (bool, False, "Correct the final model's biases on the calibration data (robust; with "
                                          "eval data kept only if it scores at least as well)."),
         "bias_samples": (int, 128, "Calibration samples used by bias correction (0 = all)."),
+        "target_runtime": (str, "", "trt (TensorRT placement + fp16 remainder) or ort (ort placement + fp32); "
+                                    "'' = placement as set, fp32 remainder."),
+        "high_precision": (str, "", "fp16 | bf16 | fp32: dtype of the non-INT8 remainder ('' = the profile's)."),
+        "keep_fp32": (list, [], "Node names or op types kept FP32 in an fp16/bf16 remainder."),
+        "trt_version": (int, DEFAULT_TRT_VERSION, "TensorRT version in the cache header (NV_TENSORRT_VERSION "
+                                                  "style, e.g. 100300 = 10.3.0)."),
     },
     "compare": {
         "enabled": (bool, True, "Compare FP32 vs INT8 per layer on the eval data (if given)."),
@@ -120,6 +128,9 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["entropy", "minmax", "percentile", "mse"])
     primary: str = "entropy"
     placement: str = "trt"
+    high_precision: str = "fp32"  # dtype of the non-INT8 remainder (calib.export.precision)
+    keep_fp32: list[str] = field(default_factory=list)
+    trt_version: int = DEFAULT_TRT_VERSION
     exclude: list[str] = field(default_factory=list)
     cache: bool = True
     all_methods: bool = True
@@ -232,9 +243,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         return p
 
     methods, primary = _check_methods(get("calibrate", "methods"), get("calibrate", "primary"), source)
-    placement = get("export", "placement")
-    if placement not in ("trt", "ort"):
-        raise ConfigError(f"{source}: export.placement must be 'trt' or 'ort', got {placement!r}")
+    placement, high_precision = _runtime_profile(vals, get, source)
     target = get("target", "metric")
     if target:
         _check_target(target, source)
@@ -258,6 +267,8 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         preprocess=_preprocess(vals.get("preprocess", {}), source),
         sampling_strategy=strategy, sampling_n=get("sampling", "n"), sampling_seed=get("sampling", "seed"),
         methods=list(methods), primary=primary, placement=placement, exclude=list(get("export", "exclude")),
+        high_precision=high_precision, keep_fp32=list(get("export", "keep_fp32")),
+        trt_version=get("export", "trt_version"),
         cache=get("export", "cache"), all_methods=get("export", "all_methods"),
         bias_correction=get("export", "bias_correction"), bias_samples=get("export", "bias_samples"),
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
@@ -266,6 +277,20 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         backend=get("compute", "backend"), address=get("compute", "address"),
         num_workers=get("compute", "num_workers"), max_memory=get("compute", "max_memory"),
     )
+
+
+def _runtime_profile(vals: dict, get, source: str) -> tuple[str, str]:
+    """(placement, remainder dtype): an explicit ``export.placement`` / ``high_precision`` wins over the
+    ``target_runtime`` profile (``calib.export.precision.resolve_target``)."""
+    given = vals.get("export", {})
+    try:
+        placement, dtype = resolve_target(get("export", "target_runtime") or None,
+                                          given.get("placement"), get("export", "high_precision") or None)
+    except CalibError as e:
+        raise ConfigError(f"{source}: export: {e}") from None
+    if placement not in ("trt", "ort"):
+        raise ConfigError(f"{source}: export.placement must be 'trt' or 'ort', got {placement!r}")
+    return placement, dtype
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -14,6 +14,8 @@ from rich.table import Table
 
 from calib.cli._common import Progress, echo, is_quiet
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.export.precision import resolve_target
+from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import TargetNotMet
 from calib.compare import parse_target
 from calib.pipeline import quantize
@@ -73,7 +75,15 @@ def quantize_cmd(
                                              "'calib export/advise --stats' (no second collect)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (for best/target)."),
     target: str = typer.Option("", "--target", help="e.g. cosine:0.99 or top1:0.99: keep nodes in float until met."),
-    placement: str = typer.Option("trt", "--placement", help="trt (TensorRT's rules) or ort (ORT CPU fusions)."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="trt (TensorRT's rules, default) or ort "
+                                            "(ORT CPU fusions)."),
+    target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
+                                                 "remainder; ort: ort placement + fp32 (see calib export)."),
+    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32: dtype of "
+                                                 "the non-INT8 remainder (default: the profile's, else fp32)."),
+    keep_fp32: List[str] = typer.Option([], "--keep-fp32", help="Node or op type kept FP32 in an fp16 remainder."),
+    trt_version: int = typer.Option(DEFAULT_TRT_VERSION, "--trt-version", help="TensorRT version in the cache "
+                                    "header (e.g. 100300 = 10.3.0)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Node name, op type or tensor name to keep in float."),
     max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
                                         "advise steps (0 = no limit); the best model so far is written."),
@@ -93,6 +103,7 @@ def quantize_cmd(
 
     if target:
         parse_target(target)
+    placement, dtype = resolve_target(target_runtime, placement, high_precision)
     spec = resolve_spec(model, data, preprocess)
     prog = Progress()
     try:
@@ -100,8 +111,8 @@ def quantize_cmd(
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
                        providers=provider, metric=metric, bias_correction=bias_correction,
                        bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
-                       time_budget_s=time_budget, progress=prog,
-                       preprocess=spec.to_dict() if spec is not None else None)
+                       time_budget_s=time_budget, progress=prog, high_precision=dtype, keep_fp32=keep_fp32,
+                       trt_version=trt_version, preprocess=spec.to_dict() if spec is not None else None)
     except TargetNotMet as e:
         prog.close()
         if getattr(e, "result", None) is not None:

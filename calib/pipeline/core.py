@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
 from calib.config import DEFAULT_BATCH_SIZE, RunConfig
+from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
 from calib.model import Model, load_model
@@ -103,7 +104,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
                       limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
                       bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
-                      time_budget_s: float = 0.0, preprocess: dict | None = None) -> RunConfig:
+                      time_budget_s: float = 0.0, preprocess: dict | None = None, high_precision: str = "fp32",
+                      keep_fp32: Sequence[str] = (), trt_version: int = DEFAULT_TRT_VERSION) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
     methods = list(DEFAULT_METHODS)
     if method != "best" and parse_method(method).label not in methods:
@@ -114,7 +116,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      placement=placement, exclude=list(exclude), cache=cache, all_methods=False,
                      bias_correction=bias_correction, bias_samples=bias_samples or 0, compare=True,
                      compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
-                     time_budget_s=time_budget_s, preprocess=preprocess)
+                     time_budget_s=time_budget_s, preprocess=preprocess or {}, high_precision=high_precision,
+                     keep_fp32=list(keep_fp32), trt_version=trt_version)
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -125,7 +128,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              providers: Sequence[str] | None = None, metric: str = "", bias_correction: bool = False,
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
-             preprocess: dict | None = None) -> QuantizeResult:
+             preprocess: dict | None = None, high_precision: str = "fp32", keep_fp32: Sequence[str] = (),
+             trt_version: int = DEFAULT_TRT_VERSION) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -137,7 +141,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                             target=target, placement=placement, exclude=exclude, batch_size=batch_size,
                             limit=limit, providers=providers, metric=metric, bias_correction=bias_correction,
                             bias_samples=bias_samples, max_float_nodes=max_float_nodes,
-                            time_budget_s=time_budget_s, preprocess=preprocess)
+                            time_budget_s=time_budget_s, preprocess=preprocess, high_precision=high_precision,
+                            keep_fp32=keep_fp32, trt_version=trt_version)
     check_config(cfg)
     model = load_model(model_path)
     source = open_run_data(Path(data), model, preprocess=cfg.preprocess)

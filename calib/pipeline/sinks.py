@@ -15,16 +15,17 @@ from typing import Any
 from calib.compare.advice import advice_json_path
 from calib.compare.metrics import safe_float
 from calib.export import QdqModel, scale_report, write_cache, write_scale_report
+from calib.export.precision import apply_high_precision
+from calib.export.trt_cache import model_cache
 from calib.data.preprocess import stamp_model
 from calib.io import save_onnx, write_json
 from calib.recalibrate import collect_into_run
-from calib.model import Model
 from calib.pipeline.scoring import compare_model
 from calib.pipeline.steps import Context, final_ranges
 from calib.runs import Run, RunStore
 from calib.stats import ActivationStats
 
-__all__ = ["FileSink", "RunSink", "write_artifacts", "cache_entries", "method_file_label"]
+__all__ = ["FileSink", "RunSink", "write_artifacts", "method_file_label"]
 
 
 def method_file_label(label: str) -> str:
@@ -105,23 +106,6 @@ class RunSink:
         self.run.seal(key)
 
 
-def cache_entries(model: Model, qdq: QdqModel, ranges) -> dict[str, float]:
-    """TensorRT cache entries of the shipped model: the ranges it was exported with (per tensor, the amax
-    after Concat scale sharing), without the tensors it keeps float: skipped ones (NaN/inf, mask-like)
-    and those only float nodes touch (outputs of float nodes, inputs read by float nodes alone)."""
-    known = set(model.producers) | {i.name for i in model.inputs}
-    floats = set(qdq.excluded)
-    drop = set(qdq.skipped)
-    readers: dict[str, set[str]] = {}
-    for n in model.graph.node:
-        for t in n.input:
-            readers.setdefault(t, set()).add(n.name)
-        if n.name in floats:
-            drop.update(o for o in n.output if o)
-    drop.update(t for t, rs in readers.items() if rs and rs <= floats)
-    return {t: float(qdq.amax.get(t, r.amax)) for t, r in ranges.tensors.items() if t in known and t not in drop}
-
-
 def _write_method_files(ctx: Context, sink) -> None:
     """Each method's (``method_files = "all"``) or the chosen method's (``"chosen"``) Q/DQ model and, with
     evaluation data, its per-layer comparison (the dashboard's Layers page, ``calib diff``)."""
@@ -165,6 +149,18 @@ def shipped_path(ctx: Context) -> str:
     return " + ".join(parts)
 
 
+def ship_model(ctx: Context) -> QdqModel:
+    """The model as written: the preprocessing spec in its metadata and, for an fp16/bf16 remainder, the
+    non-INT8 part cast (``calib.export.precision``; last, after advise and transforms, which measure the
+    FP32-remainder model)."""
+    stamp_model(ctx.qdq.model, getattr(ctx.source, "spec", None))  # the spec travels with the model
+    if ctx.cfg.high_precision == "fp32":
+        return ctx.qdq
+    cast, prec = apply_high_precision(ctx.qdq, ctx.cfg.high_precision, stats=ctx.stats, keep_fp32=ctx.cfg.keep_fp32)
+    ctx.precision = prec.summary()
+    return cast
+
+
 def write_artifacts(ctx: Context, sink) -> None:
     """Every artifact of the plan; the cache and scale report from the ranges the shipped model was
     exported with (after advise's per-tensor changes, without float and skipped tensors)."""
@@ -175,11 +171,11 @@ def write_artifacts(ctx: Context, sink) -> None:
         write_json(p, safe_float(ctx.bias))
     if ctx.advice is not None:
         write_json(sink.path("advise", "advise.json"), ctx.advice.to_json())
-    stamp_model(ctx.qdq.model, getattr(ctx.source, "spec", None))  # the spec travels with the model
-    save_onnx(ctx.qdq.model, sink.path("model", "model.int8.onnx"))
+    shipped = ship_model(ctx)
+    save_onnx(shipped.model, sink.path("model", "model.int8.onnx"))
     final = final_ranges(ctx)
     if c.cache and (p := sink.path("cache", "model.cache")) is not None:
-        write_cache(p, cache_entries(ctx.model, ctx.qdq, final))
+        write_cache(p, model_cache(shipped, ctx.model.proto, final), version=c.trt_version, scales=True)
     if (p := sink.path("scales", "scales.json")) is not None:
         write_scale_report(p, scale_report(ctx.qdq, {**ctx.ranges, final.method: final}, chosen=final.method,
                                            stats=ctx.stats))

@@ -56,6 +56,7 @@ class Context:
     bias: dict[str, Any] | None = None
     done: list[str] = field(default_factory=list)  # transforms applied
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model
+    precision: str = ""  # what the fp16/bf16 remainder cast did (empty for fp32)
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
