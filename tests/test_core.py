@@ -55,14 +55,15 @@ def _cfg(case, store: Path, primary: str, **kw) -> RunConfig:
 
 
 def _dashboard_run(cfg: RunConfig, store: Path, monkeypatch) -> str:
-    """What the dashboard's "New run" button does: ``apps/state.start_run`` in a background job."""
+    """What the dashboard's "New run" button does: ``apps/actions.start_run`` in a background job."""
     pytest.importorskip("streamlit", reason="the dashboard needs streamlit")
     monkeypatch.setenv("CALIB_STORE", str(store))
     monkeypatch.syspath_prepend(str(REPO / "apps"))
     sys.modules.pop("state", None)
-    import state  # apps/state.py
+    sys.modules.pop("actions", None)
+    import actions  # apps/actions.py
 
-    job = state.start_run("core-test", "core test", cfg)
+    job = actions.start_run("core-test", "core test", cfg)
     job.thread.join(300)
     assert job.error is None, (job.error, job.hint)
     return job.result
