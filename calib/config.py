@@ -16,6 +16,7 @@ from typing import Any
 from calib.calibrate import parse_method
 from calib.compare import parse_target
 from calib.data.preprocess import PreprocessSpec
+from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.errors import CalibError, ConfigError
 from calib.export.precision import resolve_target
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
@@ -70,7 +71,11 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     },
     "calibrate": {
         "methods": (list, ["entropy", "minmax", "percentile", "mse"], "Methods to compute (all from one pass)."),
-        "primary": (str, "entropy", "Method of the exported model: a method name, or 'best' (needs eval data)."),
+        "primary": (str, "auto", "Ranges of the exported model: 'auto' (per tensor, the candidate with the best "
+                                 "measured effect on the outputs), 'best' (the best single method) or a method name."),
+        "select_fraction": (float, DEFAULT_SELECT_FRACTION, "Share of the calibration samples (by sample id) that "
+                                                            "auto/best/advise/bias correction choose on; figures "
+                                                            "are measured on the rest or on the eval data."),
     },
     "export": {
         "placement": (str, "trt", "Q/DQ placement: trt (TensorRT's rules) or ort (ONNX Runtime CPU fusions)."),
@@ -97,7 +102,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "max_float_nodes": (int, 0, "Give up after this many advise steps (0 = no limit)."),
         "time_budget_s": (float, 0.0, "Start no advise step after this many seconds; keep the best model so far "
                                       "(0 = no limit)."),
-        "sensitivity_samples": (int, 128, "Evaluation samples used to rank nodes and pick each step's action "
+        "sensitivity_samples": (int, 32, "Evaluation samples used to rank nodes and pick each step's action "
                                           "(every step is verified on all of them)."),
     },
     "compute": {
@@ -126,7 +131,7 @@ class RunConfig:
     sampling_n: int = 0
     sampling_seed: int = 0
     methods: list[str] = field(default_factory=lambda: ["entropy", "minmax", "percentile", "mse"])
-    primary: str = "entropy"
+    primary: str = "auto"
     placement: str = "trt"
     high_precision: str = "fp32"  # dtype of the non-INT8 remainder (calib.export.precision)
     keep_fp32: list[str] = field(default_factory=list)
@@ -142,7 +147,8 @@ class RunConfig:
     target: str = ""
     max_float_nodes: int = 0
     time_budget_s: float = 0.0
-    sensitivity_samples: int = 128
+    sensitivity_samples: int = 32
+    select_fraction: float = DEFAULT_SELECT_FRACTION  # share of the calibration data that choices are made on
     backend: str = "local"
     address: str = ""
     num_workers: int = 2
@@ -202,7 +208,7 @@ def _check_types(doc: dict, source: str) -> dict[str, dict[str, Any]]:
 
 # values of calibrate.primary that name a chooser rather than a method (calib.pipeline.steps.CHOOSERS);
 # a helper adding a chooser (e.g. "auto") adds its name here
-CHOOSER_NAMES = ("best",)
+CHOOSER_NAMES = ("best", "auto")
 
 
 def _check_methods(methods: list, primary: str, source: str) -> tuple[list, str]:
@@ -274,6 +280,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         compare=get("compare", "enabled"), compare_metric=get("compare", "metric"), html=get("compare", "html"),
         target=target, max_float_nodes=get("target", "max_float_nodes"), time_budget_s=get("target", "time_budget_s"),
         sensitivity_samples=get("target", "sensitivity_samples"),
+        select_fraction=float(get("calibrate", "select_fraction")),
         backend=get("compute", "backend"), address=get("compute", "address"),
         num_workers=get("compute", "num_workers"), max_memory=get("compute", "max_memory"),
     )

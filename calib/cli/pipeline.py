@@ -67,8 +67,9 @@ def quantize_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration data: .npz/.npy, image folder or manifest."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
-    method: str = typer.Option("entropy", "--method", "-m",
-                               help="entropy | minmax | percentile[:P] | mse | best (needs --eval-data)."),
+    method: str = typer.Option("auto", "--method", "-m",
+                               help="auto (per tensor, by measured output effect) | best | entropy | minmax | "
+                                    "percentile[:P] | mse."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Also write a TensorRT calibration cache."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON scale report."),
     stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="Also write the statistics (.npz) for "
@@ -85,6 +86,9 @@ def quantize_cmd(
     trt_version: int = typer.Option(DEFAULT_TRT_VERSION, "--trt-version", help="TensorRT version in the cache "
                                     "header (e.g. 100300 = 10.3.0)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Node name, op type or tensor name to keep in float."),
+    select_fraction: float = typer.Option(0.25, "--select-fraction", help="Share of the calibration samples (by "
+                                          "sample id) that auto/best/advise choose on; figures use the rest or "
+                                          "--eval-data."),
     max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
                                         "advise steps (0 = no limit); the best model so far is written."),
     time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise "
@@ -112,7 +116,7 @@ def quantize_cmd(
                        providers=provider, metric=metric, bias_correction=bias_correction,
                        bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
                        time_budget_s=time_budget, progress=prog, high_precision=dtype, keep_fp32=keep_fp32,
-                       trt_version=trt_version, preprocess=spec.to_dict() if spec is not None else None)
+                       trt_version=trt_version, select_fraction=select_fraction, preprocess=spec.to_dict() if spec is not None else None)
     except TargetNotMet as e:
         prog.close()
         if getattr(e, "result", None) is not None:

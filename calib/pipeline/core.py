@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
-from calib.config import DEFAULT_BATCH_SIZE, RunConfig
+from calib.config import CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
+from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
 from calib.model import Model, load_model
 from calib.pipeline.inputs import open_run_data, sample_subset, stats_key, subset_by_ids
 from calib.pipeline.sinks import FileSink, RunSink, shipped_path, write_artifacts
-from calib.pipeline.steps import (Context, advise_step, calibrate_step, choose_step, collect_step,
+from calib.pipeline.steps import (Context, advise_step, calibrate_step, choose_step, collect_step, split_step,
                                   transforms_step, verify_step)
 from calib.runs import Run, RunStore, fingerprint_path
 from calib.stats import ActivationStats
@@ -57,8 +58,6 @@ class QuantizeResult:
 
 def check_config(cfg: RunConfig) -> None:
     """Refuse combinations no step can honour, before any work."""
-    if (cfg.primary == "best" or cfg.target) and cfg.eval_data is None:
-        raise InputDataError("method 'best' and a target need evaluation data", hint="pass --eval-data / data.eval")
     if cfg.target and cfg.exclude:
         raise InputDataError("exclude with a target: advise chooses the float nodes itself",
                              hint="drop the exclude list, or drop the target and exclude by hand")
@@ -77,6 +76,9 @@ def run_plan(ctx: Context, sink) -> Context:
         calibrate_step(ctx)
         if (p := sink.path("ranges", "ranges.json")) is not None:
             save_ranges(p, ctx.ranges, weight_ranges(ctx.model), ctx.stats)
+    split_step(ctx)
+    if ctx.split is not None:
+        sink.record(split=ctx.split, in_sample=ctx.in_sample)
     for name, step in STEPS:
         with sink.timing(name):
             step(ctx)
@@ -99,16 +101,17 @@ def summary(ctx: Context) -> dict[str, Any]:
     return out
 
 
-def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, method: str = "entropy",
+def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, method: str = "auto",
                       cache: bool = False, eval_data: str | os.PathLike | None = None, target: str = "",
                       placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
                       limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
                       bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
                       time_budget_s: float = 0.0, preprocess: dict | None = None, high_precision: str = "fp32",
-                      keep_fp32: Sequence[str] = (), trt_version: int = DEFAULT_TRT_VERSION) -> RunConfig:
+                      keep_fp32: Sequence[str] = (), trt_version: int = DEFAULT_TRT_VERSION,
+                      select_fraction: float = DEFAULT_SELECT_FRACTION) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
     methods = list(DEFAULT_METHODS)
-    if method != "best" and parse_method(method).label not in methods:
+    if method not in CHOOSER_NAMES and parse_method(method).label not in methods:
         methods.append(parse_method(method).label)
     return RunConfig(name=Path(model).stem, model=Path(model), providers=list(providers or ["cpu"]),
                      calib_data=Path(data), eval_data=Path(eval_data) if eval_data is not None else None,
@@ -117,11 +120,11 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      bias_correction=bias_correction, bias_samples=bias_samples or 0, compare=True,
                      compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
                      time_budget_s=time_budget_s, preprocess=preprocess or {}, high_precision=high_precision,
-                     keep_fp32=list(keep_fp32), trt_version=trt_version)
+                     keep_fp32=list(keep_fp32), trt_version=trt_version, select_fraction=select_fraction)
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
-             method: str = "entropy", cache: str | os.PathLike | None = None,
+             method: str = "auto", cache: str | os.PathLike | None = None,
              report: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
              target: str = "", placement: str = "trt", exclude: Sequence[str] = (),
              batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
@@ -129,7 +132,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
              preprocess: dict | None = None, high_precision: str = "fp32", keep_fp32: Sequence[str] = (),
-             trt_version: int = DEFAULT_TRT_VERSION) -> QuantizeResult:
+             trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION
+             ) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -142,7 +146,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                             limit=limit, providers=providers, metric=metric, bias_correction=bias_correction,
                             bias_samples=bias_samples, max_float_nodes=max_float_nodes,
                             time_budget_s=time_budget_s, preprocess=preprocess, high_precision=high_precision,
-                            keep_fp32=keep_fp32, trt_version=trt_version)
+                            keep_fp32=keep_fp32, trt_version=trt_version, select_fraction=select_fraction)
     check_config(cfg)
     model = load_model(model_path)
     source = open_run_data(Path(data), model, preprocess=cfg.preprocess)

@@ -17,7 +17,9 @@ from typing import Any, Callable
 from calib.calibrate import Ranges, calibrate_all, parse_method
 from calib.collect import collect
 from calib.compare import Advice, advise, load_metric
+from calib.compare.auto import AutoChoice, choose_auto
 from calib.config import RunConfig
+from calib.data.split import split_source
 from calib.errors import TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
@@ -40,7 +42,7 @@ class Context:
     cfg: RunConfig
     model: Model
     source: Any  # calibration samples
-    ev: Any | None  # evaluation samples (None: no scoring, no advise)
+    ev: Any | None  # evaluation samples: what every reported figure is measured on (None: no scoring)
     progress: Progress | None = None
     stats: ActivationStats | None = None
     ranges: dict[str, Ranges] = field(default_factory=dict)  # method label -> Ranges
@@ -57,6 +59,10 @@ class Context:
     done: list[str] = field(default_factory=list)  # transforms applied
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model
     precision: str = ""  # what the fp16/bf16 remainder cast did (empty for fp32)
+    sel: Any | None = None  # selection samples: what auto, best, advise and bias correction choose on
+    split: dict[str, Any] | None = None  # how the calibration data was split (calib.data.split)
+    in_sample: bool = False  # reported figures are on the calibration data's report part (no eval data)
+    auto: AutoChoice | None = None  # the per-tensor choice of method 'auto'
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
@@ -103,6 +109,23 @@ def calibrate_step(ctx: Context) -> None:
     ctx.ranges = mark_flagged(calibrate_all(ctx.stats, methods), ctx.flagged)
 
 
+def needs_selection(cfg: RunConfig) -> bool:
+    """Something in the plan chooses on measured outputs (auto, best, advise, bias correction)."""
+    return cfg.primary in ("auto", "best") or bool(cfg.target) or bool(cfg.transforms)
+
+
+def split_step(ctx: Context) -> None:
+    """Whatever chooses never reports on itself: choices are made on the selection part of the calibration
+    data (split by sample id, ``calib.data.split``); figures on the evaluation data, else on the report part
+    of the calibration data, labelled in-sample (the statistics saw those samples, no choice did)."""
+    if not needs_selection(ctx.cfg):
+        return
+    sp = split_source(ctx.source, ctx.cfg.select_fraction)
+    ctx.sel, ctx.split = sp.select, sp.to_json()
+    if ctx.ev is None:
+        ctx.ev, ctx.in_sample = sp.report, True
+
+
 def choose_step(ctx: Context) -> None:
     CHOOSERS.get(ctx.cfg.primary, CHOOSERS["method"])(ctx)
 
@@ -116,8 +139,9 @@ def _score_candidates(ctx: Context, with_bias: bool) -> dict[str, Any]:
         corrected = correct_bias(ctx.model, ctx.candidates, ctx.source, batch_size=c.batch_size,
                                  limit=c.bias_samples or None, providers=c.providers, progress=ctx.progress)
     ctx.scored = {**ctx.candidates, **{label + BC_SUFFIX: bc.qdq for label, bc in corrected.items()}}
-    ctx.scores = score_methods(ctx.model, ctx.scored, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
-                               providers=c.providers, progress=ctx.progress)
+    ctx.scores = score_methods(ctx.model, ctx.scored, ctx.sel if ctx.sel is not None else ctx.ev,
+                               batch_size=c.batch_size, metric=c.compare_metric, providers=c.providers,
+                               progress=ctx.progress)
     return corrected
 
 
@@ -129,6 +153,18 @@ def choose_named(ctx: Context) -> None:
     if ctx.ev is not None and c.all_methods and c.compare:
         _score_candidates(ctx, with_bias=False)
     ctx.qdq = ctx.candidates.get(ctx.method) or ctx.export(ctx.method)
+
+
+@register_chooser("auto")
+def choose_auto_step(ctx: Context) -> None:
+    """A range per activation tensor, each the candidate with the best measured effect on the outputs
+    (``calib.compare.auto``), chosen on the selection samples."""
+    c = ctx.cfg
+    ctx.auto = choose_auto(ctx.model, ctx.stats, ctx.sel, placement=c.placement, exclude=c.exclude,
+                           batch_size=c.batch_size, providers=c.providers, progress=ctx.progress)
+    ctx.ranges["auto"] = mark_flagged({"auto": ctx.auto.ranges}, ctx.flagged)["auto"]
+    ctx.method = "auto"
+    ctx.qdq = ctx.export("auto")
 
 
 @register_chooser("best")
@@ -158,7 +194,7 @@ def advise_step(ctx: Context) -> None:
         return
     order = methods_first(ctx.method, list(ctx.ranges))
     try:
-        adv = advise(ctx.model, {m: ctx.ranges[m] for m in order}, ctx.ev, target=c.target, methods=order,
+        adv = advise(ctx.model, {m: ctx.ranges[m] for m in order}, ctx.sel, target=c.target, methods=order,
                      placement=c.placement, batch_size=c.batch_size,
                      metric=load_metric(c.compare_metric) if c.compare_metric else None,
                      max_steps=c.max_float_nodes or None, time_budget_s=c.time_budget_s or None,
@@ -179,12 +215,10 @@ def transforms_step(ctx: Context) -> None:
 def bias_transform(ctx: Context) -> None:
     c = ctx.cfg
     qdq, ctx.bias, outs = bias_correct(
-        ctx.model, ctx.qdq, ctx.source, ctx.ev if c.compare else None, batch_size=c.batch_size,
+        ctx.model, ctx.qdq, ctx.source, ctx.sel, batch_size=c.batch_size,
         limit=c.bias_samples or None, target=c.target, metric=c.compare_metric, providers=c.providers,
         progress=ctx.progress)
     ctx.qdq = qdq
-    if outs is not None:  # the shipped model's numbers are already measured
-        ctx.shipped = task_metrics(outs["with" if ctx.bias["kept"] else "without"].result())
     if ctx.advice is not None:
         bias_into_advice(ctx.advice, qdq, ctx.bias, outs)
         if ctx.missed is not None and ctx.advice.met:
@@ -195,10 +229,6 @@ def verify_step(ctx: Context) -> None:
     """The output metrics of the model that ships (reused when that very model was scored already)."""
     c = ctx.cfg
     if ctx.ev is None or ctx.shipped:
-        return
-    same = [label for label, q in ctx.scored.items() if q is ctx.qdq and label in ctx.scores]
-    if same:
-        ctx.shipped = dict(ctx.scores[same[0]])
         return
     outs = score_outputs(ctx.model, {"shipped": ctx.qdq.model}, ctx.ev, batch_size=c.batch_size,
                          metric=c.compare_metric, providers=c.providers, progress=ctx.progress,
