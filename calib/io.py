@@ -184,19 +184,19 @@ def npy_header(f: IO[bytes], where: str, *, size: int | None, max_bytes: int = M
                                  if version == (1, 0) else
                                  np.lib.format.read_array_header_2_0(f, max_header_size=1 << 16))
     except (ValueError, SyntaxError, TypeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise InputDataError(f"{where}: bad .npy header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputDataError(f"{where} has a bad .npy header ({why})") from None
     if dtype.hasobject:
-        raise InputDataError(f"{where}: holds Python objects, which calib refuses to unpickle",
+        raise InputDataError(f"{where} holds Python objects, which calib refuses to unpickle",
                              hint="save plain numeric arrays")
     if any(int(d) < 0 for d in shape):
         raise InputDataError(f"{where}: the .npy header declares a negative dimension {tuple(shape)}")
     h = NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), f.tell())
     if h.nbytes > max_bytes:
-        raise InputDataError(f"{where}: declares {h.nbytes} bytes (shape {h.shape}), more than the limit "
+        raise InputDataError(f"{where} declares {h.nbytes} bytes (shape {h.shape}), more than the limit "
                              f"of {max_bytes} bytes")
     if size is not None and h.offset + h.nbytes > size:
-        raise InputDataError(f"{where}: is truncated (header declares shape {h.shape}, {h.nbytes} bytes; "
+        raise InputDataError(f"{where} is truncated (header declares shape {h.shape}, {h.nbytes} bytes; "
                              f"the file holds {max(size - h.offset, 0)})")
     return h
 

@@ -39,8 +39,8 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 
 # ---- inputs a command reads (the output guard refuses to write over any of them) ----------------------------
 OUTPUT_PARAMS = frozenset({"output", "cache", "report", "html", "html_path"})
-# parameters named like outputs that a command reads instead (engine --cache: the cache is read)
-INPUT_OVERRIDES = {"engine": frozenset({"cache"})}
+# parameters named like outputs that a command reads instead (build-engine --cache: the cache is read)
+INPUT_OVERRIDES = {"build-engine": frozenset({"cache"})}
 
 
 def command_inputs(command: str, params: dict[str, object]) -> list[Path]:
