@@ -177,7 +177,7 @@ def main() -> int:
         mem = []
         if not args.skip_memory:
             mem.append(("orientation 224x224, batch 32, 64 samples",
-                        memory(orient, make_npz(d, "o32", name, (3, 224, 224), 64), 32, ["none", "512MB", "256MB"],
+                        memory(orient, make_npz(d, "o32", name, (3, 224, 224), 64), 32, ["none", "512MB"],
                                d / "mo")))
             det_name = load_model(det).inputs[0].name
             mem.append(("PP-OCRv4 det 256x256, batch 16, 32 samples",
