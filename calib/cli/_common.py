@@ -52,6 +52,8 @@ def command_inputs(command: str, params: dict[str, object]) -> list[Path]:
         if name in outputs:
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str) and name == "data" and "://" not in v:  # collect --data takes a path or a URI
+                v = Path(v)
             if isinstance(v, Path):
                 p = Path(str(v).partition("#")[0]) if "#" in str(v) else v
                 paths.append(p)

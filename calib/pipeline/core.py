@@ -92,7 +92,9 @@ def run_plan(ctx: Context, sink) -> Context:
 def summary(ctx: Context) -> dict[str, Any]:
     """The run's metrics: the shipped model's numbers first, then the path that got there."""
     out: dict[str, Any] = {k: v for k, v in ctx.shipped.items() if isinstance(v, (int, float, str))}
-    out.update(method=ctx.method, path=shipped_path(ctx), transforms=list(ctx.done))
+    out.update(method=ctx.method, path=shipped_path(ctx), transforms=list(ctx.done), in_sample=ctx.in_sample)
+    if ctx.precision:
+        out["high_precision"] = ctx.precision
     if ctx.bias is not None:
         out["bias_correction"] = "kept" if ctx.bias["kept"] else "not kept"
     if ctx.advice is not None:
@@ -236,6 +238,6 @@ def _execute(cfg: RunConfig, run: Run, store: RunStore, model: Model, data_fp: s
                      "preprocess": cfg.preprocess})
     sink = RunSink(run, store, model_sha256=model.sha256, data_fingerprint=data_fp, key=key,
                    method_files="all" if cfg.all_methods or cfg.primary == "best" else "chosen", reports=True)
-    ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
+    ctx = run_plan(Context(cfg, model, source, ev, progress, subset=calib_ids is not None), sink)
     run.set_metrics(summary(ctx))
     return ctx

@@ -177,6 +177,8 @@ def write_artifacts(ctx: Context, sink) -> None:
     if c.cache and (p := sink.path("cache", "model.cache")) is not None:
         write_cache(p, model_cache(shipped, ctx.model.proto, final), version=c.trt_version, scales=True)
     if (p := sink.path("scales", "scales.json")) is not None:
-        write_scale_report(p, scale_report(ctx.qdq, {**ctx.ranges, final.method: final}, chosen=final.method,
-                                           stats=ctx.stats))
+        doc = scale_report(ctx.qdq, {**ctx.ranges, final.method: final}, chosen=final.method, stats=ctx.stats)
+        write_scale_report(p, ctx.auto.annotate_scales(doc) if ctx.auto is not None else doc)
+    if ctx.auto is not None and (p := sink.path("auto", "auto.json")) is not None:
+        write_json(p, ctx.auto.to_json())  # per tensor: chosen candidate, runner-up, margin, scores
     _write_report(ctx, sink)

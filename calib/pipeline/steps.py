@@ -20,7 +20,8 @@ from calib.compare import Advice, advise, load_metric
 from calib.compare.auto import AutoChoice, choose_auto
 from calib.config import RunConfig
 from calib.data.split import split_source
-from calib.errors import TargetNotMet
+from calib.distributed import collect_sharded, resolve_max_memory
+from calib.errors import ConfigError, TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
 from calib.model import Model
@@ -63,6 +64,7 @@ class Context:
     split: dict[str, Any] | None = None  # how the calibration data was split (calib.data.split)
     in_sample: bool = False  # reported figures are on the calibration data's report part (no eval data)
     auto: AutoChoice | None = None  # the per-tensor choice of method 'auto'
+    subset: bool = False  # the calibration source is an edited subset (the dashboard's calib_ids)
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
@@ -95,10 +97,34 @@ def register_transform(name: str, fn: Transform | None = None):
 def collect_step(ctx: Context, reuse: ActivationStats | None = None, collector: Callable | None = None) -> None:
     """Statistics: reused, or collected (by ``collector`` when the sink keeps per-shard statistics)."""
     c = ctx.cfg
-    ctx.stats = reuse if reuse is not None else (collector or collect)(
-        ctx.model, ctx.source, batch_size=c.batch_size, limit=c.limit or None, providers=c.providers,
-        progress=ctx.progress)
+    if reuse is not None:
+        ctx.stats = reuse
+    elif c.backend == "ray":
+        ctx.stats = _collect_on_ray(ctx)
+    elif collector is not None:
+        ctx.stats = collector(ctx.model, ctx.source, batch_size=c.batch_size, limit=c.limit or None,
+                              providers=c.providers, progress=ctx.progress)
+    else:
+        ctx.stats = collect(ctx.model, ctx.source, batch_size=c.batch_size, limit=c.limit or None,
+                            providers=c.providers, progress=ctx.progress,
+                            max_memory=resolve_max_memory(c.max_memory, 1))
     ctx.flagged = flagged_tensors(ctx.stats)
+
+
+def _collect_on_ray(ctx: Context) -> ActivationStats:
+    """``[compute] backend = "ray"``: shards of the calibration data collected by Ray tasks that read their
+    own samples (``calib.distributed``); the merge equals a local pass bit for bit."""
+    c = ctx.cfg
+    if c.preprocess or c.sampling_strategy or ctx.subset:
+        raise ConfigError("compute.backend = 'ray' collects the whole calibration path with its guessed "
+                          "preprocessing: drop [preprocess]/[sampling] or collect with 'calib collect "
+                          "--backend ray' and reuse the statistics")
+    workers = c.num_workers if not c.address else 1
+    res = collect_sharded(c.model, c.calib_data, backend="ray", address=c.address or None,
+                          num_workers=c.num_workers, batch_size=c.batch_size, skip_bad=c.skip_bad,
+                          max_memory=resolve_max_memory(c.max_memory, workers), providers=c.providers,
+                          limit=c.limit or None, progress=ctx.progress)
+    return res.stats
 
 
 def calibrate_step(ctx: Context) -> None:

@@ -195,11 +195,11 @@ def test_3_usage_errors_exit_2_in_one_line(argv, text, capsys):
 
 
 def test_3_ctrl_c_exits_130(mlp, tmp_path, capsys, monkeypatch):
-    import calib.collect  # noqa: F401  (calib re-exports the function under the module's name)
+    import calib.cli.core  # the collect command calls the library's collect through its module-level import
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sys.modules["calib.collect"], "collect", interrupted)
+    monkeypatch.setattr(calib.cli.core, "collect", interrupted)
     model, data = mlp
     rc, _, err = run(capsys, "collect", model, "--data", data, "-o", tmp_path / "s.npz")
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
