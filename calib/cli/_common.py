@@ -38,7 +38,7 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 
 
 # ---- inputs a command reads (the output guard refuses to write over any of them) ----------------------------
-OUTPUT_PARAMS = frozenset({"output", "cache", "report", "html", "html_path"})
+OUTPUT_PARAMS = frozenset({"output", "cache", "report", "html", "html_path", "stats_out"})
 # parameters named like outputs that a command reads instead (build-engine --cache: the cache is read)
 INPUT_OVERRIDES = {"build-engine": frozenset({"cache"})}
 
