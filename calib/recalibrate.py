@@ -167,10 +167,26 @@ def _plan_new(old: ShardSet | None, keep: Sequence[str], size: int) -> list[tupl
     return out
 
 
-def _final_ranges(ranges: dict[str, Ranges], primary: str, advice: dict | None) -> Ranges:
-    """The primary method's ranges, with the per-tensor methods the old run's advise chose."""
+def _methods_used(old: Run, primary: str, advice: dict | None) -> tuple[str, dict[str, str]]:
+    """(base method, tensor -> method) of the old run's shipped model: ``auto``'s per-tensor candidates
+    (``auto.json``), then the per-tensor methods its advise chose."""
+    changed: dict[str, str] = {}
+    base = primary
+    if primary == "auto" and "auto" in old.manifest.get("artifacts", {}):
+        doc = old.read_json("auto")
+        base = parse_method(doc["base_method"]).label
+        changed = {t: r["chosen"] for t, r in doc.get("tensors", {}).items() if r.get("chosen") not in (None, base)}
+    elif primary == "auto":
+        raise RunStoreError(f"run {old.id}: method 'auto' but no auto.json: its per-tensor choice is unknown",
+                            hint="re-run it, or re-calibrate a run of a named method")
+    base = parse_method(base).label
+    changed.update((advice or {}).get("changed_methods") or {})
+    return base, changed
+
+
+def _final_ranges(ranges: dict[str, Ranges], primary: str, changed: dict[str, str]) -> Ranges:
+    """The primary method's ranges, with the per-tensor methods the old run chose (auto, advise)."""
     base = ranges[primary]
-    changed = (advice or {}).get("changed_methods") or {}
     if not changed:
         return base
     tensors = {t: (ranges[m].tensors[t] if m in ranges and t in ranges[m].tensors else r)
@@ -216,18 +232,19 @@ def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, prog
         stats.save(run.add_artifact("stats", "stats.npz"))
     keep = [i for g in groups for i in g]
     write_json(run.add_artifact("calib_ids", "calib_ids.json"), keep)
-    for key in ("preprocess",):
+    for key in ("preprocess", "auto"):  # the spec, and auto's per-tensor choice that re-calibration keeps
         if key in old.manifest.get("artifacts", {}):
             shutil.copyfile(old.artifact(key), run.add_artifact(key, old.manifest["artifacts"][key]))
     methods = list(cfg.get("methods") or ["entropy", "minmax", "percentile", "mse"])
     primary = old.manifest.get("method") or methods[0]
     advice = old.read_json("advise") if "advise" in old.manifest.get("artifacts", {}) else None
-    used = [parse_method(primary).label, *sorted(set(((advice or {}).get("changed_methods") or {}).values()))]
+    base, changed = _methods_used(old, primary, advice)
+    used = [base, *sorted(set(changed.values()))]
     with run.timing("calibrate"):
         ranges = calibrate_all(stats, list(dict.fromkeys([*(methods if all_methods else []), *used])))
         save_ranges(run.add_artifact("ranges", "ranges.json"), ranges, weight_ranges(model), stats)
     exclude = list(dict.fromkeys([*(cfg.get("exclude") or []), *((advice or {}).get("exclude") or [])]))
-    chosen = _final_ranges(ranges, parse_method(primary).label, advice)
+    chosen = _final_ranges(ranges, base, changed)
     with run.timing("export"):
         q = export_qdq(model, chosen, placement=cfg.get("placement") or "trt", exclude=exclude)
         stamp_model(q.model, _spec(old))
@@ -235,7 +252,7 @@ def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, prog
         if cfg.get("cache", True):
             write_cache(run.add_artifact("cache", "model.cache"), chosen)
         write_scale_report(run.add_artifact("scales", "scales.json"),
-                           scale_report(q, ranges, chosen=parse_method(primary).label, stats=stats))
+                           scale_report(q, ranges, chosen=base, stats=stats))
     result = Recalibration(run, sum(p is not None for _, p in plan), len(todo), sum(len(g) for g in todo),
                            time.perf_counter() - t0)
     run.update(n_samples=stats.n_samples, recalibrated_from=old.id)

@@ -104,9 +104,7 @@ def quantize_cmd(
     preprocess: Optional[Path] = preprocess_option(),
 ) -> None:
     """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
-
-    if target:
-        parse_target(target)
+    parse_target(target) if target else None  # fail fast, before any work
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
     spec = resolve_spec(model, data, preprocess)
     prog = Progress()

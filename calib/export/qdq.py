@@ -327,7 +327,7 @@ def export_qdq(
     ctx = PlacementContext(work, ranges, excluded_nodes, excluded_tensors, dict(flagged or {}))
     plan = make_plan(ctx, placement, per_channel=weights == "per_channel")
     check_needed(plan, ranges)
-    if not plan.edges and not plan.weights and not excluded_nodes and not excluded_tensors:
+    if not plan.edges and not plan.weights and not excluded_nodes and not excluded_tensors and not plan.skipped:
         raise ModelError(f"{model.path or 'model'}: nothing to quantize (no node TensorRT runs in INT8 under "
                          f"the '{placement}' placement)", hint="INT8 calibration needs Conv, MatMul, Gemm or similar")
     amax = _shared_amax(plan, ranges)
