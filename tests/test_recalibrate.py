@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from calib.calibrate import calibrate_all, load_ranges
+from calib.calibrate import parse_method, calibrate_all, load_ranges
 from calib.collect import collect
 from calib.config import RunConfig
 from calib.data.preprocess import spec_of_model
@@ -83,7 +83,10 @@ def test_dropping_samples_recollects_only_touched_shards_and_equals_a_fresh_coll
     assert new.read_json("calib_ids") == keep and spec_of_model(q) is None  # arrays: no image spec
     again = recalibrate(store, new, model, src, keep[1:])  # shards of the new run are reused in turn
     assert (again.reused, again.recollected) == (n - 1, 1)
-    assert list(load_ranges(again.run.artifact("ranges"))) == ["entropy"]  # ranges only: the shipped method
+    # ranges only: the methods the shipped model uses (auto's base method and its per-tensor candidates)
+    auto = new.read_json("auto")
+    used = {parse_method(m).label for m in [auto["base_method"], *(r["chosen"] for r in auto["tensors"].values())]}
+    assert set(load_ranges(again.run.artifact("ranges"))) == used
 
 
 def test_dropping_from_two_shards_collects_their_rest_once(base):
