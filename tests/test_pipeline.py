@@ -51,7 +51,7 @@ def test_quantize_one_shot_end_to_end(demo, tmp_path, capsys):
     cache = (tmp_path / "m.cache").read_text().splitlines()
     assert cache[0] == "TRT-100300-EntropyCalibration2" and all(": " in line for line in cache[1:])
     rep = json.loads((tmp_path / "scales.json").read_text())
-    assert rep["chosen_method"] == "entropy" and rep["activations"] and rep["weights"]
+    assert rep["chosen_method"] == "auto" and rep["activations"] and rep["weights"]  # the default: per tensor
     assert {"entropy", "minmax", "percentile", "mse"} <= set(rep["methods"])
 
 
@@ -74,6 +74,7 @@ def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
     from calib.data import open_source
     from calib.export import export_qdq
     from calib.model import load_model
+    from calib.data.split import split_source
     from calib.pipeline import quantize, task_metrics
 
     _, pages = demo
@@ -83,7 +84,8 @@ def test_best_scores_every_method_in_one_pass_as_compare_does(demo, tmp_path):
     # without a target, best = highest output SQNR (top-1 agreement ties are noise at this size)
     assert res.metrics[res.best]["sqnr_db"] == max(m["sqnr_db"] for m in res.metrics.values())
     model = load_model(demo_model())
-    ev = open_source(pages / "eval", model)
+    # best chooses on the selection part of the calibration data (never on the data it reports on)
+    ev = split_source(open_source(pages / "calib", model), 0.25).select
     for label, r in res.ranges.items():
         rep = compare(model, export_qdq(model, r).model, ev, batch_size=8, layers=False)
         ref = task_metrics(rep)
@@ -97,6 +99,7 @@ def test_best_with_bias_correction_scores_both_versions_and_writes_the_winner(de
     from calib.compare import compare
     from calib.data import open_source
     from calib.model import load_model
+    from calib.data.split import split_source
     from calib.pipeline import BC_SUFFIX, quantize, task_metrics
 
     _, pages = demo
@@ -110,7 +113,8 @@ def test_best_with_bias_correction_scores_both_versions_and_writes_the_winner(de
     corrected = any(t.name.endswith("_bias_corrected") for t in written.graph.initializer)
     assert corrected == res.bias["kept"]
     model = load_model(demo_model())
-    ref = task_metrics(compare(model, written, open_source(pages / "eval", model), batch_size=8, layers=False))
+    sel = split_source(open_source(pages / "calib", model), 0.25).select  # what best chose on
+    ref = task_metrics(compare(model, written, sel, batch_size=8, layers=False))
     for k in ("cosine", "sqnr_db"):
         assert res.metrics[res.best][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
 
@@ -121,7 +125,9 @@ def test_bias_correction_without_eval_data_is_applied_and_export_takes_it_too(de
     stats = tmp_path / "s.npz"
     assert main(["quantize", str(demo_model()), "--data", str(pages / "calib"), "-o", str(a), "-m", "mse",
                  "--bias-correction", "--bias-samples", "8", "--limit", "16", "-b", "8"]) == 0
-    assert "kept (no evaluation data: applied as measured)" in capsys.readouterr().out
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bias correction:"))
+    assert "on the selection samples" in line  # verified on held-out samples, even without evaluation data
+    kept = "not kept" not in line
     assert main(["collect", str(demo_model()), "--data", str(pages / "calib"), "-o", str(stats), "--limit", "16",
                  "-b", "8"]) == 0
     assert main(["export", str(demo_model()), "--stats", str(stats), "-m", "mse", "-o", str(b),
@@ -134,7 +140,8 @@ def test_bias_correction_without_eval_data_is_applied_and_export_takes_it_too(de
         return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "bias_corrected" in t.name}
 
     got_a, got_b = biases(a), biases(b)
-    assert got_a and set(got_a) == set(got_b) and not biases(c)
+    assert got_b and not biases(c) and bool(got_a) == kept
+    assert not got_a or set(got_a) == set(got_b)
     for k in got_a:  # the same statistics and samples give the same correction either way
         np.testing.assert_allclose(got_a[k], got_b[k], rtol=1e-5, atol=1e-7)
 

@@ -289,7 +289,8 @@ def _float_pass(s: _Search, st: _State, order: list[str]) -> None:
 def _base_ranges(fm: Model, stats_or_ranges, methods: Sequence[str] | None, eval_source, budget_s: float,
                  **kw) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``{method: Ranges}`` to search over, "auto" (per-tensor choice on ``eval_source``) first when asked."""
-    if not (methods and "auto" in methods):
+    chosen = isinstance(stats_or_ranges, Mapping) and "auto" in stats_or_ranges  # auto already chose (pipeline)
+    if not (methods and "auto" in methods) or chosen:
         return _ranges_by_method(stats_or_ranges, methods), None
     if not isinstance(stats_or_ranges, ActivationStats):
         raise ConfigError("method 'auto' needs statistics", hint="pass ActivationStats (--stats stats.npz)")

@@ -100,19 +100,19 @@ def compare_model(model: Model, qdq_proto, eval_source, *, batch_size: int, metr
 
 def bias_correct(model: Model, qdq, source, ev, *, batch_size: int, limit: int | None, target: str,
                  metric: str, providers, progress) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
-    """Bias-correct ``qdq`` on ``source``; with evaluation data keep the result only if it scores at least as
+    """Bias-correct ``qdq`` on ``source``; with selection samples keep the result only if it scores at least as
     well. Returns the model to use, what was done (JSON-ready) and the output metrics of both versions."""
     bc = correct_bias(model, qdq, source, batch_size=batch_size, limit=limit, providers=providers,
                       progress=progress)
-    info: dict[str, Any] = {**bc.to_json(), "kept": True, "why": "no evaluation data: applied as measured"}
+    info: dict[str, Any] = {**bc.to_json(), "kept": True, "why": "no selection samples: applied as measured"}
     if ev is None:
         return bc.qdq, info, None
     outs = score_outputs(model, {"without": qdq.model, "with": bc.qdq.model}, ev, batch_size=batch_size,
                          metric=metric, providers=providers, progress=progress, stage="bias correction: scoring")
     ms = {k: task_metrics(m.result()) for k, m in outs.items()}
     keep = best_key(ms["with"], target) >= best_key(ms["without"], target)
-    info.update(kept=keep, scores=ms, why="scored at least as well on the evaluation data" if keep
-                else "the uncorrected model scored better on the evaluation data")
+    info.update(kept=keep, scores=ms, why="scored at least as well on the selection samples" if keep
+                else "the uncorrected model scored better on the selection samples")
     return (bc.qdq if keep else qdq), info, outs
 
 

@@ -4,9 +4,9 @@ A step takes the ``Context`` and fills in what it produced. Two registries make 
 
 - ``CHOOSERS``: the "choose ranges" step, keyed by ``RunConfig.primary``: a named method (``entropy``,
   ``percentile:99.99`` ... all handled by the ``"method"`` chooser), ``best`` (score every method on the
-  evaluation data), and any chooser registered later with ``register_chooser`` (e.g. ``auto``).
+  selection samples), ``auto`` (per tensor), and any chooser registered later with ``register_chooser`` (e.g. ``auto``).
 - ``TRANSFORMS``: model transforms applied after advise, in ``RunConfig.transforms`` order
-  (``bias_correction`` today), each verified on the evaluation data where it can be.
+  (``bias_correction`` today), each verified on the selection samples.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def choose_auto_step(ctx: Context) -> None:
 
 @register_chooser("best")
 def choose_best(ctx: Context) -> None:
-    """The method whose model scores best on the evaluation data (``best_key``). With bias correction and
+    """The method whose model scores best on the selection samples (``best_key``). With bias correction and
     no target each method is scored with and without it; with a target, advise re-exports from the
     ranges, so the correction is made after it instead."""
     c = ctx.cfg
@@ -207,8 +207,8 @@ def choose_best(ctx: Context) -> None:
     if corrected:
         use_bc = ctx.best.endswith(BC_SUFFIX)
         ctx.bias = {**corrected[ctx.method].to_json(), "kept": use_bc,
-                    "why": "scored better on the evaluation data" if use_bc else
-                    "the uncorrected model scored at least as well on the evaluation data"}
+                    "why": "scored better on the selection samples" if use_bc else
+                    "the uncorrected model scored at least as well on the selection samples"}
         ctx.qdq = corrected[ctx.method].qdq if use_bc else ctx.qdq
         ctx.done.append("bias_correction")
 
