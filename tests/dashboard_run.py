@@ -48,7 +48,8 @@ def build_store(root: Path) -> tuple[Path, Path]:
     pages = build_pages(root / "pages")
     store = RunStore(root / "store")
     cfg = RunConfig(name="demo", store=store.root, model=demo_model(), calib_data=pages / "calib",
-                    eval_data=pages / "eval", batch_size=8, html=False, methods=list(METHODS), cache=False)
+                    eval_data=pages / "eval", batch_size=8, html=False, methods=list(METHODS), cache=False,
+                    primary="entropy")  # a named method: the pages show its per-method layers (auto has its own tests)
     from calib.pipeline import execute
 
     execute(cfg, store=store, command=["tests/dashboard_run.py"])

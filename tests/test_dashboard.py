@@ -142,13 +142,17 @@ def test_layers_page_shows_worst_layers_histogram_and_errors(demo, monkeypatch):
         shown = worst[worst["method"] == m]["sqnr_db"].tolist()
         assert shown == pytest.approx(sq[:5])
     # pick the worst entropy layer by searching its node name
-    w = min(rep["entropy"]["layers"], key=lambda r: r["sqnr_db"])
+    # the page opens on the worst layer of the primary method: lowest local SQNR (where the error enters)
+    key = "local_sqnr_db" if any(r.get("local_sqnr_db") is not None for r in rep["entropy"]["layers"]) else "sqnr_db"
+    w = min((r for r in rep["entropy"]["layers"] if r.get(key) is not None and r[key] == r[key]), key=lambda r: r[key])
     pick = f"layers_tensor_pick_{demo['run'].name}"
-    assert at.selectbox(key=pick).value == w["fp32_tensor"]  # the page opens on the worst layer (primary method)
-    assert "opened on the worst layer: lowest sqnr_db" in texts(at)
+    assert at.selectbox(key=pick).value == w["fp32_tensor"]
+    assert f"opened on the worst layer: lowest {key}" in texts(at)
+    # then the worst calibrated tensor by accumulated SQNR: its histogram, ranges and error figure
+    ranges = json.loads((demo["run"] / "ranges.json").read_text())["methods"]
+    w = min((r for r in rep["entropy"]["layers"] if r["fp32_tensor"] in ranges["entropy"]), key=lambda r: r["sqnr_db"])
     at.text_input(key="layers_search").set_value(w["node"]).run()
     at.selectbox(key=pick).set_value(w["fp32_tensor"]).run()
-    ranges = json.loads((demo["run"] / "ranges.json").read_text())["methods"]
     amax_tab = frame(at, "clipped fraction (calibration data)")
     shown_t = [t for t in ranges["entropy"] if t == w["fp32_tensor"]] or None
     assert shown_t, "the worst layer's output is a calibrated tensor in the demo model"
