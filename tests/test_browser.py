@@ -147,6 +147,7 @@ def test_every_page_renders_real_numbers(server, page):
 
     _open(page, url, "layers", "Layers: drift through depth")
     assert "Worst layers" in page.inner_text("body")
+    page.locator(".js-plotly-plot").first.wait_for(timeout=60000)  # plotly draws after the script has run
     assert page.locator(".js-plotly-plot").count() >= 1  # depth curves (a histogram only for calibrated tensors)
     body = page.inner_text("body")
     assert "SQNR (dB) through depth" in body
