@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -27,7 +28,7 @@ import numpy as np
 
 from calib.errors import CalibError, InputDataError
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "save_onnx", "ensure_writable_dir",
+__all__ = ["sha256_file", "atomic_path", "write_bytes", "write_text", "write_json", "save_onnx", "ensure_writable_dir",
            "protect_inputs", "check_output", "npy_header", "read_npz", "NpyHeader", "MAX_ARRAY_BYTES"]
 
 MAX_ARRAY_BYTES = 1 << 36  # 64 GiB: no calibration array is larger; anything declaring more is refused
@@ -39,6 +40,15 @@ _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 
 
 # ---- output guard ---------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, h=None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks; with ``h`` (a hashlib object) feeds it instead."""
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _identity(path: str | os.PathLike) -> tuple[str, tuple[int, int] | None]:
     real = os.path.realpath(os.path.abspath(os.fspath(path)))
     try:

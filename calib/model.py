@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calib.errors import ModelError
+from calib.io import sha256_file
 from calib.graph import constant_tensors, consumers, fold_constant_nodes, name_nodes, node_depth, producers
 from calib.model_guard import lift_ir3
 
@@ -228,14 +229,6 @@ class Model:
         return self.nodes_of(WEIGHTED_OPS)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_external_data(proto: onnx.ModelProto, folder: Path, path: Path) -> None:
     root = folder.resolve()
     for t in _all_tensors(proto):
@@ -283,7 +276,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> Model:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError) as e:  # e.g. a truncated external-data file
             raise ModelError(f"{path}: cannot read its external data ({str(e).splitlines()[0]})") from None
-    return model_from_proto(proto, path=path, _copy=False, _sha256=_sha256_file(path))
+    return model_from_proto(proto, path=path, _copy=False, _sha256=sha256_file(path))
 
 
 def model_from_proto(proto: onnx.ModelProto, *, path: Path | None = None, _copy: bool = True,

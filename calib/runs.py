@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from calib.errors import RunStoreError
-from calib.io import atomic_path, write_json
+from calib.io import atomic_path, sha256_file, write_json
 
 __all__ = ["RunStore", "Run", "RunInfo", "RUN_FORMAT_VERSION", "DEFAULT_STORE", "fingerprint_path", "versions"]
 
@@ -64,16 +64,11 @@ def fingerprint_path(path: str | os.PathLike) -> str:
     p = Path(path)
     h = hashlib.sha256()
     if p.is_file():
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(p, h)
     if p.is_dir():
         for f in sorted(x for x in p.rglob("*") if x.is_file()):
             h.update(str(f.relative_to(p)).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            sha256_file(f, h)
         return h.hexdigest()
     raise RunStoreError(f"{p}: no such data file or folder")
 
@@ -212,7 +207,7 @@ class Run:
         p = self.artifact(key)
         if p is None:
             raise RunStoreError(f"run {self.id}: no artifact '{key}' to seal")
-        digest = _sha256(p)
+        digest = sha256_file(p)
         self.manifest.setdefault("sha256", {})[key] = digest
         self._save()
         return digest
@@ -227,7 +222,7 @@ class Run:
             raise RunStoreError(f"run {self.dir.name}: no recorded sha256 for its {key}")
         if p.is_symlink() or not p.is_file():
             raise RunStoreError(f"run {self.dir.name}: {p.name} is not a regular file")
-        got = _sha256(p)
+        got = sha256_file(p)
         if got != want:
             raise RunStoreError(f"run {self.dir.name}: {p.name} changed since it was written (sha256 {got[:12]}…, "
                                 f"recorded {want[:12]}…)")
@@ -373,14 +368,6 @@ class RunStore:
 def _field(manifest: dict, section: str, key: str) -> Any:
     sec = manifest.get(section)
     return sec.get(key) if isinstance(sec, dict) else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _user() -> str:

@@ -81,6 +81,16 @@ def calib_qdq(model, source: ListSource, method: str = "minmax", placement: str 
     return stats, ranges, export_qdq(model, ranges, placement=placement)
 
 
+def cnn_setup(n: int = 48):
+    """(model, labelled source of ``n`` samples, stats, ranges, minmax Q/DQ) for the small CNN."""
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn())
+    src = cnn_data(n, labels=True)
+    stats, ranges, q = calib_qdq(m, src)
+    return m, src, stats, ranges, q
+
+
 def plant_bad_scale(proto: onnx.ModelProto, consumer: str, factor: float = 40.0) -> str:
     """Multiply the activation scale of the Q/DQ chain feeding ``consumer``'s input 0; return the scale name."""
     g = proto.graph

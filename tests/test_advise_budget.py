@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from compare_graphs import calib_qdq, cnn_data, plant_bad_scale, small_cnn
+from compare_graphs import cnn_setup, plant_bad_scale
 
 from calib.compare.advice import DEFAULT_TIME_BUDGET_S, advice_json_path, advise
 from calib.compare.mapping import map_models
@@ -16,10 +16,7 @@ from calib.model import model_from_proto
 
 @pytest.fixture(scope="module")
 def setup():
-    m = model_from_proto(small_cnn())
-    src = cnn_data(48, labels=True)
-    stats, ranges, q = calib_qdq(m, src)
-    return m, src, stats, ranges, q
+    return cnn_setup()
 
 
 def test_ranking_puts_the_node_where_error_enters_first(setup):

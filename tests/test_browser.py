@@ -16,18 +16,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from calib.drift_verdict import worst_layer
 
-from dashboard_run import copy_store, shared_store
+from dashboard_run import copy_store, free_port, shared_store, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent / "_output" / "screenshots"
@@ -35,26 +32,6 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgro
                "--disable-component-update", "--disable-sync", "--no-first-run"]  # + a fresh --user-data-dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"calib dashboard exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("calib dashboard did not come up")
 
 
 def _missing(what: str) -> None:
@@ -78,14 +55,14 @@ def server(tmp_path_factory):
     require_browser()
     src, pages = shared_store(tmp_path_factory)
     store = copy_store(src, tmp_path_factory.mktemp("dash-browser") / "store")
-    port = _free_port()
+    port = free_port()
     calib = Path(sys.executable).parent / "calib"
     cmd = [str(calib)] if calib.exists() else [sys.executable, "-c", "from calib.cli import entry; entry()"]
     proc = subprocess.Popen([*cmd, "dashboard", "--store", str(store), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
+        assert wait_http(f"{url}/_stcore/health", proc) == 200
         yield {"url": url, "store": store, "pages": pages, "run": next(d for d in store.iterdir() if d.is_dir())}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

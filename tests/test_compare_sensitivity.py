@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from compare_graphs import calib_qdq, cnn_data, plant_bad_scale, small_cnn
+from compare_graphs import cnn_setup, plant_bad_scale
 
 from calib.calibrate import Ranges, TensorRange
 from calib.compare import compare
@@ -14,15 +14,12 @@ from calib.compare.advice import advice_json_path, advise
 from calib.compare.sensitivity import sensitivity
 from calib.errors import TargetNotMet
 from calib.export import export_qdq
-from calib.model import load_model, model_from_proto
+from calib.model import load_model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    m = model_from_proto(small_cnn())
-    src = cnn_data(48, labels=True)
-    stats, ranges, q = calib_qdq(m, src)
-    return m, src, stats, ranges, q
+    return cnn_setup()
 
 
 def test_planted_bad_scale_ranks_first_in_compare(setup):

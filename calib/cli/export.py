@@ -138,12 +138,7 @@ def export_cmd(
         raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     _check_outputs(output, cache, report)
     m = load_model(model)
-    bias_source = None
-    if bias_data is not None:  # bad data is reported before any work
-
-        spec = load_spec(preprocess)
-        bias_source = open_run_data(bias_data, m, preprocess=spec.to_dict() if spec is not None else None)
-        show_spec(bias_source, "bias data")
+    bias_source = _open_bias_data(bias_data, m, preprocess)
     for note in m.notes:
         echo(f"model: {note}")
     stats_obj, flagged = None, {}
@@ -154,12 +149,27 @@ def export_cmd(
         chosen, all_ranges = _ranges_from_file(ranges, method)
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
-    if bias_data is not None:
+    if bias_source is not None:
         qdq = _bias_correct(m, qdq, bias_source, bias_samples, bias_mode)
     if dtype != "fp32":
         qdq = _high_precision(qdq, dtype, stats_obj, keep_fp32)
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     stamp_model(qdq.model, getattr(bias_source, "spec", None) or load_spec(preprocess))
+    _write_outputs(qdq, m, chosen, output, cache, trt_version, report, doc)
+
+
+def _open_bias_data(bias_data: Optional[Path], m, preprocess: Optional[Path]):
+    """The --bias-data source (opened first, so bad data is reported before any work), or None."""
+    if bias_data is None:
+        return None
+    spec = load_spec(preprocess)
+    source = open_run_data(bias_data, m, preprocess=spec.to_dict() if spec is not None else None)
+    show_spec(source, "bias data")
+    return source
+
+
+def _write_outputs(qdq, m, chosen, output: Path, cache: Optional[Path], trt_version: Optional[int],
+                   report: Optional[Path], doc) -> None:
     qdq.save(output)
     echo(f"{qdq.summary()} -> {output}")
     for t, why in list(qdq.skipped.items())[:5]:

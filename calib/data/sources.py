@@ -31,7 +31,7 @@ from calib.errors import InputDataError
 from calib.model import load_model
 
 __all__ = ["ImageSource", "ImageFolderSource", "ManifestSource", "open_source", "read_image", "IMAGE_EXTS",
-           "model_classes", "check_labels", "image_input"]
+           "model_classes", "check_labels", "image_input", "image_setup"]
 
 log = logging.getLogger(__name__)
 
@@ -227,19 +227,7 @@ def open_source(path_or_spec, model=None, *, spec: PreprocessSpec | str | os.Pat
     if not (p.is_dir() or suffix in MANIFEST_EXTS):
         raise InputDataError(f"{p}: unsupported data (expected .npz, .npy, an image folder, or a .csv/.jsonl "
                              "manifest)")
-    if model is None:
-        raise InputDataError(f"{p}: images need the model (for the input name and the preprocessing)",
-                             hint="pass --model")
-    name = image_input(model)
-    inp = next(s for s in model.inputs if s.name == name)
-    if spec is None:
-        spec = guess_preprocess(model)
-        if spec is None:
-            raise InputDataError(f"cannot guess preprocessing for input '{name}' {inp.describe()}",
-                                 hint="write a preprocessing spec (JSON) and pass it with --preprocess")
-    elif not isinstance(spec, PreprocessSpec):
-        spec = PreprocessSpec.load(spec)
-    check_spec(spec, inp)
+    name, spec = image_setup(model, spec, where=f"{p}: ")
     classes = classes if classes is not None else _matching_classes(p, model)
     if p.is_dir():
         src = ImageFolderSource(p, spec, name, classes=classes, skip_bad=skip_bad)
@@ -277,3 +265,22 @@ def _is_token_file(p: Path) -> bool:
                     return False
                 return isinstance(obj, dict) and "path" not in obj
     return False
+
+
+def image_setup(model, spec, where: str = "") -> tuple[str, PreprocessSpec]:
+    """The image input's name and the preprocessing spec in use (given, loaded from a path, or guessed),
+    checked against the input; ``where`` prefixes the error (e.g. the data path)."""
+    if model is None:
+        raise InputDataError(f"{where}images need the model (for the input name and the preprocessing)",
+                             hint="pass --model")
+    name = image_input(model)
+    inp = next(s for s in model.inputs if s.name == name)
+    if spec is None:
+        spec = guess_preprocess(model)
+        if spec is None:
+            raise InputDataError(f"cannot guess preprocessing for input '{name}' {inp.describe()}",
+                                 hint="write a preprocessing spec (JSON) and pass it with --preprocess")
+    elif not isinstance(spec, PreprocessSpec):
+        spec = PreprocessSpec.load(spec)
+    check_spec(spec, inp)
+    return name, spec

@@ -26,9 +26,9 @@ from PIL import Image
 
 from calib.data import open_data
 from calib.data.base import Source
-from calib.data.preprocess import PreprocessSpec, check_spec, guess_preprocess
+from calib.data.preprocess import PreprocessSpec
 from calib.data.images import class_order, numeric_labels
-from calib.data.sources import (IMAGE_EXTS, MANIFEST_EXTS, ImageSource, check_labels, image_input, n_outputs_classes,
+from calib.data.sources import (IMAGE_EXTS, MANIFEST_EXTS, ImageSource, check_labels, image_setup, n_outputs_classes,
                                 read_image)
 from calib.errors import InputDataError
 
@@ -120,22 +120,6 @@ def _read_uri_image(uri: str, sid: str) -> Image.Image:
         raise InputDataError(f"{sid}: cannot read {uri} ({e})") from None
 
 
-def _image_setup(model, spec) -> tuple[str, PreprocessSpec]:
-    if model is None:
-        raise InputDataError("images need the model (for the input name and the preprocessing)", hint="pass --model")
-    name = image_input(model)
-    inp = next(s for s in model.inputs if s.name == name)
-    if spec is None:
-        spec = guess_preprocess(model)
-        if spec is None:
-            raise InputDataError(f"cannot guess preprocessing for input '{name}' {inp.describe()}",
-                                 hint="write a preprocessing spec (JSON) and pass it with --preprocess")
-    elif not isinstance(spec, PreprocessSpec):
-        spec = PreprocessSpec.load(spec)
-    check_spec(spec, inp)
-    return name, spec
-
-
 def _join(base: str, rel: str) -> str:
     if is_uri(rel) or os.path.isabs(rel):
         return rel
@@ -143,7 +127,7 @@ def _join(base: str, rel: str) -> str:
 
 
 def _uri_manifest(text: str, rows: list[tuple[int, dict]], model, spec, split, skip_bad, classes) -> Source:
-    name, spec = _image_setup(model, spec)
+    name, spec = image_setup(model, spec)
     if split is not None:
         have = sorted({str(r.get("split")) for _, r in rows})
         rows = [(n, r) for n, r in rows if str(r.get("split")) == split]
@@ -177,7 +161,7 @@ def _uri_manifest(text: str, rows: list[tuple[int, dict]], model, spec, split, s
 def _uri_folder(text: str, model, spec, skip_bad, classes) -> Source:
     import fsspec  # optional ([ray] extra)
 
-    name, spec = _image_setup(model, spec)
+    name, spec = image_setup(model, spec)
     fs, root = fsspec.core.url_to_fs(text)
     if not fs.isdir(root):
         raise InputDataError(f"{text}: no such folder or unsupported data",
