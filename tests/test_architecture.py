@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import re
+
 import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MODULE_LINES = 400
@@ -132,3 +133,14 @@ def test_modules_and_functions_stay_small():
 def test_size_pending_files_exist():
     gone = [name for name in SIZE_PENDING if not (ROOT / name).is_file()]
     assert not gone, f"{gone} are gone: remove them from SIZE_PENDING"
+
+def test_readme_architecture_diagram_is_the_layer_contract():
+    """The README's Architecture diagram lists the import-linter layers, in order (so the picture cannot drift)."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    drawn = [re.split(r"\s{3,}", line.strip())[0] for line in block.strip().splitlines()]
+    assert drawn == layers
