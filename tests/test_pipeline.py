@@ -184,10 +184,11 @@ def test_quantize_bad_target_is_exit_2(demo, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def _config(tmp: Path, pages: Path, store: Path, **extra) -> Path:
+def _config(tmp: Path, pages: Path, store: Path, primary: str | None = None, **extra) -> Path:
     lines = ["[run]", 'name = "t"', f'store = "{store}"', "[model]", f'path = "{demo_model()}"', "[data]",
              f'calib = "{pages / "calib"}"', f'eval = "{pages / "eval"}"', "batch_size = 8",
-             "[calibrate]", 'methods = ["entropy", "minmax"]', "[compare]", "html = false"]
+             "[calibrate]", 'methods = ["entropy", "minmax"]', *([f'primary = "{primary}"'] if primary else []),
+             "[compare]", "html = false"]
     for sec, body in extra.items():
         lines.append(f"[{sec}]")
         lines.extend(body)
@@ -199,7 +200,7 @@ def _config(tmp: Path, pages: Path, store: Path, **extra) -> Path:
 def test_run_records_everything_and_reuses_statistics(demo, tmp_path, capsys):
     src_store, pages = demo
     store = copy_store(src_store, tmp_path / "store")
-    cfg = _config(tmp_path, pages, store)
+    cfg = _config(tmp_path, pages, store, primary="entropy")  # a named method: auto's choice has its own tests
     assert main(["run", str(cfg)]) == 0
     assert main(["run", str(cfg)]) == 0
     runs = RunStore(store).runs()
