@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from calib.errors import ConfigError, ModelError
 from calib.export.qdq import _Names
+from calib.graph import QDQ_OPS
 
 __all__ = ["HIGH_PRECISION", "TARGET_RUNTIMES", "RANGE_OPS", "PrecisionResult", "cast_remainder",
            "fp32_nodes", "profile", "resolve_target", "apply_high_precision"]
@@ -181,7 +182,7 @@ def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None
     keep, rops = frozenset(keep_fp32), frozenset(range_ops)
     out, opset, dt = {}, _opset(proto), HIGH_PRECISION[dtype]
     for n in proto.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type in QDQ_OPS:
             continue
         why = _keep_reason(n, kinds, stats, limit, inits, rops, keep)
         if why is None and _lacks_type(n, opset, dt):
@@ -235,7 +236,7 @@ class _Rewriter:
             return TensorProto.FLOAT
         if n.op_type == "DequantizeLinear" and n.input[0] in self.producer:  # follows its Q
             return self.region.get(self.producer[n.input[0]].name, self.dt)
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type in QDQ_OPS:
             dqs = [c for c in self.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"] \
                 if n.op_type == "QuantizeLinear" else [n]
             users = [u for d in dqs for u in self.consumers.get(d.output[0], [])]
@@ -260,7 +261,7 @@ class _Rewriter:
         if key not in self.init_copies:
             arr = numpy_helper.to_array(self.inits[name])
             new = self.fresh(f"{name}_{'bf16' if region == TensorProto.BFLOAT16 else 'fp16'}")
-            is_scale = n.op_type in ("QuantizeLinear", "DequantizeLinear") and idx == 1
+            is_scale = n.op_type in QDQ_OPS and idx == 1
             t = _floored_scale(new, arr, region) if is_scale else _low_tensor(new, arr, region)
             self.g.initializer.append(t)
             self.init_copies[key] = new
