@@ -79,16 +79,15 @@ def resolve_target(target_runtime: str | None, placement: str | None,
                    high_precision: str | None) -> tuple[str, str]:
     """(placement, dtype) from the CLI/config: explicit values win over the ``target_runtime`` profile.
 
-    With a target runtime: its profile (trt -> TensorRT placement + fp16, ort
-    -> ort placement + fp32). Without one the remainder stays fp32 (the
-    behaviour before this option): ``calib compare``/``advise`` pair tensors
-    through Q/DQ nodes only and cannot map a model with boundary Casts yet, so
-    fp16 is not the default of a bare ``calib export``.
+    Without a target runtime the placement names the profile: TensorRT (the
+    default) -> fp16 remainder (what TensorRT 11's strong typing needs for the
+    float part to run in FP16, and ModelOpt's default), ``--placement ort`` ->
+    fp32 (ONNX Runtime's CPU provider has few FP16 kernels). ``--high-precision``
+    always wins.
     """
-    if target_runtime is None:
-        p, d = placement or "trt", "fp32"
-    else:
-        p, d = profile(target_runtime)
+    if target_runtime is None and placement is not None and placement not in TARGET_RUNTIMES:
+        raise ConfigError(f"--placement {placement}: expected one of {', '.join(TARGET_RUNTIMES)}")
+    p, d = profile(target_runtime if target_runtime is not None else (placement or "trt"))
     d = high_precision or d
     if d not in HIGH_PRECISION:
         raise ConfigError(f"--high-precision {d}: expected one of {', '.join(HIGH_PRECISION)}")
