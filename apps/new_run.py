@@ -1,5 +1,6 @@
-"""The "New run" form: every option ``calib run`` has (method incl. best, target, placement, float nodes,
-preprocessing, subset, bias correction), checked before anything starts; the run goes to ``actions``."""
+"""The "New run" form: every option ``calib run`` has (method incl. best, target, target runtime and
+high-precision remainder, float nodes, preprocessing, subset, bias correction), checked before anything
+starts; the run goes to ``actions``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from calib.compare import parse_target
 from calib.config import RunConfig
 from calib.data.preprocess import PreprocessSpec
 from calib.errors import CalibError, ConfigError
+from calib.export.precision import HIGH_PRECISION, TARGET_RUNTIMES, resolve_target
 
 PRIMARIES = [*METHODS, "best"]
+RUNTIME_HELP = {"trt": "TensorRT 10/11: TensorRT's Q/DQ rules, FP16 remainder",
+                "ort": "ONNX Runtime CPU: its int8 fusions, FP32 remainder"}
 PREPROCESS_MODES = ["guessed from the model (shown in the run)", "spec file (JSON)", "spec as JSON text"]
 
 
@@ -39,9 +43,14 @@ def _export_options() -> dict[str, Any]:
                                  help="advise keeps nodes in float until the target holds on the evaluation data"),
          "max_float": c2.number_input("max float nodes (0 = no limit)", 0, 10000, 0, key="nr_max_float"),
          "budget": c3.number_input("advise time budget, s (0 = none)", 0.0, 1e6, 0.0, key="nr_budget"),
-         "placement": c1.selectbox("placement", ["trt", "ort"], key="nr_placement",
-                                   help="trt: TensorRT's Q/DQ rules; ort: ONNX Runtime's CPU int8 fusions"),
-         "exclude": c2.text_input("keep in float (node names, op types or tensors; comma-separated)",
+         "runtime": c1.selectbox("target runtime", list(TARGET_RUNTIMES), key="nr_runtime",
+                                 format_func=lambda r: f"{r}: {RUNTIME_HELP.get(r, '')}",
+                                 help="sets the Q/DQ placement and the dtype of everything not INT8 together"),
+         "high_precision": c2.selectbox("high-precision remainder", ["", *HIGH_PRECISION], key="nr_high_precision",
+                                        format_func=lambda d: d or "the target runtime's",
+                                        help="dtype of the non-INT8 part of the written model (TensorRT 11 runs "
+                                             "it as typed); advise and the choice of ranges measure FP32"),
+         "exclude": c3.text_input("keep in float (node names, op types or tensors; comma-separated)",
                                   key="nr_exclude"),
          "batch": c3.number_input("batch size", 1, 4096, 8, key="nr_batch"),
          "bias": c1.checkbox("bias correction", key="nr_bias"),
@@ -99,6 +108,10 @@ def build_config(v: dict[str, Any]) -> RunConfig:
     except CalibError as e:
         problems.append(f"preprocessing: {e}")
         pp = {}
+    try:  # the CLI's --target-runtime / --high-precision rule
+        placement, high_precision = resolve_target(v["runtime"], None, v["high_precision"] or None)
+    except CalibError as e:
+        problems.append(f"target runtime: {e}")
     if problems:
         raise ConfigError("; ".join(problems), hint="fix the fields above; nothing was started")
     mp = Path(v["model"]).expanduser().resolve()
@@ -110,7 +123,7 @@ def build_config(v: dict[str, Any]) -> RunConfig:
         methods=list(dict.fromkeys([*v["methods"], *([primary] if primary != "best" else [])])), primary=primary,
         skip_bad=True, sampling_strategy=v["strategy"], sampling_n=int(v["size"]) if v["strategy"] else 0,
         target=v["target"].strip(), max_float_nodes=int(v["max_float"]), time_budget_s=float(v["budget"]),
-        placement=v["placement"], exclude=[x.strip() for x in v["exclude"].split(",") if x.strip()],
+        placement=placement, high_precision=high_precision, exclude=[x.strip() for x in v["exclude"].split(",") if x.strip()],
         batch_size=int(v["batch"]), bias_correction=bool(v["bias"]), cache=bool(v["cache"]), html=bool(v["html"]),
         preprocess=pp)
 

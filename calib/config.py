@@ -86,7 +86,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
                                          "eval data kept only if it scores at least as well)."),
         "bias_samples": (int, 128, "Calibration samples used by bias correction (0 = all)."),
         "target_runtime": (str, "", "trt (TensorRT placement + fp16 remainder) or ort (ort placement + fp32); "
-                                    "'' = placement as set, fp32 remainder."),
+                                    "'' = the profile of export.placement (trt -> fp16, ort -> fp32)."),
         "high_precision": (str, "", "fp16 | bf16 | fp32: dtype of the non-INT8 remainder ('' = the profile's)."),
         "keep_fp32": (list, [], "Node names or op types kept FP32 in an fp16/bf16 remainder."),
         "trt_version": (int, DEFAULT_TRT_VERSION, "TensorRT version in the cache header (NV_TENSORRT_VERSION "
@@ -133,7 +133,7 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["entropy", "minmax", "percentile", "mse"])
     primary: str = "auto"
     placement: str = "trt"
-    high_precision: str = "fp32"  # dtype of the non-INT8 remainder (calib.export.precision)
+    high_precision: str = "fp16"  # dtype of the non-INT8 remainder (calib.export.precision; ort placement: fp32)
     keep_fp32: list[str] = field(default_factory=list)
     trt_version: int = DEFAULT_TRT_VERSION
     exclude: list[str] = field(default_factory=list)

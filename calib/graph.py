@@ -1,7 +1,8 @@
 """Facts about an ONNX graph that several stages need, computed one way.
 
 Indexes (``producers``, ``consumers``), topological ``node_depth``, which tensors are
-``constant_tensors`` (computed from initializers only), the Q/DQ op set, node
+``constant_tensors`` (computed from initializers only), the Q/DQ and Cast op sets (a Cast between
+float dtypes, ``is_precision_cast``, is what an FP16/BF16 remainder adds at region boundaries), node
 attributes, folding ``Constant`` nodes into initializers, and the BatchNormalization
 fold arithmetic (``fold_bn``) that both the ``ort`` export (``calib.export.fold``) and
 the FP32/Q/DQ pairing (``calib.compare.mapping``) use. Plain functions over protos:
@@ -14,10 +15,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["QDQ_OPS", "attr", "producers", "consumers", "node_depth", "constant_tensors", "constant_value",
+__all__ = ["QDQ_OPS", "CAST_OPS", "FLOAT_TYPES", "is_precision_cast", "attr", "producers", "consumers", "node_depth", "constant_tensors", "constant_value",
            "fold_constant_nodes", "name_nodes", "fold_bn"]
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# A Cast between float dtypes changes precision, not the value's meaning: the FP16/BF16 remainder
+# (calib.export.precision) inserts them at region boundaries; pairing and grouping see through them.
+CAST_OPS = frozenset({"Cast"})
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                         onnx.TensorProto.DOUBLE})
+
+
+def is_precision_cast(node: onnx.NodeProto, types: dict[str, int] | None = None) -> bool:
+    """A ``Cast`` to a float dtype whose input is float too (an input of unknown type counts as float)."""
+    if node.op_type not in CAST_OPS or attr(node, "to") not in FLOAT_TYPES or not node.input:
+        return False
+    et = (types or {}).get(node.input[0])
+    return not et or et in FLOAT_TYPES
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

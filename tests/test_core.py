@@ -87,7 +87,9 @@ def test_quantize_run_and_dashboard_give_the_same_files_and_metrics(case, tmp_pa
         assert _sha(r.artifact("cache")) == _sha(tmp_path / "q" / "m.cache")
         assert _sha(r.artifact("scales")) == _sha(tmp_path / "q" / "scales.json")
         shipped = _numbers(r.manifest["metrics"])
+        remainder = {k[len("fp32_remainder_"):]: shipped.pop(k) for k in list(shipped) if k.startswith("fp32_remainder_")}
         assert shipped == _numbers(res.shipped) and shipped["sqnr_db"] > 0
+        assert remainder == _numbers(res.remainder) and remainder  # the default fp16 remainder's FP32 twin
         assert r.manifest["metrics_by_method"] == res.metrics
     # the recorded numbers are the written model's, as a separate full comparison measures them
     fm = load_model(case["model"])
@@ -159,8 +161,10 @@ def test_cache_leaves_out_what_the_shipped_model_keeps_float(case, tmp_path):
                 assert i not in cache.tensors, (n.name, i)
     qdq_amax = e.value.result.advice.qdq.amax
     for t, r in cache.tensors.items():
-        if t in qdq_amax:  # the amax the Q/DQ model was exported with (to the cache's hex precision)
-            assert r.amax == pytest.approx(qdq_amax[t], rel=1e-6)
+        if t in quantized:  # exactly the written QuantizeLinear's scale (float16 values: the default remainder)
+            assert np.float32(r.amax / 127) == np.float32(quantized[t]), t
+        if t in qdq_amax:  # the amax the Q/DQ model was exported with, to FP16 rounding of its scale
+            assert r.amax == pytest.approx(qdq_amax[t], rel=1e-3)
 
 
 @pytest.mark.parametrize("strategy", ["random", "kcenter"])
@@ -229,9 +233,10 @@ def test_nonfinite_tensors_stay_float_in_quantize_as_in_export(tmp_path):
     b = tmp_path / "b.onnx"
     assert main(["export", str(model), "--stats", str(s), "-m", "minmax", "-o", str(b)]) == 0
     assert _sha(a) == _sha(b)
-    q = onnx.load(str(a))
-    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in q.graph.node)
-    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "m" for n in q.graph.node)
+    from calib.export.trt_cache import qdq_activation_scales
+
+    quantized = qdq_activation_scales(onnx.load(str(a)))  # through the FP16 remainder's input Cast
+    assert "x" in quantized and "m" not in quantized
     assert "m" not in {r["tensor"] for r in json.loads(rep.read_text())["activations"]}
 
 

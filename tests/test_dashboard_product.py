@@ -4,6 +4,7 @@ per-sample signals of the calibration set (Streamlit's AppTest on a real demo ru
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_new_run_with_every_option_and_its_progress_in_a_second_session(demo, mo
     at.multiselect(key="nr_methods").set_value(["entropy", "minmax"])
     at.selectbox(key="nr_primary").set_value("best")
     at.text_input(key="nr_target").set_value("top1:0.5")
-    at.selectbox(key="nr_placement").set_value("ort")
+    at.selectbox(key="nr_runtime").set_value("ort")
     at.number_input(key="nr_batch").set_value(4)
     at.selectbox(key="nr_pp_mode").set_value("spec as JSON text")
     spec = {"format": "calib.preprocess", "version": 1, "resize": [224, 224], "channels": "BGR",
@@ -60,9 +61,32 @@ def test_new_run_with_every_option_and_its_progress_in_a_second_session(demo, mo
     new = demo["store"] / rid
     cfg = json.loads((new / "config.json").read_text())
     assert (cfg["primary"], cfg["target"], cfg["placement"], cfg["batch_size"]) == ("best", "top1:0.5", "ort", 4)
+    assert cfg["high_precision"] == "fp32"  # the ONNX Runtime target's remainder
     assert cfg["preprocess"]["resize"] == [224, 224] and cfg["preprocess"]["channels"] == "BGR"
     assert (new / "advise.json").exists() and (new / "COMPLETE").exists()
     assert json.loads((new / "preprocess.json").read_text())["channels"] == "BGR"
+
+
+@pytest.mark.parametrize("runtime, high, want", [("trt", "", ("trt", "fp16")), ("ort", "", ("ort", "fp32")),
+                                                 ("trt", "fp32", ("trt", "fp32")), ("ort", "bf16", ("ort", "bf16"))])
+def test_new_run_form_target_runtime_and_remainder_follow_the_cli_rule(tmp_path, monkeypatch, runtime, high, want):
+    """The form's target runtime / high-precision fields give the RunConfig that --target-runtime /
+    --high-precision give (calib.export.precision.resolve_target): fp16 for TensorRT, fp32 for ORT, explicit wins."""
+    import numpy as np
+
+    from tests import models
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "apps"))
+    monkeypatch.setenv("CALIB_STORE", str(tmp_path / "store"))
+    new_run = __import__("new_run")
+    model = models.save(models.gemm_mlp(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 10), np.float32))
+    v = {"model": model, "name": "", "calib": str(tmp_path / "calib.npz"), "eval": "", "methods": ["minmax"],
+         "primary": "minmax", "target": "", "max_float": 0, "budget": 0.0, "runtime": runtime,
+         "high_precision": high, "exclude": "", "batch": 4, "bias": False, "cache": True, "html": False,
+         "strategy": "", "size": 0, "pp_mode": new_run.PREPROCESS_MODES[0], "pp": ""}
+    cfg = new_run.build_config(v)
+    assert (cfg.placement, cfg.high_precision) == want
 
 
 def test_a_bad_target_is_refused_before_anything_starts(demo, monkeypatch):

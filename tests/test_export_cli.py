@@ -123,8 +123,13 @@ def test_exclude_keeps_node_float(setup):
     model, stats, tmp = setup
     out = tmp / "o.onnx"
     assert main(["-q", "export", str(model), "--stats", str(stats), "-o", str(out), "-x", "fc", "-x", "conv1"]) == 0
-    nodes = {n.name: list(n.input) for n in onnx.load(str(out)).graph.node}
-    assert nodes["fc"] == ["f", "Wg"] and nodes["conv1"] == ["x", "W1"]
+    written = onnx.load(str(out)).graph
+    nodes = {n.name: list(n.input) for n in written.node}
+    made_by = {o: n for n in written.node for o in n.output}
+    # no Q/DQ on either; the default fp16 remainder casts the graph input x once (and W1 keeps its name in fp16)
+    assert nodes["fc"] == ["f", "Wg"] and nodes["conv1"][1:] == ["W1"]
+    cast = made_by[nodes["conv1"][0]]
+    assert cast.op_type == "Cast" and list(cast.input) == ["x"]
 
 
 def test_unwritable_output_path(setup, capsys):

@@ -104,8 +104,9 @@ def test_best_with_bias_correction_scores_both_versions_and_writes_the_winner(de
 
     _, pages = demo
     out = tmp_path / "bc.onnx"
+    # best scores FP32-remainder models: write one (the default fp16 remainder is checked below)
     res = quantize(demo_model(), pages / "calib", out, method="best", eval_data=pages / "eval", batch_size=8,
-                   limit=32, bias_correction=True, bias_samples=16)
+                   limit=32, bias_correction=True, bias_samples=16, high_precision="fp32")
     assert set(res.metrics) == set(res.ranges) | {m + BC_SUFFIX for m in res.ranges}
     assert res.metrics[res.best]["sqnr_db"] == max(m["sqnr_db"] for m in res.metrics.values())
     assert res.bias["kept"] == res.best.endswith(BC_SUFFIX) and res.bias["n_samples"] == 16
@@ -117,6 +118,30 @@ def test_best_with_bias_correction_scores_both_versions_and_writes_the_winner(de
     ref = task_metrics(compare(model, written, sel, batch_size=8, layers=False))
     for k in ("cosine", "sqnr_db"):
         assert res.metrics[res.best][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
+
+
+def test_default_quantize_writes_fp16_and_reports_both_remainders(demo, tmp_path):
+    """The TensorRT default writes an FP16 remainder; ``shipped`` is what a full compare of the written model gives
+    on the evaluation data, ``remainder`` what the same run with ``high_precision='fp32'`` writes."""
+    from calib.compare import compare
+    from calib.data import open_source
+    from calib.model import load_model
+    from calib.pipeline import quantize, task_metrics
+
+    _, pages = demo
+    a, b = tmp_path / "fp16.onnx", tmp_path / "fp32.onnx"
+    kw = dict(method="minmax", eval_data=pages / "eval", batch_size=8, limit=32)
+    res = quantize(demo_model(), pages / "calib", a, **kw)
+    res32 = quantize(demo_model(), pages / "calib", b, high_precision="fp32", **kw)
+    w16, w32 = onnx.load(str(a)), onnx.load(str(b))
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in w16.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 not in {t.data_type for t in w32.graph.initializer} and not res32.remainder
+    model = load_model(demo_model())
+    ev = open_source(pages / "eval", model)
+    for written, numbers in ((w16, res.shipped), (w32, res.remainder), (w32, res32.shipped)):
+        ref = task_metrics(compare(model, written, ev, batch_size=8, layers=False))
+        for k in ("cosine", "sqnr_db", "top1_agreement"):
+            assert numbers[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
 
 
 def test_bias_correction_without_eval_data_is_applied_and_export_takes_it_too(demo, tmp_path, capsys):

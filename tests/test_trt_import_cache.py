@@ -72,10 +72,13 @@ def test_hand_written_trt_fixture_decodes_big_endian_hex(setup):
     p.write_text(HAND_TRT)
     out, rep = tmp / "hand.onnx", tmp / "hand.json"
     assert main(["-q", "import-cache", str(model), str(p), "-o", str(out), "--report", str(rep),
-                 "--stats", str(stats)]) == 0
+                 "--stats", str(stats), "--high-precision", "fp32"]) == 0
     s = _q_scales(out)
     # 3c010204 = 1/127 (float32), 3e000000 = 0.125, 3d800000 = 0.0625: big-endian IEEE-754 float32
     assert s["x"] == np.float32(1 / 127) and s["r1"] == np.float32(0.125) and s["flat"] == np.float32(0.0625)
+    # the TensorRT default (fp16 remainder) holds the same scales rounded to float16
+    assert main(["-q", "import-cache", str(model), str(p), "-o", str(tmp / "hand16.onnx")]) == 0
+    assert _q_scales(tmp / "hand16.onnx")["x"] == float(np.float16(1 / 127))
     doc = json.loads(rep.read_text())
     assert doc["model_lacks"] == ["(Unnamed Layer* 3) [Constant]_output"]
     assert set(doc["cache_lacks"]) == set()  # c2 is not quantized by the trt placement, so nothing else needed

@@ -163,7 +163,8 @@ def advise_cmd(
     target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
                                                  "remainder; ort: ort placement + fp32 (see calib export)."),
     high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32 remainder of "
-                                                 "the written model (advise itself measures the fp32 one)."),
+                                                 "the written model (default: fp16 for TensorRT, fp32 with "
+                                                 "--placement ort; advise itself measures the fp32 one)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels (.npy or one integer per line)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="User metric: package.module:function."),
     html_path: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML report of the final model."),
@@ -200,18 +201,19 @@ def advise_cmd(
     finally:
         prog.close()
     _print_advice(adv, output, advice_json_path(output))
+    shipped = adv.qdq
     if dtype != "fp32":  # the written model gets the high-precision remainder; the advice JSON is unchanged
-        cast, prec = apply_high_precision(adv.qdq, dtype, stats=st)
-        save_onnx(cast.model, output)
+        shipped, prec = apply_high_precision(adv.qdq, dtype, stats=st)
+        save_onnx(shipped.model, output)
         echo(f"{prec.summary()} -> {output}")
-    if html_path is not None:
-        _advice_html(html_path, fm, adv, source, st, labs, model.name, batch_size=batch_size,
+    if html_path is not None:  # the report describes the written model
+        _advice_html(html_path, fm, adv, shipped, source, st, labs, model.name, batch_size=batch_size,
                      optimization=optimization, providers=provider)
 
 
-def _advice_html(html_path: Path, fm, adv, source, st, labs, name: str, *, batch_size: int, optimization: str,
-                 providers) -> None:
-    report = compare(fm, adv.qdq, source, batch_size=batch_size, labels=labs, optimization=optimization,
+def _advice_html(html_path: Path, fm, adv, shipped, source, st, labs, name: str, *, batch_size: int,
+                 optimization: str, providers) -> None:
+    report = compare(fm, shipped, source, batch_size=batch_size, labels=labs, optimization=optimization,
                      providers=providers)
     if adv.sensitivity is not None:
         report.sensitivity = adv.sensitivity.to_json()

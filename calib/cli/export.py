@@ -35,7 +35,8 @@ _EXPORT_EPILOG = """Examples:
 
   calib export model.onnx --stats stats.npz --target-runtime ort -o model.ort.int8.onnx
 
-  calib export model.onnx --stats stats.npz --high-precision fp32 -o model.int8.fp32rest.onnx
+  calib export model.onnx --stats stats.npz --high-precision fp32 -o model.int8.fp32rest.onnx   (TensorRT
+  placement, FP32 remainder: the FP16 default's reference)
 """
 
 _BUILD_EPILOG = """Examples:
@@ -106,11 +107,13 @@ def export_cmd(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="entropy | minmax | percentile[:P] | mse "
                                          "(default entropy with --stats; with --ranges the file's only method)."),
     placement: Optional[str] = typer.Option(None, "--placement", "-p", help="trt: TensorRT's Q/DQ rules "
-                                            "(default); ort: ONNX Runtime's CPU int8 kernels (QLinearConv chains)."),
+                                            "(default, fp16 remainder); ort: ONNX Runtime's CPU int8 kernels "
+                                            "(QLinearConv chains, fp32 remainder)."),
     target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
                                                  "remainder; ort: ort placement + fp32 remainder."),
     high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32: dtype of "
-                                                 "everything not INT8 (default: the --target-runtime's; fp32 without one)."),
+                                                 "everything not INT8 (default: the target runtime's: fp16 for "
+                                                 "TensorRT, fp32 with --placement/--target-runtime ort)."),
     keep_fp32: List[str] = typer.Option([], "--keep-fp32", help="Node name or op type kept FP32 in an fp16/bf16 "
                                         "model (repeatable; overflowing tensors are found from --stats)."),
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="Node name, op type or tensor name to keep "

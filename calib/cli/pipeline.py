@@ -76,12 +76,12 @@ def quantize_cmd(
                                              "'calib export/advise --stats' (no second collect)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (for best/target)."),
     target: str = typer.Option("", "--target", help="e.g. cosine:0.99 or top1:0.99: keep nodes in float until met."),
-    placement: Optional[str] = typer.Option(None, "--placement", help="trt (TensorRT's rules, default) or ort "
-                                            "(ORT CPU fusions)."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="trt (TensorRT's rules, default; fp16 "
+                                            "remainder) or ort (ORT CPU fusions; fp32 remainder)."),
     target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: TensorRT placement + fp16 "
                                                  "remainder; ort: ort placement + fp32 (see calib export)."),
     high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32: dtype of "
-                                                 "the non-INT8 remainder (default: the profile's, else fp32)."),
+                                                 "the non-INT8 remainder (default: fp16 for TensorRT, fp32 with ort)."),
     keep_fp32: List[str] = typer.Option([], "--keep-fp32", help="Node or op type kept FP32 in an fp16 remainder."),
     trt_version: int = typer.Option(DEFAULT_TRT_VERSION, "--trt-version", help="TensorRT version in the cache "
                                     "header (e.g. 100300 = 10.3.0)."),
@@ -129,6 +129,8 @@ def _print_quantized(res, target: str) -> None:
     """The shipped model's numbers first, then the path that got there, then the files."""
     if res.shipped:
         echo("shipped model: " + _metrics_line(res.shipped))
+    if res.remainder:
+        echo("  same, FP32 remainder: " + _metrics_line(res.remainder))
     echo(f"path: {res.path}")
     if res.metrics:
         for label, task in res.metrics.items():

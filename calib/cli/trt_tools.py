@@ -53,7 +53,8 @@ def import_cache_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
     placement: Optional[str] = typer.Option(None, "--placement", "-p", help="trt (default) | ort."),
     target_runtime: Optional[str] = typer.Option(None, "--target-runtime", help="trt: + fp16 remainder; ort."),
-    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32."),
+    high_precision: Optional[str] = typer.Option(None, "--high-precision", help="fp16 | bf16 | fp32 (default: fp16 "
+                                                 "for TensorRT, fp32 for ort)."),
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="Node, op type or tensor kept float."),
     stats: Optional[Path] = typer.Option(None, "--stats", "-s", help="Fresh statistics: diff the cache's ranges "
                                          "against them (which tensors it clips or wastes)."),

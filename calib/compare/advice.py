@@ -156,7 +156,7 @@ def _candidates(tm: TensorMap, node: str, choice: dict[str, str], by: dict[str, 
     for qi in tm.quantized.get(node, []):
         if qi.is_weight or qi.source is None:
             continue
-        t = _fp32_name(tm, qi.source)
+        t = _fp32_name(tm, qi.value or qi.source)
         if t is None or t not in choice:
             continue
         cur = by[choice[t]].tensors[t].amax

@@ -71,7 +71,7 @@ class LocalModel:
         return out
 
 
-def _copy_node(node: onnx.NodeProto, k: int, ren: dict[str, str], rev: dict[str, str], qinits: dict,
+def _copy_node(node: onnx.NodeProto, k: int, ren: dict[str, str], rev: Callable[[str], str | None], qinits: dict,
                inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, str | None]:
     """A copy of one Q/DQ-model node reading FP32 tensors, chain outputs or copied initializers."""
     c = copy.deepcopy(node)
@@ -86,8 +86,8 @@ def _copy_node(node: onnx.NodeProto, k: int, ren: dict[str, str], rev: dict[str,
             if c.input[i] not in inits:
                 inits[c.input[i]] = copy.deepcopy(qinits[t])
                 inits[c.input[i]].name = c.input[i]
-        elif t in rev:
-            c.input[i] = rev[t]
+        elif rev(t) is not None:
+            c.input[i] = rev(t)
         else:
             return c, f"input '{t}' of '{node.name}' has no FP32 counterpart"
     for i, o in enumerate(node.output):
@@ -113,6 +113,7 @@ def local_model(fm: Model, tm: TensorMap) -> LocalModel:
               if not (k in fp_inits and fp_inits[k].SerializeToString() == t.SerializeToString())}
     rev.update({k: k for k in fp_inits if k not in qinits})
     inits: dict[str, onnx.TensorProto] = {}
+    read = _fp32_reader(rev, tm, m)
     lm = LocalModel(m, {}, {})
     for k, (fnode, qins) in enumerate(tm.quantized.items()):
         qn = qnodes.get(tm.nodes.get(fnode, ""))
@@ -123,7 +124,7 @@ def local_model(fm: Model, tm: TensorMap) -> LocalModel:
         new, why = [], None
         chain = dict.fromkeys(n for qi in qins for n in qi.chain if n in qnodes)  # an input read twice: one copy
         for c in [qnodes[n] for n in chain] + [qn]:
-            cc, why = _copy_node(c, k, ren, rev, qinits, inits)
+            cc, why = _copy_node(c, k, ren, read, qinits, inits)
             if why:
                 break
             new.append(cc)
@@ -137,6 +138,24 @@ def local_model(fm: Model, tm: TensorMap) -> LocalModel:
             lm.pairs[f], lm.nodes[f] = loc, fnode
     m.graph.initializer.extend(inits.values())
     return lm
+
+
+def _fp32_reader(rev: dict[str, str], tm: TensorMap, m: onnx.ModelProto) -> Callable[[str], str | None]:
+    """Q/DQ-model tensor -> the FP32-model tensor a local copy reads; where the Q/DQ model holds it in another
+    float dtype (an FP16/BF16 remainder), a Cast of the FP32 tensor to that dtype (added to ``m`` once)."""
+    qtypes, ftypes, casts = tm.qdq.tensor_types, tm.fp32.tensor_types, {}
+
+    def read(t: str) -> str | None:
+        f = rev.get(t)
+        want = qtypes.get(t)
+        if f is None or not want or ftypes.get(f, onnx.TensorProto.FLOAT) == want:
+            return f
+        if (f, want) not in casts:
+            out = casts[(f, want)] = f"{f}{SUFFIX}_as{want}"
+            m.graph.node.append(onnx.helper.make_node("Cast", [f], [out], name=out, to=want))
+        return casts[(f, want)]
+
+    return read
 
 
 def local_errors(fm: Model, tm: TensorMap, source, *, batch_size: int = 16, limit: int | None = None,

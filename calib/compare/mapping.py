@@ -9,13 +9,14 @@ and calib's ``ort`` placement folds BatchNormalization into the Conv before it.
 Names therefore prove nothing. ``map_models`` walks the FP32 graph in
 topological order and, for each node, looks for the Q/DQ-model node with the
 same op whose *activation* inputs are the counterparts of the FP32 node's
-inputs once every Q/DQ chain is looked through (constant inputs, which
+inputs once every Q/DQ chain and every Cast between float dtypes (the boundary Casts of an
+FP16/BF16 remainder, ``calib.graph.is_precision_cast``) is looked through (constant inputs, which
 quantization rewrites, are not compared). Ties (two Convs reading one tensor)
 are broken by attributes, then weight shapes, then order.
 
 FP32 nodes with no counterpart are classified:
 
-* ``Identity``/``Dropout``: removed; the output is the input.
+* ``Identity``/``Dropout``/a Cast between float dtypes: removed (or seen through); the output is the input.
 * ``BatchNormalization`` after a matched node: folded into it; the FP32 BN output
   pairs with the folded node's output, and the pre-BN tensor is not comparable.
 * ``Relu``/``Clip``: fused into the following QuantizeLinear (its range clips);
@@ -33,7 +34,7 @@ import onnx
 from onnx import helper
 
 from calib.errors import ModelError
-from calib.graph import QDQ_OPS, attr, constant_tensors, fold_bn
+from calib.graph import QDQ_OPS, attr, constant_tensors, fold_bn, is_precision_cast
 from calib.model import Model
 
 __all__ = ["QdqInput", "TensorPair", "TensorMap", "map_models", "fold_bn_into", "float_constant", "QDQ_OPS"]
@@ -52,16 +53,19 @@ MIN_MATCHED_FRACTION = 0.5
 class QdqInput:
     """One input of a quantized node in the Q/DQ model that reads through a Q/DQ chain.
 
-    ``source`` is the float tensor the chain starts from (an activation, or a float
-    initializer for ``Q(W) -> DQ``); it is None for a weight stored as integers
-    (``DQ(W_int8)``). ``chain`` lists the Q/DQ node names, source first.
+    ``source`` is the float tensor the first QuantizeLinear reads (an activation, or a
+    float initializer for ``Q(W) -> DQ``); it is None for a weight stored as integers
+    (``DQ(W_int8)``). ``value`` is the same value before any precision Cast (what
+    ``TensorMap.sources`` holds): ``x -> Cast(fp16) -> Q -> DQ`` has source ``x``'s Cast
+    output and value ``x``. ``chain`` lists the Cast and Q/DQ node names, source first.
     """
 
     index: int
-    tensor: str  # what the node reads (the last DequantizeLinear's output)
+    tensor: str  # what the node reads (the last DequantizeLinear's output, or a Cast of it)
     source: str | None
     chain: tuple[str, ...]
     is_weight: bool
+    value: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,18 +132,21 @@ class _QdqGraph:
         self.producer = model.producers
         self.const = constant_tensors(model.graph, constant_nodes=True)
         self.inits = set(model.initializers)
+        self.types = model.tensor_types
         self._src: dict[str, tuple[str | None, tuple[str, ...]]] = {}
 
     def source(self, t: str) -> tuple[str | None, tuple[str, ...]]:
-        """(float source, chain of Q/DQ node names) of tensor ``t``; source None for an integer weight."""
+        """(float source, chain of Q/DQ and precision-Cast node names) of ``t``; source None for an integer weight.
+
+        ``x -> Cast -> Q -> DQ -> conv``: the source is ``x``, the value before every Q/DQ and precision Cast."""
         hit = self._src.get(t)
         if hit is not None:
             return hit
         chain: list[str] = []
-        cur = t
-        while True:
+        cur, res = t, None
+        while res is None:
             p = self.producer.get(cur)
-            if p is None or p.op_type not in QDQ_OPS:
+            if p is None or (p.op_type not in QDQ_OPS and not is_precision_cast(p, self.types)):
                 break
             chain.append(p.name)
             cur = p.input[0]
@@ -148,11 +155,15 @@ class _QdqGraph:
                 if q is None or q.op_type != "QuantizeLinear":
                     # DQ of stored integers (a weight) or of a graph input: no float source inside the graph
                     res = (None, tuple(reversed(chain)))
-                    self._src[t] = res
-                    return res
-        res = (cur, tuple(reversed(chain)))
+        res = res or (cur, tuple(reversed(chain)))
         self._src[t] = res
         return res
+
+    def quantized_input(self, t: str) -> str | None:
+        """The tensor the first QuantizeLinear of ``t``'s chain reads (None: no such Q, e.g. a stored weight)."""
+        _, chain = self.source(t)
+        q = next((self.model.nodes[n] for n in chain if self.model.nodes[n].op_type == "QuantizeLinear"), None)
+        return q.input[0] if q is not None else None
 
     def resolved(self, t: str) -> str:
         if not t:
@@ -230,7 +241,7 @@ def map_models(fp32: Model, qdq: Model) -> TensorMap:
     fconst = constant_tensors(fp32.graph, constant_nodes=True)
     index: dict[tuple, list[onnx.NodeProto]] = {}
     for n in qdq.graph.node:
-        if n.op_type in QDQ_OPS or all((not o) or o in g.const for o in n.output):
+        if n.op_type in QDQ_OPS or is_precision_cast(n, g.types) or all((not o) or o in g.const for o in n.output):
             continue
         index.setdefault((n.domain or "", n.op_type, _key_qdq(n, g)), []).append(n)
     for i in fp32.inputs:
@@ -270,7 +281,7 @@ def map_models(fp32: Model, qdq: Model) -> TensorMap:
 def _absorb(fn, fp32: Model, tm: TensorMap, key, fconst, compared, dq_of, depth) -> None:
     acts = [i for i in fn.input if i and i not in fconst]
     src = tm.sources.get(acts[0]) if len(acts) == 1 and key is not None else None
-    if src is not None and fn.op_type in _NOOP_OPS:
+    if src is not None and (fn.op_type in _NOOP_OPS or is_precision_cast(fn, fp32.tensor_types)):
         tm.sources[fn.output[0]] = src
         tm.skipped[fn.output[0]] = f"'{fn.name}' ({fn.op_type}) is absent from the Q/DQ model; same values as its input"
         return
@@ -279,11 +290,10 @@ def _absorb(fn, fp32: Model, tm: TensorMap, key, fconst, compared, dq_of, depth)
         if prod is not None and prod.name in tm.nodes:
             tm.sources[fn.output[0]] = src
             tm.folded[fn.name] = prod.name
-            old = compared.pop(acts[0], None)
+            compared.pop(acts[0], None)
             tm.skipped[acts[0]] = f"BatchNormalization '{fn.name}' is folded into '{prod.name}' in the Q/DQ model"
             compared[fn.output[0]] = TensorPair(fn.output[0], src, fn.name, fn.op_type, depth[fn.name],
                                                 note=f"folded into '{prod.name}'")
-            del old
             return
     if src is not None and fn.op_type in _FUSABLE_ACTIVATIONS:
         tm.sources[fn.output[0]] = src
@@ -306,14 +316,14 @@ def _quantized_inputs(tm: TensorMap, g: _QdqGraph) -> None:
         qn = qnodes[qname]
         ins = []
         for k, t in enumerate(qn.input):
-            if not t:
-                continue
-            p = g.producer.get(t)
-            if p is None or p.op_type != "DequantizeLinear":
+            if not t or g.producer.get(t) is None:
                 continue
             src, chain = g.source(t)
+            if not any(qnodes[c].op_type == "DequantizeLinear" for c in chain):
+                continue
             is_weight = src is None or src in g.const
-            ins.append(QdqInput(k, t, src, chain, is_weight))
+            ins.append(QdqInput(k, t, None if src is None else g.quantized_input(t) or src, chain, is_weight,
+                                value=src))
         if ins:
             tm.quantized[fname] = ins
 

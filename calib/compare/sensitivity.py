@@ -100,7 +100,8 @@ def node_variants(tm: TensorMap) -> tuple[onnx.ModelProto, onnx.ModelProto, list
                 have.add(t.name)
         v.initializers = []
     float_base = copy.deepcopy(quant_base)
-    apply_edits(float_base, Variant("all_float", [e for v in floats for e in v.edits]))
+    apply_edits(float_base, Variant("all_float", [e for v in floats for e in v.edits],
+                                    [n for v in floats for n in v.nodes]))  # Casts of an FP16 model
     quants = [quantize_only_variant(tm, n, f"q{i}") for i, n in enumerate(nodes)]
     notes = [f"{n}: {v.note}" for n, v in zip(nodes, floats) if v.note]
     return float_base, quant_base, quants, floats, notes

@@ -17,9 +17,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from calib.compare.mapping import TensorMap, float_constant
+from calib.graph import is_precision_cast
 
 __all__ = ["Edit", "Variant", "build_multi", "apply_edits", "prune", "suffix_nodes", "float_node_variant",
            "quantize_only_variant", "rescale_variant", "group_variants"]
@@ -168,23 +169,39 @@ def float_node_variant(tm: TensorMap, fp32_node: str, name: str) -> Variant:
     """The node reads float: activations from before their Q/DQ chain, weights as float initializers.
 
     A weight whose float value cannot be recovered (see ``float_constant``) stays quantized;
-    the variant's ``note`` says so.
+    the variant's ``note`` says so. In an FP16/BF16 model the float input takes the dtype the
+    node read (a Cast is added where the tensor before the Q has another one).
     """
     qnode = tm.nodes[fp32_node]
-    edits, inits, kept = [], [], []
+    types = tm.qdq.tensor_types
+    edits, nodes, inits, kept = [], [], [], []
     for qi in tm.quantized.get(fp32_node, []):
+        want = types.get(qi.tensor)
         if not qi.is_weight:
-            edits.append(Edit(qnode, qi.index, qi.source))
+            src = qi.source
+            if want and types.get(src, want) != want:
+                src = f"{qi.tensor}{SEP}{name}{SEP}cast"
+                nodes.append(helper.make_node("Cast", [qi.source], [src], name=src, to=want))
+            edits.append(Edit(qnode, qi.index, src))
             continue
         w = float_constant(tm, fp32_node, qi)
         if w is None:
             kept.append(qi.tensor)
             continue
-        t = numpy_helper.from_array(np.asarray(w), f"{qi.tensor}{SEP}float")
+        t = _float_init(np.asarray(w), f"{qi.tensor}{SEP}float", want)
         inits.append(t)
         edits.append(Edit(qnode, qi.index, t.name))
     note = f"weights kept quantized: {', '.join(kept)}" if kept else ""
-    return Variant(name, edits, [], inits, note)
+    return Variant(name, edits, nodes, inits, note)
+
+
+def _float_init(w: np.ndarray, name: str, dtype: int | None) -> onnx.TensorProto:
+    """``w`` as an initializer of ``dtype`` (the dtype the node read; bfloat16 through ONNX's converter)."""
+    if dtype == onnx.TensorProto.BFLOAT16:
+        return helper.make_tensor(name, dtype, w.shape, w.astype(np.float32).ravel().tolist())
+    if dtype and dtype in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT):
+        w = w.astype(helper.tensor_dtype_to_np_dtype(dtype))
+    return numpy_helper.from_array(w, name)
 
 
 def quantize_only_variant(tm: TensorMap, fp32_node: str, name: str) -> Variant:
@@ -199,7 +216,7 @@ def rescale_variant(base: onnx.ModelProto, tm: TensorMap, qdq_tensor: str, scale
     edits: list[Edit] = []
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    for q in consumers.get(qdq_tensor, []):
+    for q in _through_casts(consumers, qdq_tensor):
         if q.op_type != "QuantizeLinear":
             continue
         s_name = f"{q.input[1]}{SEP}{name}"
@@ -229,6 +246,17 @@ def rescale_variant(base: onnx.ModelProto, tm: TensorMap, qdq_tensor: str, scale
     if not edits:
         return None
     return Variant(name, edits, nodes, inits)
+
+
+def _through_casts(consumers: dict[str, list[onnx.NodeProto]], tensor: str) -> list[onnx.NodeProto]:
+    """The readers of ``tensor`` and of its precision Casts (an FP16 remainder casts before a Q)."""
+    out, todo = [], [tensor]
+    while todo:
+        for c in consumers.get(todo.pop(), []):
+            out.append(c)
+            if is_precision_cast(c):
+                todo.append(c.output[0])
+    return out
 
 
 def group_variants(base: onnx.ModelProto, variants: Sequence[Variant], budget: int) -> list[list[Variant]]:

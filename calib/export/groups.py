@@ -33,10 +33,11 @@ from typing import Any, Iterable
 import onnx
 
 from calib.errors import ConfigError
+from calib.graph import CAST_OPS, QDQ_OPS
 
 __all__ = ["FusionGroup", "fusion_groups", "group_index", "expand_to_groups", "modelopt_exclude"]
 
-SEE_THROUGH = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast"})
+SEE_THROUGH = QDQ_OPS | CAST_OPS
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 GEMM_OPS = frozenset({"Gemm", "MatMul"})
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",

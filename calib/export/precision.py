@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from calib.errors import ConfigError, ModelError
 from calib.export.qdq import _Names
+from calib.graph import QDQ_OPS
 
 __all__ = ["HIGH_PRECISION", "TARGET_RUNTIMES", "RANGE_OPS", "PrecisionResult", "cast_remainder",
            "fp32_nodes", "profile", "resolve_target", "apply_high_precision"]
@@ -78,16 +79,15 @@ def resolve_target(target_runtime: str | None, placement: str | None,
                    high_precision: str | None) -> tuple[str, str]:
     """(placement, dtype) from the CLI/config: explicit values win over the ``target_runtime`` profile.
 
-    With a target runtime: its profile (trt -> TensorRT placement + fp16, ort
-    -> ort placement + fp32). Without one the remainder stays fp32 (the
-    behaviour before this option): ``calib compare``/``advise`` pair tensors
-    through Q/DQ nodes only and cannot map a model with boundary Casts yet, so
-    fp16 is not the default of a bare ``calib export``.
+    Without a target runtime the placement names the profile: TensorRT (the
+    default) -> fp16 remainder (what TensorRT 11's strong typing needs for the
+    float part to run in FP16, and ModelOpt's default), ``--placement ort`` ->
+    fp32 (ONNX Runtime's CPU provider has few FP16 kernels). ``--high-precision``
+    always wins.
     """
-    if target_runtime is None:
-        p, d = placement or "trt", "fp32"
-    else:
-        p, d = profile(target_runtime)
+    if target_runtime is None and placement is not None and placement not in TARGET_RUNTIMES:
+        raise ConfigError(f"--placement {placement}: expected one of {', '.join(TARGET_RUNTIMES)}")
+    p, d = profile(target_runtime if target_runtime is not None else (placement or "trt"))
     d = high_precision or d
     if d not in HIGH_PRECISION:
         raise ConfigError(f"--high-precision {d}: expected one of {', '.join(HIGH_PRECISION)}")
@@ -181,7 +181,7 @@ def fp32_nodes(proto: onnx.ModelProto, dtype: str = "fp16", *, stats: Any = None
     keep, rops = frozenset(keep_fp32), frozenset(range_ops)
     out, opset, dt = {}, _opset(proto), HIGH_PRECISION[dtype]
     for n in proto.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type in QDQ_OPS:
             continue
         why = _keep_reason(n, kinds, stats, limit, inits, rops, keep)
         if why is None and _lacks_type(n, opset, dt):
@@ -235,7 +235,7 @@ class _Rewriter:
             return TensorProto.FLOAT
         if n.op_type == "DequantizeLinear" and n.input[0] in self.producer:  # follows its Q
             return self.region.get(self.producer[n.input[0]].name, self.dt)
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if n.op_type in QDQ_OPS:
             dqs = [c for c in self.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"] \
                 if n.op_type == "QuantizeLinear" else [n]
             users = [u for d in dqs for u in self.consumers.get(d.output[0], [])]
@@ -260,7 +260,7 @@ class _Rewriter:
         if key not in self.init_copies:
             arr = numpy_helper.to_array(self.inits[name])
             new = self.fresh(f"{name}_{'bf16' if region == TensorProto.BFLOAT16 else 'fp16'}")
-            is_scale = n.op_type in ("QuantizeLinear", "DequantizeLinear") and idx == 1
+            is_scale = n.op_type in QDQ_OPS and idx == 1
             t = _floored_scale(new, arr, region) if is_scale else _low_tensor(new, arr, region)
             self.g.initializer.append(t)
             self.init_copies[key] = new

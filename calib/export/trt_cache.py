@@ -42,6 +42,7 @@ from onnx import numpy_helper
 
 from calib.calibrate.base import INT8_MAX, Ranges, TensorRange
 from calib.errors import CacheFormatError
+from calib.graph import is_precision_cast
 from calib.io import write_text
 
 __all__ = [
@@ -116,9 +117,9 @@ def write_cache(path: str | os.PathLike, ranges: Mapping[str, TensorRange] | Map
 
 
 def _origin(name: str, producer: Mapping[str, onnx.NodeProto]) -> str:
-    """Follow Cast nodes back (an FP16 model casts graph inputs before their Q): the FP32 tensor name."""
+    """Follow precision Casts back (an FP16 model casts graph inputs before their Q): the FP32 tensor name."""
     seen = set()
-    while name in producer and producer[name].op_type == "Cast" and name not in seen:
+    while name in producer and is_precision_cast(producer[name]) and name not in seen:
         seen.add(name)
         name = producer[name].input[0]
     return name

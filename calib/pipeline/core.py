@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
 from calib.config import CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
+from calib.export.precision import resolve_target
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
@@ -53,6 +54,7 @@ class QuantizeResult:
     target_met: bool | None = None
     bias: dict[str, Any] | None = None  # bias correction: nodes, samples, largest shifts, kept or not and why
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the model written
+    remainder: dict[str, Any] = field(default_factory=dict)  # the same with an FP32 remainder (fp16/bf16 only)
     path: str = ""  # how it was made: method + transforms + float nodes
 
 
@@ -95,6 +97,7 @@ def summary(ctx: Context) -> dict[str, Any]:
     out.update(method=ctx.method, path=shipped_path(ctx), transforms=list(ctx.done), in_sample=ctx.in_sample)
     if ctx.precision:
         out["high_precision"] = ctx.precision
+    out.update({f"fp32_remainder_{k}": v for k, v in ctx.remainder.items() if isinstance(v, (int, float))})
     if ctx.bias is not None:
         out["bias_correction"] = "kept" if ctx.bias["kept"] else "not kept"
     if ctx.advice is not None:
@@ -108,10 +111,14 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       placement: str = "trt", exclude: Sequence[str] = (), batch_size: int = DEFAULT_BATCH_SIZE,
                       limit: int | None = None, providers: Sequence[str] | None = None, metric: str = "",
                       bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
-                      time_budget_s: float = 0.0, preprocess: dict | None = None, high_precision: str = "fp32",
-                      keep_fp32: Sequence[str] = (), trt_version: int = DEFAULT_TRT_VERSION,
+                      time_budget_s: float = 0.0, preprocess: dict | None = None,
+                      high_precision: str | None = None, keep_fp32: Sequence[str] = (),
+                      trt_version: int = DEFAULT_TRT_VERSION,
                       select_fraction: float = DEFAULT_SELECT_FRACTION) -> RunConfig:
-    """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
+    """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config).
+
+    ``high_precision`` None: the placement's profile (trt -> fp16, ort -> fp32; ``resolve_target``)."""
+    placement, high_precision = resolve_target(None, placement, high_precision)
     methods = list(DEFAULT_METHODS)
     if method not in CHOOSER_NAMES and parse_method(method).label not in methods:
         methods.append(parse_method(method).label)
@@ -133,7 +140,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              providers: Sequence[str] | None = None, metric: str = "", bias_correction: bool = False,
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
-             preprocess: dict | None = None, high_precision: str = "fp32", keep_fp32: Sequence[str] = (),
+             preprocess: dict | None = None, high_precision: str | None = None, keep_fp32: Sequence[str] = (),
              trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION
              ) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
@@ -157,7 +164,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                     stats_out=Path(stats_out) if stats_out else None)
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
     res = QuantizeResult(Path(output), ctx.method, ctx.ranges, ctx.stats, metrics=ctx.scores, best=ctx.best,
-                         bias=ctx.bias, shipped=ctx.shipped, path=shipped_path(ctx))
+                         bias=ctx.bias, shipped=ctx.shipped, remainder=ctx.remainder,
+                         path=shipped_path(ctx))
     if ctx.advice is not None:
         res.advice, res.target_met, res.excluded = ctx.advice, bool(ctx.advice.met), list(ctx.advice.exclude)
         res.artifacts["advice"] = sink.path("advise", "")

@@ -15,13 +15,12 @@ from typing import Any
 from calib.compare.advice import advice_json_path
 from calib.compare.metrics import safe_float
 from calib.export import QdqModel, scale_report, write_cache, write_scale_report
-from calib.export.precision import apply_high_precision
 from calib.export.trt_cache import model_cache
 from calib.data.preprocess import stamp_model
 from calib.io import save_onnx, write_json
 from calib.recalibrate import collect_into_run
 from calib.pipeline.scoring import compare_model
-from calib.pipeline.steps import Context, final_ranges
+from calib.pipeline.steps import Context, final_ranges, shipping_model
 from calib.runs import Run, RunStore
 from calib.stats import ActivationStats
 
@@ -123,13 +122,13 @@ def _write_method_files(ctx: Context, sink) -> None:
                               json_path=sink.path(f"compare:{label}", f"compare.{fl}.json"))
 
 
-def _write_report(ctx: Context, sink) -> None:
-    """report.html and compare.json describe the model that ships."""
+def _write_report(ctx: Context, sink, shipped: QdqModel) -> None:
+    """report.html and compare.json describe the model that ships (its fp16/bf16 remainder included)."""
     c = ctx.cfg
     if not (sink.reports and ctx.ev is not None and c.compare):
         return
     with sink.timing("compare:shipped"):
-        compare_model(ctx.model, ctx.qdq.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+        compare_model(ctx.model, shipped.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
                       stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
                       html=sink.path("report", "report.html") if c.html else None,
                       json_path=sink.path("compare", "compare.json"),
@@ -150,15 +149,12 @@ def shipped_path(ctx: Context) -> str:
 
 
 def ship_model(ctx: Context) -> QdqModel:
-    """The model as written: the preprocessing spec in its metadata and, for an fp16/bf16 remainder, the
-    non-INT8 part cast (``calib.export.precision``; last, after advise and transforms, which measure the
-    FP32-remainder model)."""
-    stamp_model(ctx.qdq.model, getattr(ctx.source, "spec", None))  # the spec travels with the model
-    if ctx.cfg.high_precision == "fp32":
-        return ctx.qdq
-    cast, prec = apply_high_precision(ctx.qdq, ctx.cfg.high_precision, stats=ctx.stats, keep_fp32=ctx.cfg.keep_fp32)
-    ctx.precision = prec.summary()
-    return cast
+    """The model as written (``shipping_model``: the fp16/bf16 remainder cast), with the preprocessing
+    spec in its metadata."""
+    shipped = shipping_model(ctx)
+    for q in {id(ctx.qdq): ctx.qdq, id(shipped): shipped}.values():
+        stamp_model(q.model, getattr(ctx.source, "spec", None))  # the spec travels with the model
+    return shipped
 
 
 def write_artifacts(ctx: Context, sink) -> None:
@@ -181,4 +177,4 @@ def write_artifacts(ctx: Context, sink) -> None:
         write_scale_report(p, ctx.auto.annotate_scales(doc) if ctx.auto is not None else doc)
     if ctx.auto is not None and (p := sink.path("auto", "auto.json")) is not None:
         write_json(p, ctx.auto.to_json())  # per tensor: chosen candidate, runner-up, margin, scores
-    _write_report(ctx, sink)
+    _write_report(ctx, sink, shipped)

@@ -24,6 +24,7 @@ from calib.distributed import collect_sharded, resolve_max_memory
 from calib.errors import ConfigError, TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
+from calib.export.precision import apply_high_precision
 from calib.model import Model
 from calib.pipeline.inputs import mark_flagged
 from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into_advice, methods_first,
@@ -31,7 +32,7 @@ from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into
 from calib.stats import ActivationStats
 
 __all__ = ["Context", "CHOOSERS", "TRANSFORMS", "register_chooser", "register_transform", "collect_step",
-           "calibrate_step", "choose_step", "advise_step", "transforms_step", "verify_step", "final_ranges"]
+           "calibrate_step", "choose_step", "advise_step", "transforms_step", "verify_step", "final_ranges", "shipping_model"]
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -60,6 +61,8 @@ class Context:
     done: list[str] = field(default_factory=list)  # transforms applied
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model
     precision: str = ""  # what the fp16/bf16 remainder cast did (empty for fp32)
+    remainder: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model, fp32 remainder
+    ship: tuple[QdqModel, QdqModel] | None = None  # (ctx.qdq, its fp16/bf16 cast) once cast
     sel: Any | None = None  # selection samples: what auto, best, advise and bias correction choose on
     split: dict[str, Any] | None = None  # how the calibration data was split (calib.data.split)
     in_sample: bool = False  # reported figures are on the calibration data's report part (no eval data)
@@ -251,15 +254,33 @@ def bias_transform(ctx: Context) -> None:
             ctx.missed = None
 
 
+def shipping_model(ctx: Context) -> QdqModel:
+    """``ctx.qdq`` with the non-INT8 remainder cast to ``cfg.high_precision`` (``calib.export.precision``):
+    the model written. Cast last, after advise and transforms, which measure the FP32-remainder model."""
+    if ctx.cfg.high_precision == "fp32":
+        return ctx.qdq
+    if ctx.ship is None or ctx.ship[0] is not ctx.qdq:
+        cast, prec = apply_high_precision(ctx.qdq, ctx.cfg.high_precision, stats=ctx.stats,
+                                          keep_fp32=ctx.cfg.keep_fp32)
+        ctx.precision, ctx.ship = prec.summary(), (ctx.qdq, cast)
+    return ctx.ship[1]
+
+
 def verify_step(ctx: Context) -> None:
-    """The output metrics of the model that ships (reused when that very model was scored already)."""
+    """The output metrics of the model that ships and, for an fp16/bf16 remainder, of the same model with an
+    FP32 remainder (``ctx.remainder``: what the cast costs), in one pass over the evaluation data."""
     c = ctx.cfg
     if ctx.ev is None or ctx.shipped:
         return
-    outs = score_outputs(ctx.model, {"shipped": ctx.qdq.model}, ctx.ev, batch_size=c.batch_size,
+    protos = {"shipped": shipping_model(ctx).model}
+    if c.high_precision != "fp32":
+        protos["fp32_remainder"] = ctx.qdq.model
+    outs = score_outputs(ctx.model, protos, ctx.ev, batch_size=c.batch_size,
                          metric=c.compare_metric, providers=c.providers, progress=ctx.progress,
                          stage="verifying the shipped model")
     ctx.shipped = task_metrics(outs["shipped"].result())
+    if "fp32_remainder" in outs:
+        ctx.remainder = task_metrics(outs["fp32_remainder"].result())
 
 
 def final_ranges(ctx: Context) -> Ranges:
