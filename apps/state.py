@@ -184,6 +184,7 @@ def run_config(run: Run, **changes: Any):
             if f.name == "eval_data" and v:
                 v = Path(v)
             kw[f.name] = v
+    kw.setdefault("high_precision", "fp32")  # runs recorded before the option had an FP32 remainder
     kw.update(changes)
     return RunConfig(**kw)
 
