@@ -102,9 +102,13 @@ def quantize_cmd(
                                          "--eval-data kept only if it scores at least as well)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
     preprocess: Optional[Path] = preprocess_option(),
+    deploy_cpu: str = typer.Option("", "--deploy-cpu", help="ORT target: the CPU the model will run on: '' (this "
+                                   "one, detected), no-vnni (x86 without VNNI: 7-bit weights on every fused node) "
+                                   "or vnni."),
 ) -> None:
     """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
     parse_target(target) if target else None  # fail fast, before any work
+    deploy_cpu = _deploy_cpu(deploy_cpu)
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
     spec = resolve_spec(model, data, preprocess)
     prog = Progress()
@@ -114,7 +118,8 @@ def quantize_cmd(
                        providers=provider, metric=metric, bias_correction=bias_correction,
                        bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
                        time_budget_s=time_budget, progress=prog, high_precision=dtype, keep_fp32=keep_fp32,
-                       trt_version=trt_version, select_fraction=select_fraction, preprocess=spec.to_dict() if spec is not None else None)
+                       trt_version=trt_version, select_fraction=select_fraction, deploy_cpu=deploy_cpu,
+                       preprocess=spec.to_dict() if spec is not None else None)
     except TargetNotMet as e:
         prog.close()
         if getattr(e, "result", None) is not None:
@@ -125,11 +130,27 @@ def quantize_cmd(
     _print_quantized(res, target)
 
 
+def _deploy_cpu(value: str) -> str:
+    from calib.config import DEPLOY_CPUS
+
+    if value not in DEPLOY_CPUS:
+        raise typer.BadParameter(f"--deploy-cpu must be one of: no-vnni, vnni (or '' for this CPU), got {value!r}")
+    return value
+
+
 def _print_quantized(res, target: str) -> None:
     """The shipped model's numbers first, then the path that got there, then the files."""
     if res.shipped:
         echo("shipped model: " + _metrics_line(res.shipped))
     echo(f"path: {res.path}")
+    for t in res.transforms:
+        d = t["selection_delta"]
+        h = t["held_out_delta"]
+        echo(f"  transform {t['name']}: {'kept' if t['kept'] else 'not kept'} ({len(t['nodes'])} node(s)"
+             + (f"; {t['metric']} {d:+.3g} on selection" if d is not None else "")
+             + (f", {h:+.3g} held out" if h is not None else "") + ")")
+    if res.deployed is not None:
+        echo(res.deployed["line"])
     if res.metrics:
         for label, task in res.metrics.items():
             echo(f"  {label:<12} " + _metrics_line(task))
