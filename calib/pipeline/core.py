@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
-from calib.config import CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
+from calib.config import AUTO_TRANSFORMS, CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import CalibError, InputDataError, TargetNotMet
@@ -121,7 +121,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       bias_correction: bool = False, bias_samples: int | None = 128, max_float_nodes: int = 0,
                       time_budget_s: float = 0.0, preprocess: dict | None = None, high_precision: str = "fp32",
                       keep_fp32: Sequence[str] = (), trt_version: int = DEFAULT_TRT_VERSION,
-                      select_fraction: float = DEFAULT_SELECT_FRACTION, deploy_cpu: str = "") -> RunConfig:
+                      select_fraction: float = DEFAULT_SELECT_FRACTION, deploy_cpu: str = "",
+                      auto_transforms: Sequence[str] | None = None) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config)."""
     methods = list(DEFAULT_METHODS)
     if method not in CHOOSER_NAMES and parse_method(method).label not in methods:
@@ -134,7 +135,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
                      time_budget_s=time_budget_s, preprocess=preprocess or {}, high_precision=high_precision,
                      keep_fp32=list(keep_fp32), trt_version=trt_version, select_fraction=select_fraction,
-                     deploy_cpu=deploy_cpu)
+                     deploy_cpu=deploy_cpu,
+                     auto_transforms=list(AUTO_TRANSFORMS if auto_transforms is None else auto_transforms))
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -147,7 +149,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
              preprocess: dict | None = None, high_precision: str = "fp32", keep_fp32: Sequence[str] = (),
              trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION,
-             deploy_cpu: str = "") -> QuantizeResult:
+             deploy_cpu: str = "", auto_transforms: Sequence[str] | None = None) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -161,7 +163,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                             bias_samples=bias_samples, max_float_nodes=max_float_nodes,
                             time_budget_s=time_budget_s, preprocess=preprocess, high_precision=high_precision,
                             keep_fp32=keep_fp32, trt_version=trt_version, select_fraction=select_fraction,
-                            deploy_cpu=deploy_cpu)
+                            deploy_cpu=deploy_cpu, auto_transforms=auto_transforms)
     check_config(cfg)
     model = load_model(model_path)
     source = open_run_data(Path(data), model, preprocess=cfg.preprocess)
