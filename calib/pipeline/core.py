@@ -23,6 +23,7 @@ from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
 from calib.config import AUTO_TRANSFORMS, CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
+from calib.compare.metrics import safe_float
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
 from calib.model import Model, load_model
@@ -92,7 +93,7 @@ def run_plan(ctx: Context, sink) -> Context:
             step(ctx)
         if name == "choose":
             sink.record(method=ctx.method, metrics_by_method=ctx.scores)
-    sink.record(deployed=ctx.deployed, transforms=ctx.transforms)
+    sink.record(deployed=safe_float(ctx.deployed), transforms=safe_float(ctx.transforms))
     with sink.timing("write"):
         write_artifacts(ctx, sink)
     return ctx

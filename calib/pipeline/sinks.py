@@ -129,7 +129,8 @@ def _write_report(ctx: Context, sink) -> None:
     if not (sink.reports and ctx.ev is not None and c.compare):
         return
     with sink.timing("compare:shipped"):
-        compare_model(ctx.model, ctx.qdq.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+        # against the FP32 model it was exported from: a kept transform rescaled some channels in between
+        compare_model(ctx.base or ctx.model, ctx.qdq.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
                       stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
                       html=sink.path("report", "report.html") if c.html else None,
                       json_path=sink.path("compare", "compare.json"),
