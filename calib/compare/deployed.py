@@ -169,8 +169,9 @@ def node_submodel(proto: onnx.ModelProto, node: onnx.NodeProto,
     inits = {i.name: i for i in g.initializer}
     nodes, feeds = _submodel_nodes(proto, node)
     used_inits = [inits[t] for t in dict.fromkeys(t for n in nodes for t in n.input) if t in inits]
-    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(example[t].dtype), example[t].shape)
-              for t in feeds]
+    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(example[t].dtype),
+                                            ["N", *example[t].shape[1:]] if example[t].ndim else [])
+              for t in feeds]  # any batch size: the last batch of a feed list is often shorter
     outputs = [helper.make_empty_tensor_value_info(nodes[-1].output[0])]
     sub = helper.make_graph(nodes, f"{node.name}_alone", inputs, outputs, used_inits)
     m = helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=min(proto.ir_version, 10))
