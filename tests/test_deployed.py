@@ -231,3 +231,16 @@ def test_quantize_for_tensorrt_says_the_spec_evaluation_is_the_deployed_one(tmp_
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(6).uniform(0, 6, (8, CIN, 8, 8)).astype(np.float32))
     res = quantize(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "q.onnx", method="minmax")
     assert res.deployed["runtime"] == "tensorrt" and "spec evaluation" in res.deployed["line"]
+
+
+def test_seven_bits_that_do_not_help_are_not_kept(monkeypatch):
+    # a deep model on a VNNI CPU: deployed differs a little (the fused kernels' rounding adds up), no node alone
+    import calib.compare.deployed as dep
+
+    model, ranges, feeds = relu6_like_conv()
+    reports = iter([DeployedReport(VNNI, [OutputDiff("y", 0.037, 0.1)], [NodeCheck("conv", "Conv", 0.001)]),
+                    DeployedReport(VNNI, [OutputDiff("y", 0.045, 0.1)], [NodeCheck("conv", "Conv", 0.001)])])
+    monkeypatch.setattr(dep, "verify_deployed", lambda proto, feeds, **kw: next(reports))
+    fix = dep.fix_deployed(model, ranges, feeds, cpu=VNNI, placement="ort")
+    assert fix.weight_bits == {} and fix.float_nodes == [] and fix.report is fix.before
+    assert np.abs(_inits(fix.qdq.model)["W_int8"]).max() == 127
