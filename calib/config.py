@@ -26,9 +26,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help", "DEFAULT_BATCH_SIZE"]
+__all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help", "DEFAULT_BATCH_SIZE", "AUTO_TRANSFORMS",
+           "DEPLOY_CPUS"]
 
 DEFAULT_BATCH_SIZE = 8  # samples per ONNX Runtime run: one default for quantize, collect, compare, advise, run
+AUTO_TRANSFORMS = ("equalize", "smoothquant", "bias_correction")  # auto's transform candidates, in order
+DEPLOY_CPUS = ("", "no-vnni", "vnni")  # the ORT target's CPU: '' = this machine (detected)
 
 
 REQUIRED = object()  # default of a key that must be given
@@ -76,6 +79,9 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "select_fraction": (float, DEFAULT_SELECT_FRACTION, "Share of the calibration samples (by sample id) that "
                                                             "auto/best/advise/bias correction choose on; figures "
                                                             "are measured on the rest or on the eval data."),
+        "auto_transforms": (list, list(AUTO_TRANSFORMS), "Transforms 'auto' tries, each kept only if it improves "
+                                                         "the selection samples' output metric: equalize (cross-"
+                                                         "layer equalization), smoothquant, bias_correction."),
     },
     "export": {
         "placement": (str, "trt", "Q/DQ placement: trt (TensorRT's rules) or ort (ONNX Runtime CPU fusions)."),
@@ -87,6 +93,8 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "bias_samples": (int, 128, "Calibration samples used by bias correction (0 = all)."),
         "target_runtime": (str, "", "trt (TensorRT placement + fp16 remainder) or ort (ort placement + fp32); "
                                     "'' = the profile of export.placement (trt -> fp16, ort -> fp32)."),
+        "deploy_cpu": (str, "", "ORT target: the CPU the model will run on: '' (this one, detected), 'no-vnni' "
+                                "(x86 without VNNI: 7-bit weights on every fused node) or 'vnni'."),
         "high_precision": (str, "", "fp16 | bf16 | fp32: dtype of the non-INT8 remainder ('' = the profile's)."),
         "keep_fp32": (list, [], "Node names or op types kept FP32 in an fp16/bf16 remainder."),
         "trt_version": (int, DEFAULT_TRT_VERSION, "TensorRT version in the cache header (NV_TENSORRT_VERSION "
@@ -149,6 +157,8 @@ class RunConfig:
     time_budget_s: float = 0.0
     sensitivity_samples: int = 32
     select_fraction: float = DEFAULT_SELECT_FRACTION  # share of the calibration data that choices are made on
+    auto_transforms: list[str] = field(default_factory=lambda: list(AUTO_TRANSFORMS))  # auto's candidates
+    deploy_cpu: str = ""  # ORT target CPU: '' (this machine), 'no-vnni' or 'vnni' (calib.compare.deployed)
     backend: str = "local"
     address: str = ""
     num_workers: int = 2
@@ -157,8 +167,10 @@ class RunConfig:
 
     @property
     def transforms(self) -> list[str]:
-        """Model transforms after advise, in order (``calib.pipeline.steps.TRANSFORMS``)."""
-        return ["bias_correction"] if self.bias_correction else []
+        """Model transforms after advise, in order (``calib.pipeline.steps.TRANSFORMS``): bias correction when
+        asked for, or as a candidate of ``auto`` (kept only where it helps on the selection samples)."""
+        auto = self.primary == "auto" and "bias_correction" in self.auto_transforms
+        return ["bias_correction"] if self.bias_correction or auto else []
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -281,9 +293,25 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
         target=target, max_float_nodes=get("target", "max_float_nodes"), time_budget_s=get("target", "time_budget_s"),
         sensitivity_samples=get("target", "sensitivity_samples"),
         select_fraction=float(get("calibrate", "select_fraction")),
+        auto_transforms=_auto_transforms(get("calibrate", "auto_transforms"), source),
+        deploy_cpu=_deploy_cpu(get("export", "deploy_cpu"), source),
         backend=get("compute", "backend"), address=get("compute", "address"),
         num_workers=get("compute", "num_workers"), max_memory=get("compute", "max_memory"),
     )
+
+
+def _auto_transforms(names: list, source: str) -> list[str]:
+    bad = [n for n in names if n not in AUTO_TRANSFORMS]
+    if bad:
+        raise ConfigError(f"{source}: calibrate.auto_transforms: unknown transform {bad[0]!r}",
+                          hint=f"choose from {', '.join(AUTO_TRANSFORMS)}")
+    return [str(n) for n in names]
+
+
+def _deploy_cpu(value: str, source: str) -> str:
+    if value not in DEPLOY_CPUS:
+        raise ConfigError(f"{source}: export.deploy_cpu must be one of {DEPLOY_CPUS}, got {value!r}")
+    return value
 
 
 def _runtime_profile(vals: dict, get, source: str) -> tuple[str, str]:

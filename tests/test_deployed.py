@@ -183,3 +183,64 @@ def test_float_fallback_when_7_bits_are_not_enough(monkeypatch):
     assert "conv" in fix.qdq.excluded and not any(n.name == "conv" and any("_dq" in i for i in n.input)
                                                   for n in fix.qdq.model.graph.node)
     assert "kept float: conv" in fix.summary()
+
+
+# ---- in the pipeline: quantize for the ORT target checks and fixes the model it writes -------------
+def test_quantize_for_ort_fixes_int16_pair_saturation(tmp_path):
+    """The small conv above through ``quantize`` (ORT target). On a CPU without VNNI the check sees the saturation
+    and fixes it; on one with VNNI the deployment CPU is declared without VNNI (``deploy_cpu='no-vnni'``) and
+    every fused node gets 7-bit weights. Either way the x86 kernel without VNNI (numpy reference) computes the
+    written model exactly, and ORT's default session on this CPU equals the spec evaluation."""
+    import json
+
+    from calib.pipeline import quantize
+
+    model, _, _ = relu6_like_conv()
+    onnx.save(model.proto, tmp_path / "m.onnx")
+    x = np.random.default_rng(5).uniform(5.7, 6.0, (24, CIN, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    here = cpu_features()
+    declared = "" if here.int16_pair_saturation else "no-vnni"
+    res = quantize(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "q.onnx", report=tmp_path / "s.json",
+                   placement="ort", deploy_cpu=declared, auto_transforms=[])
+    doc = json.loads((tmp_path / "s.json").read_text())["deployed"]
+    assert doc["runtime"] == "onnxruntime" and doc["measured_on"] == "selection" and doc["weight_bits"]["conv"] == 7
+    assert doc["has_vnni"] is False and "7-bit weights on" in res.deployed["line"] and "7-bit" in res.path
+    written = onnx.load(tmp_path / "q.onnx")
+    i = _inits(written)
+    assert np.abs(i["W_int8"]).max() == 64 and not i["W_w_zero_point"].any()
+    # the no-VNNI kernel: the written weights never saturate a pair, the 8-bit ones did
+    x_s8 = np.clip(np.rint(x[0] / i["x_scale"]), -128, 127)
+    np.testing.assert_array_equal(conv1x1_accumulators(x_s8, i["W_int8"][:, :, 0, 0], saturate=True),
+                                  conv1x1_accumulators(x_s8, i["W_int8"][:, :, 0, 0], saturate=False))
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))[:, :, 0, 0]
+    w8 = np.rint(w / (np.abs(w).max(axis=1, keepdims=True) / 127))
+    assert (conv1x1_accumulators(x_s8, w8, saturate=True) != conv1x1_accumulators(x_s8, w8, saturate=False)).any()
+    if here.int16_pair_saturation:  # seen for real on this CPU, and the fused node named
+        assert doc["fused_nodes"] == ["conv"] and doc["before"]["differs"] and not doc["after"]["differs"]
+    feeds = [{"x": x[k:k + 1]} for k in range(4)]
+    for a, b in zip(run_outputs(written, feeds, "all"), run_outputs(written, feeds, "disable")):
+        np.testing.assert_allclose(a["y"], b["y"], rtol=0, atol=float(i["c_scale"]) * 1.01)
+
+
+def test_quantize_for_tensorrt_says_the_spec_evaluation_is_the_deployed_one(tmp_path):
+    from calib.pipeline import quantize
+
+    model, _, _ = relu6_like_conv(identity=False)
+    onnx.save(model.proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(6).uniform(0, 6, (8, CIN, 8, 8)).astype(np.float32))
+    res = quantize(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "q.onnx", method="minmax")
+    assert res.deployed["runtime"] == "tensorrt" and "spec evaluation" in res.deployed["line"]
+
+
+def test_seven_bits_that_do_not_help_are_not_kept(monkeypatch):
+    # a deep model on a VNNI CPU: deployed differs a little (the fused kernels' rounding adds up), no node alone
+    import calib.compare.deployed as dep
+
+    model, ranges, feeds = relu6_like_conv()
+    reports = iter([DeployedReport(VNNI, [OutputDiff("y", 0.037, 0.1)], [NodeCheck("conv", "Conv", 0.001)]),
+                    DeployedReport(VNNI, [OutputDiff("y", 0.045, 0.1)], [NodeCheck("conv", "Conv", 0.001)])])
+    monkeypatch.setattr(dep, "verify_deployed", lambda proto, feeds, **kw: next(reports))
+    fix = dep.fix_deployed(model, ranges, feeds, cpu=VNNI, placement="ort")
+    assert fix.weight_bits == {} and fix.float_nodes == [] and fix.report is fix.before
+    assert np.abs(_inits(fix.qdq.model)["W_int8"]).max() == 127

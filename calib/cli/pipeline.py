@@ -19,7 +19,7 @@ from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import TargetNotMet
 from calib.compare import parse_target
 from calib.pipeline import quantize
-from calib.config import keys_help, load_config
+from calib.config import DEPLOY_CPUS, keys_help, load_config
 from calib.pipeline import execute
 from calib.errors import ConfigError
 from calib.runs import RunStore
@@ -67,9 +67,8 @@ def quantize_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration data: .npz/.npy, image folder or manifest."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
-    method: str = typer.Option("auto", "--method", "-m",
-                               help="auto (per tensor, by measured output effect) | best | entropy | minmax | "
-                                    "percentile[:P] | mse."),
+    method: str = typer.Option("auto", "--method", "-m", help="auto (per tensor) | best | entropy | minmax | mse | "
+                               "percentile[:P]."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Also write a TensorRT calibration cache."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON scale report."),
     stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="Also write the statistics (.npz) for "
@@ -102,6 +101,8 @@ def quantize_cmd(
                                          "--eval-data kept only if it scores at least as well)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
     preprocess: Optional[Path] = preprocess_option(),
+    deploy_cpu: str = typer.Option("", "--deploy-cpu", callback=lambda v: _deploy_cpu(v), help="ORT target's CPU: "
+                                   "'' (this one, detected) | no-vnni (7-bit weights on every fused node) | vnni."),
 ) -> None:
     """One shot: the same plan as 'calib run' (collect, calibrate, choose, advise, transforms), to files."""
     parse_target(target) if target else None  # fail fast, before any work
@@ -111,18 +112,23 @@ def quantize_cmd(
     try:
         res = quantize(model, data, output, method=method, cache=cache, report=report, eval_data=eval_data,
                        target=target, placement=placement, exclude=exclude, batch_size=batch_size, limit=limit,
-                       providers=provider, metric=metric, bias_correction=bias_correction,
-                       bias_samples=bias_samples, stats_out=stats_out, max_float_nodes=max_float_nodes,
-                       time_budget_s=time_budget, progress=prog, high_precision=dtype, keep_fp32=keep_fp32,
-                       trt_version=trt_version, select_fraction=select_fraction, preprocess=spec.to_dict() if spec is not None else None)
+                       providers=provider, metric=metric, bias_correction=bias_correction, bias_samples=bias_samples,
+                       stats_out=stats_out, max_float_nodes=max_float_nodes, time_budget_s=time_budget, progress=prog,
+                       high_precision=dtype, keep_fp32=keep_fp32, trt_version=trt_version, deploy_cpu=deploy_cpu,
+                       select_fraction=select_fraction, preprocess=spec and spec.to_dict())
     except TargetNotMet as e:
         prog.close()
-        if getattr(e, "result", None) is not None:
-            _print_quantized(e.result, target)
+        _print_quantized(e.result, target) if getattr(e, "result", None) is not None else None
         raise
     finally:
         prog.close()
     _print_quantized(res, target)
+
+
+def _deploy_cpu(value: str) -> str:
+    if value not in DEPLOY_CPUS:
+        raise typer.BadParameter(f"--deploy-cpu must be one of: no-vnni, vnni (or '' for this CPU), got {value!r}")
+    return value
 
 
 def _print_quantized(res, target: str) -> None:
@@ -132,6 +138,14 @@ def _print_quantized(res, target: str) -> None:
     if res.remainder:
         echo("  same, FP32 remainder: " + _metrics_line(res.remainder))
     echo(f"path: {res.path}")
+    for t in res.transforms:
+        d = t["selection_delta"]
+        h = t["held_out_delta"]
+        echo(f"  transform {t['name']}: {'kept' if t['kept'] else 'not kept'} ({len(t['nodes'])} node(s)"
+             + (f"; {t['metric']} {d:+.3g} on selection" if d is not None else "")
+             + (f", {h:+.3g} held out" if h is not None else "") + ")")
+    if res.deployed is not None:
+        echo(res.deployed["line"])
     if res.metrics:
         for label, task in res.metrics.items():
             echo(f"  {label:<12} " + _metrics_line(task))

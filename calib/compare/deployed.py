@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ from calib.model import Model
 
 __all__ = ["OutputDiff", "NodeCheck", "DeployedReport", "DeployedFix", "run_outputs", "compare_deployed",
            "fusable_nodes", "node_submodel", "check_fused_nodes", "verify_deployed", "fix_targets", "fix_deployed",
-           "deployed_json",
+           "deployed_json", "repair_deployed", "fix_json",
            "OUTPUT_TOLERANCE", "NODE_TOLERANCE"]
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def node_submodel(proto: onnx.ModelProto, node: onnx.NodeProto,
     inits = {i.name: i for i in g.initializer}
     nodes, feeds = _submodel_nodes(proto, node)
     used_inits = [inits[t] for t in dict.fromkeys(t for n in nodes for t in n.input) if t in inits]
-    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(example[t].dtype), example[t].shape)
-              for t in feeds]
+    inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(example[t].dtype),
+                                            ["N", *example[t].shape[1:]] if example[t].ndim else [])
+              for t in feeds]  # any batch size: the last batch of a feed list is often shorter
     outputs = [helper.make_empty_tensor_value_info(nodes[-1].output[0])]
     sub = helper.make_graph(nodes, f"{node.name}_alone", inputs, outputs, used_inits)
     m = helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=min(proto.ir_version, 10))
@@ -239,24 +240,57 @@ def fix_targets(report: DeployedReport, cpu: CpuFeatures, fusable: Sequence[str]
     return [n for n in report.culprits if n in set(fusable)] or list(fusable)
 
 
-def fix_deployed(model: Model, ranges, feeds: Sequence[dict[str, np.ndarray]], *, cpu: CpuFeatures | None = None,
-                 tolerance: float = OUTPUT_TOLERANCE, providers=None, **export_kwargs: Any) -> DeployedFix:
-    """Export, verify on ORT's default session, and repair (7-bit weights, then float) for the ORT target."""
-    cpu = cpu or cpu_features()
+def repair_deployed(qdq: QdqModel, export: Callable[[dict[str, int], list[str]], QdqModel],
+                    feeds: Sequence[dict[str, np.ndarray]], *, cpu: CpuFeatures, tolerance: float = OUTPUT_TOLERANCE,
+                    providers=None, proactive: bool = False) -> DeployedFix:
+    """Verify ``qdq`` on ORT's default session and repair it: ``export(weight_bits, float_nodes)`` re-exports
+    the same model with 7-bit weights on some nodes and some nodes kept float.
+
+    ``proactive``: when the CPU lacks VNNI, every fusable node gets 7-bit weights even if these samples did
+    not saturate (other data can; this is what a CPU declared without VNNI, e.g. the deployment target
+    rather than this machine, needs: the check here cannot see saturation on a CPU with VNNI)."""
     feeds = list(feeds)
-    qdq = export_qdq(model, ranges, **export_kwargs)
     before = verify_deployed(qdq.model, feeds, cpu=cpu, tolerance=tolerance, providers=providers)
-    if not before.differs:
+    fusable = [n.name for n in fusable_nodes(qdq.model)]
+    targets = fusable if proactive and cpu.has_vnni is False else fix_targets(before, cpu, fusable)
+    if not targets:
         return DeployedFix(qdq, before, before)
-    bits = {n: 7 for n in fix_targets(before, cpu, [n.name for n in fusable_nodes(qdq.model)])}
-    qdq7 = export_qdq(model, ranges, weight_bits=bits, **export_kwargs)
+    bits = {n: 7 for n in targets}
+    qdq7 = export(bits, [])
     after = verify_deployed(qdq7.model, feeds, cpu=cpu, tolerance=tolerance, providers=providers)
     if not after.differs:
         return DeployedFix(qdq7, after, before, bits)
     still = after.culprits or before.culprits
-    exclude = list(export_kwargs.pop("exclude", ())) + still
+    if not still:  # no fused node differs alone: fused kernels' rounding adds up; keep whichever is closer
+        return DeployedFix(qdq7, after, before, bits) if _worst(after) < _worst(before) else \
+            DeployedFix(qdq, before, before)
     keep = {n: b for n, b in bits.items() if n not in still}
-    qdqf = export_qdq(model, ranges, weight_bits=keep, exclude=exclude, **export_kwargs)
+    qdqf = export(keep, still)
     final = verify_deployed(qdqf.model, feeds, cpu=cpu, tolerance=tolerance, providers=providers)
     log.info("deployed fix: 7-bit on %d nodes, float %s", len(keep), still)
     return DeployedFix(qdqf, final, before, keep, still)
+
+
+def fix_deployed(model: Model, ranges, feeds: Sequence[dict[str, np.ndarray]], *, cpu: CpuFeatures | None = None,
+                 tolerance: float = OUTPUT_TOLERANCE, providers=None, proactive: bool = False,
+                 **export_kwargs: Any) -> DeployedFix:
+    """Export, verify on ORT's default session, and repair (7-bit weights, then float) for the ORT target."""
+    exclude = list(export_kwargs.pop("exclude", ()))
+
+    def export(bits: dict[str, int], floats: list[str]) -> QdqModel:
+        return export_qdq(model, ranges, weight_bits=bits or None, exclude=exclude + floats, **export_kwargs)
+
+    return repair_deployed(export({}, []), export, feeds, cpu=cpu or cpu_features(), tolerance=tolerance,
+                           providers=providers, proactive=proactive)
+
+
+def _worst(report: DeployedReport) -> float:
+    return max((o.rel_l2 for o in report.outputs), default=0.0)
+
+
+def fix_json(fix: DeployedFix) -> dict:
+    """What the deployed check saw before and after the repair, JSON-ready (the run's ``deployed`` entry)."""
+    return {"runtime": "onnxruntime", "cpu": fix.before.cpu.describe(), "has_vnni": fix.before.cpu.has_vnni,
+            "before": deployed_json(fix.before), "after": deployed_json(fix.report),
+            "fused_nodes": fix.before.culprits, "weight_bits": dict(sorted(fix.weight_bits.items())),
+            "float_nodes": list(fix.float_nodes)}

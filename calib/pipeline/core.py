@@ -1,7 +1,11 @@
 """The one orchestration core: a plan of steps that ``quantize``, ``execute`` (``calib run``, the demo) and
 the dashboard all run.
 
-    collect -> calibrate -> choose ranges -> advise -> transforms -> verify -> write
+    collect -> calibrate -> choose ranges -> advise -> equalize -> deployed -> transforms -> verify -> write
+
+(equalize: auto's FP32 transform candidates, ``calib.pipeline.candidates``; deployed: the target runtime's
+check and fix, ``calib.pipeline.deployed``; it runs before bias correction, which edits only float biases,
+added after the integer accumulation, so the check holds for the corrected model too.)
 
 ``quantize`` is ``execute`` with a ``RunConfig`` built from its flags (``config_from_flags``) and a
 ``FileSink`` (the paths the user named) instead of a ``RunSink`` (a run directory). Nothing here draws
@@ -16,13 +20,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
-from calib.config import CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
+from calib.config import AUTO_TRANSFORMS, CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.precision import resolve_target
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
+from calib.compare.metrics import safe_float
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
 from calib.model import Model, load_model
+from calib.pipeline.candidates import equalize_step
+from calib.pipeline.deployed import deployed_step
 from calib.pipeline.inputs import open_run_data, sample_subset, stats_key, subset_by_ids
 from calib.pipeline.sinks import FileSink, RunSink, shipped_path, write_artifacts
 from calib.pipeline.steps import (Context, advise_step, calibrate_step, choose_step, collect_step, split_step,
@@ -36,8 +43,8 @@ __all__ = ["quantize", "execute", "QuantizeResult", "config_from_flags", "run_pl
 Progress = Callable[[str, int, "int | None"], None]
 DEFAULT_METHODS = ("entropy", "minmax", "percentile", "mse")
 # after collect and calibrate; each step reads and fills the Context (calib.pipeline.steps)
-STEPS = (("choose", choose_step), ("advise", advise_step), ("transforms", transforms_step),
-         ("verify", verify_step))
+STEPS = (("choose", choose_step), ("advise", advise_step), ("equalize", equalize_step), ("deployed", deployed_step),
+         ("transforms", transforms_step), ("verify", verify_step))
 
 
 @dataclass
@@ -56,6 +63,8 @@ class QuantizeResult:
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the model written
     remainder: dict[str, Any] = field(default_factory=dict)  # the same with an FP32 remainder (fp16/bf16 only)
     path: str = ""  # how it was made: method + transforms + float nodes
+    deployed: dict[str, Any] | None = None  # the target runtime's check (calib.pipeline.deployed)
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates, kept or not
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -86,6 +95,7 @@ def run_plan(ctx: Context, sink) -> Context:
             step(ctx)
         if name == "choose":
             sink.record(method=ctx.method, metrics_by_method=ctx.scores)
+    sink.record(deployed=safe_float(ctx.deployed), transforms=safe_float(ctx.transforms))
     with sink.timing("write"):
         write_artifacts(ctx, sink)
     return ctx
@@ -100,6 +110,8 @@ def summary(ctx: Context) -> dict[str, Any]:
     out.update({f"fp32_remainder_{k}": v for k, v in ctx.remainder.items() if isinstance(v, (int, float))})
     if ctx.bias is not None:
         out["bias_correction"] = "kept" if ctx.bias["kept"] else "not kept"
+    if ctx.deployed is not None:
+        out["deployed"] = ctx.deployed["line"]
     if ctx.advice is not None:
         out.update(target=ctx.cfg.target, target_met=bool(ctx.advice.met), float_nodes=len(ctx.advice.exclude),
                    advised_metric=ctx.advice.metric, stopped=ctx.advice.stopped)
@@ -114,7 +126,8 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                       time_budget_s: float = 0.0, preprocess: dict | None = None,
                       high_precision: str | None = None, keep_fp32: Sequence[str] = (),
                       trt_version: int = DEFAULT_TRT_VERSION,
-                      select_fraction: float = DEFAULT_SELECT_FRACTION) -> RunConfig:
+                      select_fraction: float = DEFAULT_SELECT_FRACTION, deploy_cpu: str = "",
+                      auto_transforms: Sequence[str] | None = None) -> RunConfig:
     """The ``RunConfig`` of ``calib quantize``'s flags (the same run ``calib run`` makes from a config).
 
     ``high_precision`` None: the placement's profile (trt -> fp16, ort -> fp32; ``resolve_target``)."""
@@ -129,7 +142,9 @@ def config_from_flags(model: str | os.PathLike, data: str | os.PathLike, *, meth
                      bias_correction=bias_correction, bias_samples=bias_samples or 0, compare=True,
                      compare_metric=metric, html=False, target=target, max_float_nodes=max_float_nodes,
                      time_budget_s=time_budget_s, preprocess=preprocess or {}, high_precision=high_precision,
-                     keep_fp32=list(keep_fp32), trt_version=trt_version, select_fraction=select_fraction)
+                     keep_fp32=list(keep_fp32), trt_version=trt_version, select_fraction=select_fraction,
+                     deploy_cpu=deploy_cpu,
+                     auto_transforms=list(AUTO_TRANSFORMS if auto_transforms is None else auto_transforms))
 
 
 def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str | os.PathLike, *,
@@ -141,8 +156,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              bias_samples: int | None = 128, stats_out: str | os.PathLike | None = None,
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
              preprocess: dict | None = None, high_precision: str | None = None, keep_fp32: Sequence[str] = (),
-             trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION
-             ) -> QuantizeResult:
+             trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION,
+             deploy_cpu: str = "", auto_transforms: Sequence[str] | None = None) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
@@ -155,7 +170,8 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                             limit=limit, providers=providers, metric=metric, bias_correction=bias_correction,
                             bias_samples=bias_samples, max_float_nodes=max_float_nodes,
                             time_budget_s=time_budget_s, preprocess=preprocess, high_precision=high_precision,
-                            keep_fp32=keep_fp32, trt_version=trt_version, select_fraction=select_fraction)
+                            keep_fp32=keep_fp32, trt_version=trt_version, select_fraction=select_fraction,
+                            deploy_cpu=deploy_cpu, auto_transforms=auto_transforms)
     check_config(cfg)
     model = load_model(model_path)
     source = open_run_data(Path(data), model, preprocess=cfg.preprocess)
@@ -165,7 +181,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
     res = QuantizeResult(Path(output), ctx.method, ctx.ranges, ctx.stats, metrics=ctx.scores, best=ctx.best,
                          bias=ctx.bias, shipped=ctx.shipped, remainder=ctx.remainder,
-                         path=shipped_path(ctx))
+                         path=shipped_path(ctx), deployed=ctx.deployed, transforms=ctx.transforms)
     if ctx.advice is not None:
         res.advice, res.target_met, res.excluded = ctx.advice, bool(ctx.advice.met), list(ctx.advice.exclude)
         res.artifacts["advice"] = sink.path("advise", "")

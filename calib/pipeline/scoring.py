@@ -12,7 +12,7 @@ from calib.export.bias import correct_bias
 from calib.model import Model
 
 __all__ = ["BC_SUFFIX", "task_metrics", "score_outputs", "score_methods", "best_key", "methods_first",
-           "compare_model", "bias_correct", "bias_into_advice"]
+           "compare_model", "bias_correct", "bias_into_advice", "key_metric", "transform_record", "score_pair"]
 
 Progress = Callable[[str, int, "int | None"], None]
 BC_SUFFIX = "+bc"  # a method's label with bias correction, as scored by the 'best' chooser
@@ -73,9 +73,43 @@ def best_key(task: dict[str, Any], target: str) -> tuple[float, ...]:
         v = task.get(k)
         return float(v) if isinstance(v, (int, float)) and v == v else float("-inf")
 
-    key = {"top1": "top1_agreement", "accuracy": "accuracy_int8", "cosine": "cosine", "sqnr": "sqnr_db",
-           "metric": "metric"}.get(target.split(":", 1)[0], "") if target else ""
+    key = _TARGET_KEYS.get(target.split(":", 1)[0], "") if target else ""
     return tuple(num(k) for k in ([key] if key else []) + ["sqnr_db", "cosine"])
+
+
+_TARGET_KEYS = {"top1": "top1_agreement", "accuracy": "accuracy_int8", "cosine": "cosine", "sqnr": "sqnr_db",
+                "metric": "metric"}
+
+
+def key_metric(target: str) -> str:
+    """The metric ``best_key`` compares first: the target's, else output SQNR."""
+    return (_TARGET_KEYS.get(target.split(":", 1)[0], "") if target else "") or "sqnr_db"
+
+
+def transform_record(name: str, nodes: Sequence[str], kept: bool, sel: dict | None, held: dict | None, *,
+                     target: str, why: str, in_sample: bool = False) -> dict[str, Any]:
+    """One entry of the run's ``transforms`` list: what a transform changed, whether it was kept, and what it
+    gave (with minus without, in ``metric``) on the selection samples and on the held-out/report samples
+    (``sel``/``held``: ``{"with": task metrics, "without": task metrics}``; None: not measured)."""
+    k = key_metric(target)
+
+    def delta(m: dict | None) -> float | None:
+        if not m:
+            return None
+        a, b = m["with"].get(k), m["without"].get(k)
+        ok = all(isinstance(v, (int, float)) and v == v for v in (a, b))
+        return float(a - b) if ok else None
+
+    return {"name": name, "kept": bool(kept), "nodes": list(nodes), "metric": k, "selection_delta": delta(sel),
+            "held_out_delta": delta(held), "held_out_in_sample": bool(in_sample and held), "why": why}
+
+
+def score_pair(model: Model, without, with_, source, *, batch_size: int, metric: str, providers,
+               progress: Progress | None, stage: str) -> dict[str, dict]:
+    """Task metrics of two Q/DQ protos (``without`` / ``with`` a transform) on ``source`` in one pass."""
+    outs = score_outputs(model, {"without": without, "with": with_}, source, batch_size=batch_size, metric=metric,
+                         providers=providers, progress=progress, stage=stage)
+    return {k: task_metrics(m.result()) for k, m in outs.items()}
 
 
 def methods_first(primary: str, labels: Sequence[str]) -> list[str]:
@@ -113,6 +147,8 @@ def bias_correct(model: Model, qdq, source, ev, *, batch_size: int, limit: int |
     keep = best_key(ms["with"], target) >= best_key(ms["without"], target)
     info.update(kept=keep, scores=ms, why="scored at least as well on the selection samples" if keep
                 else "the uncorrected model scored better on the selection samples")
+    info["_nodes"] = sorted(n for n, v in bc.shifts.items() if v.any())
+    info["_corrected"] = bc.qdq  # the corrected model even when not kept (its held-out effect); not JSON
     return (bc.qdq if keep else qdq), info, outs
 
 

@@ -128,7 +128,8 @@ def _write_report(ctx: Context, sink, shipped: QdqModel) -> None:
     if not (sink.reports and ctx.ev is not None and c.compare):
         return
     with sink.timing("compare:shipped"):
-        compare_model(ctx.model, shipped.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
+        # against the FP32 model it was exported from: a kept transform rescaled some channels in between
+        compare_model(ctx.base or ctx.model, shipped.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
                       stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
                       html=sink.path("report", "report.html") if c.html else None,
                       json_path=sink.path("compare", "compare.json"),
@@ -141,8 +142,11 @@ def shipped_path(ctx: Context) -> str:
     final = final_ranges(ctx)
     parts = [ctx.method + (f" ({len(ctx.advice.changed)} tensors changed method)" if final.method == "mixed"
                            else "")]
+    parts += [t["name"] for t in ctx.transforms if t["kept"] and t["name"] != "bias_correction"]
     parts += [t.replace("_", " ") + ("" if (ctx.bias or {}).get("kept", True) else " (not kept)")
               for t in ctx.done]
+    if ctx.deployed and (ctx.deployed.get("weight_bits") or ctx.deployed.get("float_nodes")):
+        parts.append(f"deployed fix: 7-bit weights on {len(ctx.deployed['weight_bits'])} node(s)")
     if ctx.advice is not None:
         parts.append(f"advise: {len(ctx.advice.exclude)} float node(s)")
     return " + ".join(parts)
@@ -171,9 +175,10 @@ def write_artifacts(ctx: Context, sink) -> None:
     save_onnx(shipped.model, sink.path("model", "model.int8.onnx"))
     final = final_ranges(ctx)
     if c.cache and (p := sink.path("cache", "model.cache")) is not None:
-        write_cache(p, model_cache(shipped, ctx.model.proto, final), version=c.trt_version, scales=True)
+        write_cache(p, model_cache(shipped, (ctx.base or ctx.model).proto, final), version=c.trt_version, scales=True)
     if (p := sink.path("scales", "scales.json")) is not None:
         doc = scale_report(ctx.qdq, {**ctx.ranges, final.method: final}, chosen=final.method, stats=ctx.stats)
+        doc.update(transforms=safe_float(ctx.transforms), deployed=safe_float(ctx.deployed))
         write_scale_report(p, ctx.auto.annotate_scales(doc) if ctx.auto is not None else doc)
     if ctx.auto is not None and (p := sink.path("auto", "auto.json")) is not None:
         write_json(p, ctx.auto.to_json())  # per tensor: chosen candidate, runner-up, margin, scores

@@ -12,7 +12,7 @@ A step takes the ``Context`` and fills in what it produced. Two registries make 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, calibrate_all, parse_method
 from calib.collect import collect
@@ -28,11 +28,12 @@ from calib.export.precision import apply_high_precision
 from calib.model import Model
 from calib.pipeline.inputs import mark_flagged
 from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into_advice, methods_first,
-                                    score_methods, score_outputs, task_metrics)
+                                    score_methods, score_outputs, score_pair, task_metrics, transform_record)
 from calib.stats import ActivationStats
 
 __all__ = ["Context", "CHOOSERS", "TRANSFORMS", "register_chooser", "register_transform", "collect_step",
-           "calibrate_step", "choose_step", "advise_step", "transforms_step", "verify_step", "final_ranges", "shipping_model"]
+           "calibrate_step", "choose_step", "advise_step", "transforms_step", "verify_step", "final_ranges",
+           "shipping_model", "export_shipped"]
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -68,6 +69,10 @@ class Context:
     in_sample: bool = False  # reported figures are on the calibration data's report part (no eval data)
     auto: AutoChoice | None = None  # the per-tensor choice of method 'auto'
     subset: bool = False  # the calibration source is an edited subset (the dashboard's calib_ids)
+    base: Model | None = None  # the FP32 model the shipped one is exported from, when a kept transform edited it
+    retuned: dict[str, Any] = field(default_factory=dict)  # tensor -> TensorRange re-calibrated after a transform
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates: kept or not
+    deployed: dict[str, Any] | None = None  # the deployed-runtime check (calib.pipeline.deployed)
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
@@ -243,11 +248,21 @@ def transforms_step(ctx: Context) -> None:
 @register_transform("bias_correction")
 def bias_transform(ctx: Context) -> None:
     c = ctx.cfg
+    before = ctx.qdq
     qdq, ctx.bias, outs = bias_correct(
-        ctx.model, ctx.qdq, ctx.source, ctx.sel, batch_size=c.batch_size,
+        ctx.base or ctx.model, ctx.qdq, ctx.source, ctx.sel, batch_size=c.batch_size,
         limit=c.bias_samples or None, target=c.target, metric=c.compare_metric, providers=c.providers,
         progress=ctx.progress)
     ctx.qdq = qdq
+    corrected = ctx.bias.pop("_corrected", None)
+    nodes = ctx.bias.pop("_nodes", [])
+    held = None
+    if ctx.ev is not None and corrected is not None and nodes:
+        held = score_pair(ctx.model, before.model, corrected.model,
+                          ctx.ev, batch_size=c.batch_size, metric=c.compare_metric, providers=c.providers,
+                          progress=ctx.progress, stage="bias correction: held-out effect")
+    ctx.transforms.append(transform_record("bias_correction", nodes, ctx.bias["kept"], ctx.bias.get("scores"), held,
+                                           target=c.target, why=ctx.bias["why"], in_sample=ctx.in_sample))
     if ctx.advice is not None:
         bias_into_advice(ctx.advice, qdq, ctx.bias, outs)
         if ctx.missed is not None and ctx.advice.met:
@@ -287,7 +302,22 @@ def final_ranges(ctx: Context) -> Ranges:
     """The ranges the shipped model was exported with: the chosen method's, with advise's per-tensor
     method changes (``Ranges.method`` is ``mixed`` then)."""
     base = ctx.ranges[ctx.method]
-    if ctx.advice is None or not ctx.advice.changed:
-        return base
-    tensors = {t: ctx.ranges[m].tensors[t] for t, m in ctx.advice.methods.items()}
-    return Ranges("mixed", tensors, base.model_sha256)
+    if ctx.advice is not None and ctx.advice.changed:
+        base = Ranges("mixed", {t: ctx.ranges[m].tensors[t] for t, m in ctx.advice.methods.items()},
+                      base.model_sha256)
+    if ctx.retuned:  # tensors whose values a kept transform changed, re-calibrated by the same method
+        base = Ranges(base.method, {**base.tensors, **ctx.retuned}, base.model_sha256)
+    return base
+
+
+def export_shipped(ctx: Context, ranges: Ranges | None = None, base: Model | None = None,
+                   weight_bits: dict[str, int] | None = None, floats: Sequence[str] = ()) -> QdqModel:
+    """The shipped model exported again from its parts (FP32 base, final ranges, float nodes), with 7-bit
+    weights on ``weight_bits``' nodes and ``floats`` kept float too (the deployed fix)."""
+    c = ctx.cfg
+    exclude = list(ctx.advice.exclude) if ctx.advice is not None else list(c.exclude)
+    r = ranges if ranges is not None else final_ranges(ctx)
+    if base is not None or ctx.base is not None:  # ranges of the original model, for an edited copy of it
+        r = Ranges(r.method, dict(r.tensors), "")
+    return export_qdq(base or ctx.base or ctx.model, r, placement=c.placement, exclude=exclude + list(floats),
+                      flagged=ctx.flagged, weight_bits=weight_bits or None)
