@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from calib.data.split import hash_fraction
 from calib.export.transforms import apply_sites, find_sites, migration_scales
