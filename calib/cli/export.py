@@ -140,10 +140,8 @@ def export_cmd(
     if bias_mode not in ("robust", "mean"):
         raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     _check_outputs(output, cache, report)
-    m = load_model(model)
+    m = _load_noted(model)
     bias_source = _open_bias_data(bias_data, m, preprocess)
-    for note in m.notes:
-        echo(f"model: {note}")
     stats_obj, flagged = None, {}
     if stats is not None:
         chosen, all_ranges, stats_obj, flagged = _ranges_from_stats(stats, m, method or "entropy",
@@ -159,6 +157,14 @@ def export_cmd(
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
     stamp_model(qdq.model, getattr(bias_source, "spec", None) or load_spec(preprocess))
     _write_outputs(qdq, m, chosen, output, cache, trt_version, report, doc)
+
+
+def _load_noted(path: Path):
+    """The FP32 model, with what loading it changed (opset upgrade, folded constants) printed."""
+    m = load_model(path)
+    for note in m.notes:
+        echo(f"model: {note}")
+    return m
 
 
 def _open_bias_data(bias_data: Optional[Path], m, preprocess: Optional[Path]):
