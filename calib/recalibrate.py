@@ -35,7 +35,7 @@ from calib.shard_merge import index_rows, merge_all, merge_without, read_index, 
 from calib.stats import ActivationStats
 
 __all__ = ["SHARD_SIZE", "plan_shards", "collect_sharded", "collect_into_run", "load_shards", "recalibrate",
-           "Recalibration"]
+           "Recalibration", "copy_shards"]
 
 SHARD_SIZE = 4  # dropping a sample re-collects at most 3 others per touched shard
 SHARDS_DIR = "shards"
@@ -133,6 +133,17 @@ def load_shards(run: Run) -> ShardSet | None:
         raise RunStoreError(f"run {run.id}: shards.json is not a calib shard list")
     return ShardSet(int(doc["size"]), [list(s["ids"]) for s in doc["shards"]],
                     [run.dir / s["file"] for s in doc["shards"]], read_index(run.artifact("shards_index")))
+
+
+def copy_shards(src: Run, run: Run) -> bool:
+    """Give ``run`` the shards (hard links) of ``src``, whose statistics it reuses; False if ``src`` has none
+    with an index (then re-calibrating ``run`` collects again)."""
+    sh = load_shards(src)
+    if sh is None or sh.index is None:
+        return False
+    names, rows = sh.index
+    _save_shards(run, [None] * len(sh.paths), sh.groups, sh.size, list(rows), names, reuse=sh.paths)
+    return True
 
 
 @dataclass

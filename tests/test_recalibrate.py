@@ -38,7 +38,7 @@ def base(tmp_path_factory):
                     batch_size=8, html=False, methods=["entropy", "minmax", "percentile"], cache=True,
                     exclude=[])
     run = execute(cfg, store=store, command=["test"])
-    return {"store": store, "run": run, "model": model}
+    return {"store": store, "run": run, "model": model, "cfg": cfg}
 
 
 def test_plan_shards():
@@ -135,3 +135,17 @@ def test_vectorised_merge_and_subtraction_equal_pairwise_merges(tmp_path):
         want = reduce(lambda a, b: a.merge(b), [shards[k] for k in kept])
         assert _same(got, want) and got.equals(want), dropped
     assert want.tensors["t1"].exp < pairwise.tensors["t1"].exp  # the last case needed the finer grid
+
+
+def test_a_run_reusing_statistics_keeps_the_shards_so_recalibrating_it_collects_little(base):
+    store, run = base["store"], base["run"]
+    again = execute(base["cfg"], store=store, command=["test"])
+    assert again.manifest.get("stats_reused_from") == run.id
+    assert load_shards(again).groups == load_shards(run).groups and load_shards(again).index is not None
+    model = load_model(base["model"])
+    src = open_run_data(run.manifest["data"]["path"], model)
+    groups = load_shards(again).groups
+    ids = [i for g in groups for i in g]
+    res = recalibrate(store, again, model, src, ids[1:])
+    assert (res.reused, res.recollected, res.samples_collected) == (len(groups) - 1, 1, len(groups[0]) - 1)
+    assert _same(ActivationStats.load(res.run.artifact("stats")), collect(model, src.subset(range(1, len(ids)))))

@@ -19,7 +19,7 @@ from calib.export.precision import apply_high_precision
 from calib.export.trt_cache import model_cache
 from calib.data.preprocess import stamp_model
 from calib.io import save_onnx, write_json
-from calib.recalibrate import collect_into_run
+from calib.recalibrate import collect_into_run, copy_shards
 from calib.pipeline.scoring import compare_model
 from calib.pipeline.steps import Context, final_ranges
 from calib.runs import Run, RunStore
@@ -92,6 +92,7 @@ class RunSink:
         stats_path = self.path("stats", "stats.npz")
         self.store.copy_verified(reused, stats_path)
         self.run.update(stats_reused_from=str(reused.parent.name))
+        copy_shards(self.store.get(reused.parent), self.run)  # so re-calibrating this run re-collects little
         stats = ActivationStats.load(stats_path)
         self.seal("stats")
         return stats
