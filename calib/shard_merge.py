@@ -31,6 +31,8 @@ _COLS = ("pos", "neg", "exp", "min", "max", "n", "n_nonfinite")
 
 def _down(rows: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Each row of counts ``rows`` [T, NUM_BINS] downsampled by ``shift[t]`` >= 0 (``calib._kernels.downsample``)."""
+    if not (shift > 0).any():
+        return rows.astype(np.int64, copy=False)  # callers never write into it
     out = rows.astype(np.int64, copy=True)
     for d in np.unique(shift[shift > 0]):
         sel = np.flatnonzero(shift == d)

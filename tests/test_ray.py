@@ -307,3 +307,86 @@ def test_grouped_collection_needs_a_source_read_twice(tmp_path):
 def _npz(tmp_path: Path, m) -> Path:
     np.savez(tmp_path / "d.npz", **{m.inputs[0].name: np.ones((4, 10), np.float32)})
     return tmp_path / "d.npz"
+
+
+# ---- compare, the evaluator, sensitivity and advise on Ray (calib.compare.ray_eval) ----------------------------
+
+def _no_seconds(x):
+    if isinstance(x, dict):
+        return {k: _no_seconds(v) for k, v in x.items() if k not in ("seconds", "time_s", "elapsed_s")}
+    if isinstance(x, list):
+        return [_no_seconds(v) for v in x]
+    return x
+
+
+def _results(metrics) -> dict:
+    return {k: m.result() for k, m in metrics.items()}
+
+
+def test_ray_evaluation_equals_local_bit_for_bit_on_the_demo_model(cluster, demo_npz, demo_local):
+    from calib import calibrate
+    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.export import export_qdq
+
+    m = load_model(demo_model())
+    q = export_qdq(m, calibrate(demo_local, "minmax"))
+    sessions = [Session(q.model, {"base": {o: o for o in m.output_names}})]
+    local, n_local = Evaluator(m, open_data(demo_npz, m), batch_size=4).evaluate(sessions)
+    with RayEvaluation(num_workers=2):
+        ev = Evaluator(m, open_data(demo_npz, m), batch_size=4)
+        remote, n_remote = ev.evaluate(sessions)
+        again, _ = ev.evaluate(sessions)  # the second pass reads the workers' cached FP32 outputs
+    assert n_local == n_remote == 10
+    assert _results(remote) == _results(local) == _results(again)
+    assert 0.5 < local["base"].value("cosine") < 1.0
+
+
+def test_advise_on_ray_makes_the_same_choices_as_local(cluster, tmp_path):
+    from compare_graphs import cnn_data, save_npz, small_cnn
+
+    from calib.compare.advice import advise
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn(seed=3))
+    path = save_npz(tmp_path / "sel.npz", cnn_data(40, seed=5, labels=True), labels=True)
+    stats = collect(m, open_data(path, m))
+    kw = dict(target="sqnr:45", methods=["minmax", "entropy"], batch_size=8, sensitivity_samples=16, shortlist=4)
+    local = advise(m, stats, open_data(path, m), **kw)
+    with RayEvaluation(num_workers=2):
+        remote = advise(m, stats, open_data(path, m), **kw)
+    assert local.exclude or local.changed, "the target should need float nodes or other methods"
+    assert (remote.exclude, remote.changed, remote.methods) == (local.exclude, local.changed, local.methods)
+    assert _no_seconds(remote.to_json()) == _no_seconds(local.to_json())
+
+
+def test_killed_evaluation_worker_is_restarted_and_result_unchanged(cluster, tmp_path):
+    import signal
+
+    import ray
+    from compare_graphs import calib_qdq, cnn_data, save_npz, small_cnn
+
+    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn(seed=4))
+    path = save_npz(tmp_path / "ev.npz", cnn_data(48, seed=6))
+    _, _, q = calib_qdq(m, cnn_data(16, seed=7))
+    sessions = [Session(q.model, {"base": {o: o for o in m.output_names}})]
+    local, _ = Evaluator(m, open_data(path, m), batch_size=4).evaluate(sessions)
+    with RayEvaluation(num_workers=2) as backend:
+        ev = Evaluator(m, open_data(path, m), batch_size=4)
+        victim = backend.workers()[1]
+        pid = ray.get(victim.pid.remote())
+        killed = []
+
+        def kill_after_first_batch(stage, done, total):
+            if done > 0 and not killed:
+                killed.append(done)
+                os.kill(pid, signal.SIGKILL)  # the worker holding batches 1, 3, 5, ... dies mid-pass
+
+        remote, n = ev.evaluate(sessions, progress=kill_after_first_batch)
+        assert killed == [4] and ray.get(victim.pid.remote()) != pid  # restarted by Ray
+    assert n == 48 and _results(remote) == _results(local)
