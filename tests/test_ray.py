@@ -390,3 +390,23 @@ def test_killed_evaluation_worker_is_restarted_and_result_unchanged(cluster, tmp
         remote, n = ev.evaluate(sessions, progress=kill_after_first_batch)
         assert killed == [4] and ray.get(victim.pid.remote()) != pid  # restarted by Ray
     assert n == 48 and _results(remote) == _results(local)
+
+
+def test_cli_advise_backend_ray_writes_the_local_advice(cluster, tmp_path):
+    import json
+
+    from compare_graphs import cnn_data, save_npz, small_cnn
+
+    from calib.compare.advice import advice_json_path
+
+    proto = small_cnn(seed=3)
+    path = models.save(proto, tmp_path / "cnn.onnx")
+    data = save_npz(tmp_path / "sel.npz", cnn_data(40, seed=5, labels=True), labels=True)
+    assert main(["collect", path, "--data", str(data), "-o", str(tmp_path / "s.npz"), "--max-memory", "none"]) == 0
+    docs = []
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.onnx"
+        assert main(["advise", path, "--stats", str(tmp_path / "s.npz"), "--data", str(data), "-t", "sqnr:45",
+                     "-m", "minmax,entropy", "-b", "8", "-o", str(out), "--backend", backend]) == 0
+        docs.append(_no_seconds(json.loads(advice_json_path(out).read_text())))
+    assert docs[0]["exclude"] and docs[1] == docs[0]
