@@ -10,6 +10,8 @@ progress or prints.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,14 +81,24 @@ def run_plan(ctx: Context, sink) -> Context:
     split_step(ctx)
     if ctx.split is not None:
         sink.record(split=ctx.split, in_sample=ctx.in_sample)
-    for name, step in STEPS:
-        with sink.timing(name):
-            step(ctx)
-        if name == "choose":
-            sink.record(method=ctx.method, metrics_by_method=ctx.scores)
+    with _evaluation(ctx.cfg):
+        for name, step in STEPS:
+            with sink.timing(name):
+                step(ctx)
+            if name == "choose":
+                sink.record(method=ctx.method, metrics_by_method=ctx.scores)
     with sink.timing("write"):
         write_artifacts(ctx, sink)
     return ctx
+
+
+def _evaluation(cfg: RunConfig):
+    """``[compute] backend = "ray"``: scoring, auto, sensitivity and advise run on Ray too (same results)."""
+    if cfg.backend != "ray":
+        return contextlib.nullcontext()
+    from calib.compare.ray_eval import RayEvaluation  # imports Ray (the [ray] extra) only when asked
+
+    return RayEvaluation(cfg.num_workers, address=cfg.address or None)
 
 
 def summary(ctx: Context) -> dict[str, Any]:
