@@ -13,6 +13,7 @@ from calib.cli._common import Progress, echo
 from calib.compare import compare
 from calib.compare.advice import advice_json_path, advise
 from calib.compare.html import write_html
+from calib.compare.ray_eval import RayEvaluation
 from calib.compare.targets import load_metric, parse_target
 from calib.data import open_data
 from calib.data.arrays import MAX_LABELS_BYTES
@@ -107,9 +108,7 @@ def evaluation_backend(backend: str, address: Optional[str], num_workers: int):
         return contextlib.nullcontext()
     if backend != "ray":
         raise ConfigError(f"backend '{backend}' is not one of ['local', 'ray']")
-    from calib.compare.ray_eval import RayEvaluation  # imports Ray (the [ray] extra) only when asked
-
-    return RayEvaluation(num_workers, address=address)
+    return RayEvaluation(num_workers, address=address)  # imports Ray (the [ray] extra) when it starts
 
 
 def compare_cmd(
@@ -204,15 +203,12 @@ def advise_cmd(
     """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""
     tgt = parse_target(target)  # fail fast, before any work
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
-    fm = load_model(model)
-    st = ActivationStats.load(stats)
+    fm, st = load_model(model), ActivationStats.load(stats)
     st.check_model(fm)
     source = open_data(data, fm)
     show_spec(source, "evaluation data")
-    labs = read_labels(labels, len(source)) if labels is not None else None
-    methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
-    prog = Progress()
-    backend_ctx = evaluation_backend(backend, address, num_workers)
+    labs, methods = read_labels(labels, len(source)) if labels is not None else None, _methods(method)
+    prog, backend_ctx = Progress(), evaluation_backend(backend, address, num_workers)
     try:
         with backend_ctx:  # every candidate scored on the backend: the same choices as local
             adv = advise(fm, st, source, target=tgt, methods=methods, placement=placement, batch_size=batch_size,
@@ -232,6 +228,10 @@ def advise_cmd(
     if html_path is not None:
         _advice_html(html_path, fm, adv, source, st, labs, model.name, batch_size=batch_size,
                      optimization=optimization, providers=provider)
+
+
+def _methods(method: Optional[str]) -> Optional[list[str]]:
+    return [m.strip() for m in method.split(",") if m.strip()] if method else None
 
 
 def _advice_html(html_path: Path, fm, adv, source, st, labs, name: str, *, batch_size: int, optimization: str,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
+from calib.compare.ray_eval import RayEvaluation
 from calib.config import CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
@@ -96,9 +97,7 @@ def _evaluation(cfg: RunConfig):
     """``[compute] backend = "ray"``: scoring, auto, sensitivity and advise run on Ray too (same results)."""
     if cfg.backend != "ray":
         return contextlib.nullcontext()
-    from calib.compare.ray_eval import RayEvaluation  # imports Ray (the [ray] extra) only when asked
-
-    return RayEvaluation(cfg.num_workers, address=cfg.address or None)
+    return RayEvaluation(cfg.num_workers, address=cfg.address or None)  # imports Ray (the [ray] extra) then
 
 
 def summary(ctx: Context) -> dict[str, Any]:
