@@ -51,7 +51,7 @@ def base_run(work: Path):
     data = build_demo_data(work / "pages", N_CALIB, 192)  # the demo's own sizes
     store = RunStore(work / "store")
     for r in store.runs():
-        if r.is_complete and load_shards(r) is not None:
+        if r.is_complete and load_shards(r) is not None and load_shards(r).index is not None:
             return store, r
     cfg = demo_config(data, store.root)
     cfg.eval_data, cfg.compare, cfg.html, cfg.target, cfg.primary = None, False, False, "", "entropy"

@@ -15,6 +15,7 @@ split it is within ~1.15x.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from calib import collect_groups as groups_mod
@@ -71,17 +73,18 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
         total = min(total, limit) if total is not None else limit
     ort_threads, fold_threads = fold_thread_split(intra_op_threads, fold_threads)
     fetch = [t for t in names if t not in {s.name for s in model.inputs}]
-    groups = _groups(model, source, fetch, layout, batch_size, max_memory)
-    exposed = expose_outputs(model.proto, fetch)
-    optimized = groups_mod.optimized_exposed(exposed, resolve_providers(providers)) if len(groups) > 1 else None
+    groups, batch_size, optimized = _plan(model, source, fetch, layout, batch_size, max_memory, providers)
+    exposed = expose_outputs(model.proto, fetch) if optimized is None else None
+    arena = max_memory is None  # with a bound, freed tensors go back to the system
     hists = {t: TensorHistogram() for t in names}
     stats = ActivationStats(hists, model.sha256, meta={"inputs": [s.name for s in model.inputs], "shapes": {},
                                                        "dtypes": {}, "skipped": {}, "layout": layout})
     t0 = time.perf_counter()
     for k, group in enumerate(groups):
-        sess = (make_session(exposed, providers, intra_op_threads=ort_threads, spinning=False) if optimized is None
-                else make_session(groups_mod.group_proto(optimized, group), providers, intra_op_threads=ort_threads,
-                                  spinning=False, optimization="disable"))
+        sess = (make_session(exposed, providers, intra_op_threads=ort_threads, spinning=False, arena=arena)
+                if optimized is None else
+                make_session(groups_mod.group_proto(optimized, group), providers, intra_op_threads=ort_threads,
+                             spinning=False, optimization="disable", arena=arena))
         done = _one_pass(model, sess, group, limited(source, limit), stats, layout, batch_size, fold_threads,
                          first=k == 0, progress=progress, total=total,
                          stage="collect" if k == 0 else f"collect (pass {k + 1}/{len(groups)})")
@@ -95,24 +98,58 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
     return stats
 
 
-def _groups(model: Model, source: Iterable[Sample], fetch: list[str], layout: str, batch_size: int,
-            max_memory: int | None) -> list[list[str]]:
-    """One group (today's single pass) unless ``max_memory`` asks for several (calib.collect_groups)."""
+def _plan(model: Model, source: Iterable[Sample], fetch: list[str], layout: str, batch_size: int,
+          max_memory: int | None, providers: Sequence[str] | None
+          ) -> tuple[list[list[str]], int, "onnx.ModelProto | None"]:
+    """(tensor groups, batch size, optimised model or None): one pass unless ``max_memory`` asks for several.
+
+    A one-pass plan is first checked with the model's own shapes (cheap); if it does not fit, ONNX Runtime's
+    optimised graph is sized on the first sample and packed into groups (``calib.collect_groups``).
+    """
     if max_memory is None or not fetch:
-        return [fetch]
+        return [fetch], batch_size, None
     first = next(iter(source), None)
     if first is None:
-        return [fetch]
+        return [fetch], batch_size, None
     if iter(source) is source:
         raise InputDataError("collection in memory-bounded groups reads the data several times; this source "
                              "can be read only once", hint="pass a Source (calib.data) or drop max_memory")
-    shapes = {k: tuple(np.shape(v)) for k, v in first.feeds.items()}
-    per_sample = groups_mod.tensor_bytes_per_sample(model, fetch, shapes, layout)
-    in_bytes = sum(int(np.asarray(v).nbytes) for v in first.feeds.values())
-    budget = groups_mod.group_budget(model, max_memory, batch_size, in_bytes)
-    groups = groups_mod.plan_groups(fetch, per_sample, batch_size, budget)
-    log.info("max_memory %d MiB: %d tensor group(s)", max_memory >> 20, len(groups))
-    return groups
+    dtypes = {s.name: s.dtype for s in model.inputs}
+    one = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in first.feeds.items()}
+    feeds = one if layout == "feed" else {k: v[None] for k, v in one.items()}
+    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
+    set_batch = layout == "feed" or len(fixed) == 1  # batches() cannot change these batch sizes
+    b = 1 if layout == "feed" else (next(iter(fixed)) if len(fixed) == 1 else batch_size)
+    in_bytes = sum(int(v.nbytes) for v in one.values())
+    nodes = [o for n in model.proto.graph.node for o in n.output if o]
+    est = groups_mod.tensor_bytes_per_sample(model, nodes, {k: v.shape for k, v in one.items()}, layout)
+    _warm_fold()  # the fold kernels' code (numba) is part of the baseline measured next
+    base = groups_mod.rss_bytes() or 0
+    quick = groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
+                                  2 * groups_mod.working_bytes(model.proto, est), in_bytes, {t: est[t] for t in fetch})
+    if quick.peak(fetch) <= max_memory:
+        log.info("max_memory %d MiB: 1 tensor group(s), batch %d", max_memory >> 20, b)
+        return [fetch], b, None
+    optimized = groups_mod.optimized_exposed(expose_outputs(model.proto, fetch), resolve_providers(providers))
+    guess = max(est.values(), default=4)
+    names = {o: est.get(o, guess) for n in optimized.graph.node for o in n.output if o}
+    sizes = groups_mod.measured_sizes(optimized, feeds, resolve_providers(providers), names, (max_memory - base) // 3)
+    gc.collect()
+    plan = groups_mod.MemoryPlan(max_memory, b, [], groups_mod.rss_bytes() or 0,
+                                 groups_mod.SESSION_COPIES * optimized.ByteSize(),
+                                 groups_mod.working_bytes(optimized, sizes), in_bytes, {t: sizes[t] for t in fetch})
+    plan = groups_mod.fit(plan, fetch, b, set_batch)
+    log.info("max_memory %d MiB: %d tensor group(s), batch %d; %s", max_memory >> 20, len(plan.groups),
+             plan.batch_size, plan.describe())
+    return plan.groups, plan.batch_size, optimized
+
+
+def _warm_fold() -> None:
+    """Load the compiled fold kernels (finite and non-finite paths) so the memory they take is measured."""
+    x = np.ones(4, np.float32)
+    TensorHistogram().update(x)
+    x[0] = np.nan
+    TensorHistogram().update(x)
 
 
 def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source: Iterable[Sample],

@@ -4,14 +4,21 @@ Exposing every needed tensor at once holds a whole batch of every activation: fo
 detector at batch 100 that is gigabytes. With ``max_memory`` collection instead runs
 several passes over the data, each exposing one *group* of tensors whose activations fit.
 
-Estimate (stated, not measured per run): a tensor's bytes per sample come from ONNX shape
-inference with the model inputs fixed to the first sample's shapes (batch 1); a tensor whose
-shape stays unknown counts as the largest known one. Collection holds at most two batches of
-the exposed tensors (one being folded, one just returned by ONNX Runtime), so a group's cost is
-``2 * batch_size * sum(bytes per sample)``. The budget for it is ``max_memory`` minus a
-baseline of twice the model's size (weights, ONNX Runtime's copy) and two batches of inputs.
-Tensors are packed greedily in graph order; a tensor that alone exceeds the budget gets a
-group of its own (logged).
+The bound is on the whole process's resident memory. ``collect`` first checks one pass with the model's own
+shapes (ONNX shape inference at batch 1; an unknown shape counts as the largest known one). If that does not
+fit, the graph ONNX Runtime optimised (below) is run once on the first sample with its node outputs exposed
+(in chunks that fit), which gives the exact bytes per sample of every tensor it computes, and a pass over a
+group g of exposed tensors at batch b is costed as (``MemoryPlan``)::
+
+    RSS now (measured: Python, numpy, ONNX Runtime, the model and the optimised copy)
+    + SESSION_COPIES x the optimised model (the group's proto, its bytes, ONNX Runtime's weights)
+    + b x ( peak of ONNX Runtime's intermediate tensors alive at once, from the node order (liveness)
+            + INPUT_COPIES x the inputs + HELD_COPIES x the group's exposed tensors )
+
+ONNX Runtime's CPU arena is off in these sessions, so freed tensors return to the system (with
+``calib._memory.steady_malloc``, which the command line applies). Tensors are packed greedily in graph
+order; the batch size is halved until one tensor per pass fits; a bound below what batch 1 needs is
+refused (``InputDataError`` naming the minimum). bench/scale_out.py measures peak RSS against the bound.
 
 Exactness: ONNX Runtime fuses nodes differently when other tensors are graph outputs, which
 changes some values in the last bits. So the model with *every* needed tensor exposed is
@@ -26,6 +33,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -34,12 +42,16 @@ import onnxruntime as ort
 
 from calib.errors import InputDataError
 from calib.model import Model
-from calib.runtime import make_session
+from calib.runtime import expose_outputs, make_session
 
 __all__ = ["tensor_bytes_per_sample", "plan_groups", "optimized_exposed", "group_proto", "default_max_memory",
-           "parse_bytes"]
+           "parse_bytes", "rss_bytes", "working_bytes", "measured_sizes", "MemoryPlan", "fit"]
 
 log = logging.getLogger(__name__)
+
+HELD_COPIES = 3  # an exposed tensor exists as ONNX Runtime's output, its numpy copy and the previous batch folding
+INPUT_COPIES = 3  # the samples read, the stacked batch, the previous batch (inputs are folded on the first pass)
+SESSION_COPIES = 3  # a pass's model: the group's proto, its serialised bytes, ONNX Runtime's copy of the weights
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -101,31 +113,22 @@ def tensor_bytes_per_sample(model: Model, tensors: Sequence[str], sample_shapes:
     return {t: known.get(t, fallback) for t in tensors}
 
 
-def plan_groups(tensors: Sequence[str], bytes_per_sample: dict[str, int], batch_size: int, budget: int
-                ) -> list[list[str]]:
-    """Pack ``tensors`` (in order) into groups with ``2 * batch_size * sum(bytes) <= budget``."""
+def plan_groups(tensors: Sequence[str], bytes_per_sample: dict[str, int], batch_size: int, budget: int,
+                copies: int = HELD_COPIES) -> list[list[str]]:
+    """Pack ``tensors`` (in order) into groups with ``copies * batch_size * sum(bytes) <= budget``."""
     groups: list[list[str]] = []
     cur: list[str] = []
     used = 0
     for t in tensors:
-        cost = 2 * batch_size * bytes_per_sample[t]
+        cost = copies * batch_size * bytes_per_sample[t]
         if cur and used + cost > budget:
             groups.append(cur)
             cur, used = [], 0
-        if cost > budget:
-            log.warning("tensor '%s' alone needs ~%d MiB per pass, over the %d MiB budget", t, cost >> 20,
-                        max(budget, 0) >> 20)
         cur.append(t)
         used += cost
     if cur:
         groups.append(cur)
     return groups
-
-
-def group_budget(model: Model, max_memory: int, batch_size: int, input_bytes_per_sample: int) -> int:
-    """``max_memory`` minus the baseline (twice the model, two batches of inputs)."""
-    model_bytes = model.proto.ByteSize()
-    return int(max_memory) - 2 * model_bytes - 2 * batch_size * input_bytes_per_sample
 
 
 def optimized_exposed(exposed: onnx.ModelProto, providers: Sequence[str],
@@ -169,3 +172,109 @@ def group_proto(optimized: onnx.ModelProto, group: Sequence[str]) -> onnx.ModelP
     del m.graph.initializer[:]
     m.graph.initializer.extend(inits)
     return m
+
+
+# ---- the memory bound: what a pass costs, measured where it can be -------------------------------------------
+
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (/proc/self/statm); None where there is no /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def working_bytes(proto: onnx.ModelProto, sizes: dict[str, int]) -> int:
+    """Peak bytes (per sample) of the intermediate tensors alive at once when ``proto``'s nodes run in order,
+    each freed after its last reader (graph inputs and initializers not counted)."""
+    last: dict[str, int] = {}
+    for k, n in enumerate(proto.graph.node):
+        for t in list(n.input) + list(n.output):
+            if t:
+                last[t] = k
+    cur = peak = 0
+    for k, n in enumerate(proto.graph.node):
+        cur += sum(sizes.get(o, 0) for o in n.output if o)
+        peak = max(peak, cur)
+        cur -= sum(sizes.get(t, 0) for t in set(n.output) | {i for i in n.input if i in sizes} if t and last[t] == k)
+    return peak
+
+
+def measured_sizes(optimized: onnx.ModelProto, feeds: dict[str, np.ndarray], providers: Sequence[str],
+                   estimate: dict[str, int], chunk_bytes: int) -> dict[str, int]:
+    """Bytes of every node output of ``optimized`` for ``feeds`` (one sample), read from ONNX Runtime's outputs.
+
+    The outputs are exposed in chunks whose ``estimate``d size fits ``chunk_bytes`` (usually one chunk).
+    """
+    names = [o for n in optimized.graph.node for o in n.output if o]
+    sizes: dict[str, int] = {}
+    for chunk in plan_groups(names, estimate, 1, max(chunk_bytes, 1), copies=1):
+        proto = group_proto(expose_outputs(optimized, chunk), chunk)
+        sess = make_session(proto, providers, optimization="disable", arena=False)
+        outs = [o.name for o in sess.get_outputs()]
+        for name, value in zip(outs, sess.run(outs, feeds)):
+            sizes[name] = int(getattr(value, "nbytes", 0))
+        del sess
+    return sizes
+
+
+@dataclass
+class MemoryPlan:
+    """How collection fits ``max_memory`` (bytes; module doc): a pass over group g at batch b peaks at about
+    ``fixed + b * (working + inputs * INPUT_COPIES + HELD_COPIES * sum(exposed[t] for t in g))``."""
+
+    max_memory: int
+    batch_size: int
+    groups: list[list[str]]
+    baseline: int  # this process's resident memory before the passes (measured)
+    session: int  # one pass's model and ONNX Runtime session
+    working: int  # per sample: ONNX Runtime's intermediate tensors alive at once
+    inputs: int  # per sample
+    exposed: dict[str, int]  # per sample
+
+    @property
+    def fixed(self) -> int:
+        return self.baseline + self.session
+
+    def per_sample(self, group: Sequence[str] = ()) -> int:
+        return self.working + INPUT_COPIES * self.inputs + HELD_COPIES * sum(self.exposed[t] for t in group)
+
+    def peak(self, group: Sequence[str], batch_size: int | None = None) -> int:
+        return self.fixed + (batch_size or self.batch_size) * self.per_sample(group)
+
+    @property
+    def minimum(self) -> int:
+        """What batch 1 with one tensor per pass needs: less than this cannot be met."""
+        return max(self.peak([t], 1) for t in self.exposed) if self.exposed else self.peak([], 1)
+
+    def describe(self) -> str:
+        return (f"process {self.baseline >> 20} MiB, model and session {self.session >> 20} MiB, ONNX Runtime's "
+                f"tensors {self.working >> 20} MiB, inputs {INPUT_COPIES}x {self.inputs >> 20} MiB, largest tensor "
+                f"{HELD_COPIES}x {max(self.exposed.values(), default=0) >> 20} MiB per sample")
+
+
+def fit(plan: MemoryPlan, fetch: Sequence[str], batch_size: int, fixed_batch: bool) -> MemoryPlan:
+    """Fill ``plan.groups`` (and lower the batch size if it must); ``InputDataError`` below the minimum."""
+    if plan.max_memory < plan.minimum:
+        raise InputDataError(f"--max-memory {_mib(plan.max_memory)} is below the {_mib(plan.minimum)} this model "
+                             f"needs at batch 1 ({plan.describe()})",
+                             hint=f"raise --max-memory to at least {-(-plan.minimum >> 20)}MB")
+    b = batch_size
+    while b > 1 and not fixed_batch and max(plan.peak([t], b) for t in fetch) > plan.max_memory:
+        b = max(1, b // 2)
+    if max(plan.peak([t], b) for t in fetch) > plan.max_memory:
+        raise InputDataError(f"--max-memory {_mib(plan.max_memory)} is below the {_mib(plan.peak([], b))} this "
+                             f"model needs at its fixed batch size {b} ({plan.describe()})")
+    if b != batch_size:
+        log.warning("max_memory %s: batch size lowered from %d to %d", _mib(plan.max_memory), batch_size, b)
+    budget = plan.max_memory - plan.fixed - b * plan.per_sample()
+    plan.batch_size = b
+    plan.groups = plan_groups(fetch, plan.exposed, b, budget)
+    return plan
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"

@@ -114,7 +114,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
                                           "(every step is verified on all of them)."),
     },
     "compute": {
-        "backend": (str, "local", "Where collection runs: local (this process) or ray (shards as Ray tasks)."),
+        "backend": (str, "local", "Where collection and evaluation run: local (this process) or ray (Ray tasks)."),
         "address": (str, "", "Ray cluster address, e.g. 'ray://head:10001' or 'auto' ('' = start a local Ray)."),
         "num_workers": (int, 2, "Ray tasks running at once (one CPU each)."),
         "max_memory": (str, "auto", "Memory bound per worker for exposed activations, e.g. '2GB' "

@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,12 +31,13 @@ from calib.export import export_qdq, scale_report, write_cache, write_scale_repo
 from calib.io import write_json
 from calib.model import Model
 from calib.runs import Run, RunStore
+from calib.shard_merge import index_rows, merge_all, merge_without, read_index, write_index
 from calib.stats import ActivationStats
 
 __all__ = ["SHARD_SIZE", "plan_shards", "collect_sharded", "collect_into_run", "load_shards", "recalibrate",
-           "Recalibration"]
+           "Recalibration", "copy_shards"]
 
-SHARD_SIZE = 8  # dropping a sample re-collects at most 7 others per touched shard
+SHARD_SIZE = 4  # dropping a sample re-collects at most 3 others per touched shard
 SHARDS_DIR = "shards"
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -47,10 +47,6 @@ def plan_shards(ids: Sequence[str], size: int = SHARD_SIZE) -> list[list[str]]:
     if size < 1:
         raise ValueError("shard size must be >= 1")
     return [list(ids[k:k + size]) for k in range(0, len(ids), size)]
-
-
-def merge_all(shards: Sequence[ActivationStats]) -> ActivationStats:
-    return reduce(lambda a, b: a.merge(b), shards)
 
 
 def _offset(progress: Progress | None, start: int, total: int) -> Progress | None:
@@ -81,9 +77,10 @@ def collect_sharded(model: Model, source, groups: Sequence[Sequence[str]], *, ba
     return out
 
 
-def _save_shards(run: Run, shards: Sequence[ActivationStats], groups: Sequence[Sequence[str]], size: int, *,
-                 reuse: Sequence[Path | None] | None = None) -> None:
-    """Write each shard (a reused shard's file is hard-linked, or copied, not serialised again) and shards.json."""
+def _save_shards(run: Run, shards: Sequence[ActivationStats | None], groups: Sequence[Sequence[str]], size: int,
+                 rows: Sequence, names: Sequence[str], *, reuse: Sequence[Path | None] | None = None) -> None:
+    """Write each shard (a reused shard's file is hard-linked, or copied, not serialised again), shards.json and
+    the index of per-shard widths, minima and maxima (``calib.shard_merge``)."""
     (run.dir / SHARDS_DIR).mkdir(exist_ok=True)
     files = []
     for k, s in enumerate(shards):
@@ -97,6 +94,7 @@ def _save_shards(run: Run, shards: Sequence[ActivationStats], groups: Sequence[S
             except OSError:
                 shutil.copyfile(old, run.dir / name)
         files.append(name)
+    write_index(run.add_artifact("shards_index", f"{SHARDS_DIR}/index.npz"), names, rows)
     write_json(run.add_artifact("shards", "shards.json"),
                {"format": "calib.shards", "version": 1, "size": size,
                 "shards": [{"file": f, "ids": list(g)} for f, g in zip(files, groups)]})
@@ -113,7 +111,8 @@ def collect_into_run(run: Run, model: Model, source, *, batch_size: int = 8, lim
         return collect(model, source, batch_size=batch_size, limit=limit, providers=providers, progress=progress)
     groups = plan_shards(pool_ids(source), shard_size)
     shards = collect_sharded(model, source, groups, batch_size=batch_size, providers=providers, progress=progress)
-    _save_shards(run, shards, groups, shard_size)
+    names = list(shards[0].tensors)
+    _save_shards(run, shards, groups, shard_size, [index_rows(s, names) for s in shards], names)
     return merge_all(shards)
 
 
@@ -122,6 +121,7 @@ class ShardSet:
     size: int
     groups: list[list[str]]
     paths: list[Path]
+    index: tuple[list[str], object] | None = None  # calib.shard_merge.read_index
 
 
 def load_shards(run: Run) -> ShardSet | None:
@@ -132,7 +132,18 @@ def load_shards(run: Run) -> ShardSet | None:
     if doc.get("format") != "calib.shards":
         raise RunStoreError(f"run {run.id}: shards.json is not a calib shard list")
     return ShardSet(int(doc["size"]), [list(s["ids"]) for s in doc["shards"]],
-                    [run.dir / s["file"] for s in doc["shards"]])
+                    [run.dir / s["file"] for s in doc["shards"]], read_index(run.artifact("shards_index")))
+
+
+def copy_shards(src: Run, run: Run) -> bool:
+    """Give ``run`` the shards (hard links) of ``src``, whose statistics it reuses; False if ``src`` has none
+    with an index (then re-calibrating ``run`` collects again)."""
+    sh = load_shards(src)
+    if sh is None or sh.index is None:
+        return False
+    names, rows = sh.index
+    _save_shards(run, [None] * len(sh.paths), sh.groups, sh.size, list(rows), names, reuse=sh.paths)
+    return True
 
 
 @dataclass
@@ -165,6 +176,32 @@ def _plan_new(old: ShardSet | None, keep: Sequence[str], size: int) -> list[tupl
         elif rest:
             touched.extend(rest)
     return out
+
+
+def _merge(old: Run, plan, fresh: list[ActivationStats]) -> tuple[ActivationStats, list, list, list[str]]:
+    """(total, shards to write (None = reused), index rows, tensor names) of the new run.
+
+    With the old run's index and total, the kept shards are not read (``calib.shard_merge.merge_without``);
+    without them (older runs), every shard is read and merged.
+    """
+    sh = load_shards(old)
+    pos = {p: k for k, p in enumerate(sh.paths)} if sh else {}
+    kept = [pos[p] for _, p in plan if p is not None]
+    if sh is None or sh.index is None or not kept or old.artifact("stats") is None:
+        parts = [ActivationStats.load(p) if p is not None else None for _, p in plan]
+        it = iter(fresh)
+        parts = [s if s is not None else next(it) for s in parts]
+        names = list(parts[0].tensors)
+        return (merge_all(parts), [None if p is not None else s for s, (_, p) in zip(parts, plan)],
+                [index_rows(s, names) for s in parts], names)
+    names, rows = sh.index
+    dropped = [ActivationStats.load(p) for k, p in enumerate(sh.paths) if k not in set(kept)]
+    rest = merge_without(ActivationStats.load(old.artifact("stats")), dropped, sh.index, kept,
+                         [sh.paths[k] for k in kept])
+    it = iter(fresh)
+    shards = [None if p is not None else next(it) for _, p in plan]
+    new_rows = [rows[pos[p]] if p is not None else index_rows(s, names) for s, (_, p) in zip(shards, plan)]
+    return merge_all([rest, *fresh]), shards, new_rows, names
 
 
 def _methods_used(old: Run, primary: str, advice: dict | None) -> tuple[str, dict[str, str]]:
@@ -225,10 +262,9 @@ def _recalibrate(run: Run, old: Run, model: Model, source, plan, cfg: dict, prog
         fresh = iter(collect_sharded(model, source, todo, batch_size=int(cfg.get("batch_size") or 8),
                                      providers=cfg.get("providers"), progress=progress))
     with run.timing("merge"):
-        shards = [ActivationStats.load(p) if p is not None else next(fresh) for _, p in plan]
+        stats, shards, rows, names = _merge(old, plan, list(fresh))
         groups = [ids for ids, _ in plan]
-        _save_shards(run, shards, groups, max(len(g) for g in groups), reuse=[p for _, p in plan])
-        stats = merge_all(shards)
+        _save_shards(run, shards, groups, max(len(g) for g in groups), rows, names, reuse=[p for _, p in plan])
         stats.save(run.add_artifact("stats", "stats.npz"))
     keep = [i for g in groups for i in g]
     write_json(run.add_artifact("calib_ids", "calib_ids.json"), keep)

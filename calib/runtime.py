@@ -125,9 +125,11 @@ def mark_outputs(proto: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
 def make_session(proto: onnx.ModelProto, providers: Sequence[str] | None = None, *,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  optimization: str | ort.GraphOptimizationLevel = "all", spinning: bool = True,
-                 name: str | None = None, optimized_model_path: str | None = None) -> ort.InferenceSession:
+                 name: str | None = None, optimized_model_path: str | None = None,
+                 arena: bool = True) -> ort.InferenceSession:
     """An ORT session on ``proto``; ``spinning=False`` when other threads of ours compute beside it.
 
+    ``arena=False`` turns ONNX Runtime's CPU arena off, so resident memory follows the tensors alive.
     ``name`` (e.g. "Q/DQ model") prefixes the one-line error when ONNX Runtime cannot load it.
     """
     so = ort.SessionOptions()
@@ -136,6 +138,7 @@ def make_session(proto: onnx.ModelProto, providers: Sequence[str] | None = None,
     if inter_op_threads:
         so.inter_op_num_threads = inter_op_threads
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena  # off: tensors freed go back to the system (calib.collect_groups' bound)
     if optimized_model_path:  # ONNX Runtime writes the graph it optimised there (calib.collect_groups)
         so.optimized_model_filepath = optimized_model_path
     if not spinning:

@@ -65,6 +65,9 @@ def test_advise_unreachable_target_exits_1_and_keeps_best(files, tmp_path, capsy
                str(files / "eval.npz"), "--target", "accuracy:0.99", "-o", str(out), "--method", "minmax"])
     assert rc == 1
     assert out.exists() and (tmp_path / "best.advice.json").exists()
+    written = onnx.load(str(out))  # the best model found ships in the default remainder dtype (fp16 for TensorRT)
+    assert any(n.op_type == "Cast" for n in written.graph.node)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in written.graph.initializer)
     err = capsys.readouterr().err
     assert "target accuracy:0.99 not met" in err and "FP32 model itself reaches accuracy" in err
 

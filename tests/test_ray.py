@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import models
@@ -139,13 +140,67 @@ def test_bad_sample_named_or_skipped_and_listed(cluster, tmp_path):
     assert local.skipped == res.skipped and local.stats.equals(res.stats)
 
 
+def _minimum(m, src) -> int:
+    """The bound collect names as what batch 1 needs (from its refusal of a 1 MiB bound)."""
+    with pytest.raises(InputDataError, match=r"below the \d+ MiB this model needs at batch 1") as e:
+        collect(m, src, batch_size=4, max_memory=1 << 20)
+    return int(re.search(r"at least (\d+)MB", e.value.hint).group(1)) << 20
+
+
+def _passes(caplog) -> int:
+    msgs = [r.getMessage() for r in caplog.records if "tensor group(s)" in r.getMessage()]
+    assert msgs, "no memory plan was logged"
+    return int(msgs[-1].split(": ")[1].split()[0])
+
+
+def test_memory_bound_groups_equal_one_pass_and_below_batch_1_is_refused(tmp_path, caplog):
+    path = models.save(models.cnn_residual(seed=6, channels=16, size=128), tmp_path / "big.onnx")  # 1 MiB tensors
+    m = load_model(path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(6).standard_normal((10, 3, 128, 128)).astype(np.float32))
+    src = open_data(tmp_path / "d.npz", m)
+    one = collect(m, src, batch_size=4)
+    caplog.set_level("INFO", logger="calib.collect")
+    lowest = _minimum(m, src)
+    grouped = collect(m, src, batch_size=4, max_memory=lowest + (12 << 20))  # one tensor per pass at batch 2
+    assert _passes(caplog) >= 3
+    assert grouped.equals(one)
+    for k, a in one.to_arrays().items():
+        if k != "header":
+            assert np.array_equal(a, grouped.to_arrays()[k]), k
+
+
 def test_grouped_collection_equals_one_pass_on_demo_model(demo_npz, demo_local, caplog):
     m = load_model(demo_model())
+    src = open_data(demo_npz, m)
     caplog.set_level("INFO", logger="calib.collect")
-    grouped = collect(m, open_data(demo_npz, m), batch_size=4, max_memory=parse_bytes("48MB"))
-    groups = [r.getMessage() for r in caplog.records if "tensor group(s)" in r.getMessage()]
-    assert groups and int(groups[0].split(": ")[1].split()[0]) >= 3, groups
+    grouped = collect(m, src, batch_size=4, max_memory=_minimum(m, src) + (40 << 20))
+    assert _passes(caplog) >= 3
     assert grouped.equals(demo_local)
+
+
+def test_cli_refuses_a_bound_below_batch_1_with_one_line(tmp_path, capsys):
+    path = models.save(models.cnn_residual(seed=2), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 3, 16, 16), np.float32))
+    code = main(["collect", path, "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "s.npz"),
+                 "--max-memory", "1MB"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-memory 1 MiB is below the" in err and "needs at batch 1" in err
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_working_bytes_is_the_liveness_peak():
+    from onnx import helper
+
+    from calib.collect_groups import working_bytes
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["d"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1])],
+                          [helper.make_tensor_value_info("d", 1, [1])])
+    sizes = {"a": 10, "b": 20, "c": 40, "d": 80}
+    # a+b alive at Relu(b): 30; a+b+c at Add: 70; c+d at the last Relu: 120 (x is an input, not counted)
+    assert working_bytes(helper.make_model(g), sizes) == 120
+    assert working_bytes(helper.make_model(g), {**sizes, "d": 1}) == 70
 
 
 def test_parse_bytes():
@@ -203,7 +258,7 @@ def test_manifest_of_uris_read_through_fsspec(tmp_path):
 def test_cli_collect_backend_ray(cluster, demo_npz, demo_local, tmp_path):
     out = tmp_path / "stats.npz"
     code = main(["collect", str(demo_model()), "--data", str(demo_npz), "-o", str(out), "-b", "4",
-                 "--backend", "ray", "--num-workers", "2", "--max-memory", "64MB"])
+                 "--backend", "ray", "--num-workers", "2", "--max-memory", "2GB"])
     assert code == 0
     assert ActivationStats.load(out).equals(demo_local)
 
@@ -238,7 +293,7 @@ def test_bytes_per_sample_estimate_matches_onnx_runtime(tmp_path):
     assert est == actual
     groups = plan_groups(names, est, 2, 4 * max(est.values()))
     assert [t for g in groups for t in g] == names
-    assert all(len(g) == 1 or 4 * sum(est[t] for t in g) <= 4 * max(est.values()) for g in groups)
+    assert all(len(g) == 1 or 3 * 2 * sum(est[t] for t in g) <= 4 * max(est.values()) for g in groups)
 
 
 def test_grouped_collection_needs_a_source_read_twice(tmp_path):
@@ -252,3 +307,106 @@ def test_grouped_collection_needs_a_source_read_twice(tmp_path):
 def _npz(tmp_path: Path, m) -> Path:
     np.savez(tmp_path / "d.npz", **{m.inputs[0].name: np.ones((4, 10), np.float32)})
     return tmp_path / "d.npz"
+
+
+# ---- compare, the evaluator, sensitivity and advise on Ray (calib.compare.ray_eval) ----------------------------
+
+def _no_seconds(x):
+    if isinstance(x, dict):
+        return {k: _no_seconds(v) for k, v in x.items() if k not in ("seconds", "time_s", "elapsed_s")}
+    if isinstance(x, list):
+        return [_no_seconds(v) for v in x]
+    return x
+
+
+def _results(metrics) -> dict:
+    return {k: m.result() for k, m in metrics.items()}
+
+
+def test_ray_evaluation_equals_local_bit_for_bit_on_the_demo_model(cluster, demo_npz, demo_local):
+    from calib import calibrate
+    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.export import export_qdq
+
+    m = load_model(demo_model())
+    q = export_qdq(m, calibrate(demo_local, "minmax"))
+    sessions = [Session(q.model, {"base": {o: o for o in m.output_names}})]
+    local, n_local = Evaluator(m, open_data(demo_npz, m), batch_size=4).evaluate(sessions)
+    with RayEvaluation(num_workers=2):
+        ev = Evaluator(m, open_data(demo_npz, m), batch_size=4)
+        remote, n_remote = ev.evaluate(sessions)
+        again, _ = ev.evaluate(sessions)  # the second pass reads the workers' cached FP32 outputs
+    assert n_local == n_remote == 10
+    assert _results(remote) == _results(local) == _results(again)
+    assert 0.5 < local["base"].value("cosine") < 1.0
+
+
+def test_advise_on_ray_makes_the_same_choices_as_local(cluster, tmp_path):
+    from compare_graphs import cnn_data, save_npz, small_cnn
+
+    from calib.compare.advice import advise
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn(seed=3))
+    path = save_npz(tmp_path / "sel.npz", cnn_data(40, seed=5, labels=True), labels=True)
+    stats = collect(m, open_data(path, m))
+    kw = dict(target="sqnr:45", methods=["minmax", "entropy"], batch_size=8, sensitivity_samples=16, shortlist=4)
+    local = advise(m, stats, open_data(path, m), **kw)
+    with RayEvaluation(num_workers=2):
+        remote = advise(m, stats, open_data(path, m), **kw)
+    assert local.exclude or local.changed, "the target should need float nodes or other methods"
+    assert (remote.exclude, remote.changed, remote.methods) == (local.exclude, local.changed, local.methods)
+    assert _no_seconds(remote.to_json()) == _no_seconds(local.to_json())
+
+
+def test_killed_evaluation_worker_is_restarted_and_result_unchanged(cluster, tmp_path):
+    import signal
+
+    import ray
+    from compare_graphs import calib_qdq, cnn_data, save_npz, small_cnn
+
+    from calib.compare.evaluate import Evaluator, Session
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.model import model_from_proto
+
+    m = model_from_proto(small_cnn(seed=4))
+    path = save_npz(tmp_path / "ev.npz", cnn_data(48, seed=6))
+    _, _, q = calib_qdq(m, cnn_data(16, seed=7))
+    sessions = [Session(q.model, {"base": {o: o for o in m.output_names}})]
+    local, _ = Evaluator(m, open_data(path, m), batch_size=4).evaluate(sessions)
+    with RayEvaluation(num_workers=2) as backend:
+        ev = Evaluator(m, open_data(path, m), batch_size=4)
+        victim = backend.workers()[1]
+        pid = ray.get(victim.pid.remote())
+        killed = []
+
+        def kill_after_first_batch(stage, done, total):
+            if done > 0 and not killed:
+                killed.append(done)
+                os.kill(pid, signal.SIGKILL)  # the worker holding batches 1, 3, 5, ... dies mid-pass
+
+        remote, n = ev.evaluate(sessions, progress=kill_after_first_batch)
+        assert killed == [4] and ray.get(victim.pid.remote()) != pid  # restarted by Ray
+    assert n == 48 and _results(remote) == _results(local)
+
+
+def test_cli_advise_backend_ray_writes_the_local_advice(cluster, tmp_path):
+    import json
+
+    from compare_graphs import cnn_data, save_npz, small_cnn
+
+    from calib.compare.advice import advice_json_path
+
+    proto = small_cnn(seed=3)
+    path = models.save(proto, tmp_path / "cnn.onnx")
+    data = save_npz(tmp_path / "sel.npz", cnn_data(40, seed=5, labels=True), labels=True)
+    assert main(["collect", path, "--data", str(data), "-o", str(tmp_path / "s.npz"), "--max-memory", "none"]) == 0
+    docs = []
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.onnx"
+        assert main(["advise", path, "--stats", str(tmp_path / "s.npz"), "--data", str(data), "-t", "sqnr:45",
+                     "-m", "minmax,entropy", "-b", "8", "-o", str(out), "--backend", backend]) == 0
+        docs.append(_no_seconds(json.loads(advice_json_path(out).read_text())))
+    assert docs[0]["exclude"] and docs[1] == docs[0]

@@ -38,7 +38,7 @@ def base(tmp_path_factory):
                     batch_size=8, html=False, methods=["entropy", "minmax", "percentile"], cache=True,
                     exclude=[])
     run = execute(cfg, store=store, command=["test"])
-    return {"store": store, "run": run, "model": model}
+    return {"store": store, "run": run, "model": model, "cfg": cfg}
 
 
 def test_plan_shards():
@@ -63,12 +63,13 @@ def test_dropping_samples_recollects_only_touched_shards_and_equals_a_fresh_coll
     src = open_run_data(run.manifest["data"]["path"], model)
     ids = [i for g in load_shards(run).groups for i in g]
     groups = load_shards(run).groups
-    drop = {groups[0][-1], groups[0][1]}  # both in shard 0 (the scaled sample 7 is the last of shard 0 with 8)
+    k = next(j for j, g in enumerate(groups) if "calib.npz[7]" in g)  # the shard of the scaled sample 7
+    drop = {"calib.npz[7]", next(i for i in groups[k] if i != "calib.npz[7]")}
     keep = [i for i in ids if i not in drop]
     res = recalibrate(store, run, model, src, keep, all_methods=True)
     new = res.run
     n = len(groups)
-    assert new.is_complete and (res.reused, res.recollected, res.samples_collected) == (n - 1, 1, len(groups[0]) - 2)
+    assert new.is_complete and (res.reused, res.recollected, res.samples_collected) == (n - 1, 1, len(groups[k]) - 2)
     fresh = collect(model, src.subset([ids.index(i) for i in keep]), batch_size=5)
     merged = ActivationStats.load(new.artifact("stats"))
     assert _same(merged, fresh)
@@ -103,3 +104,48 @@ def test_dropping_from_two_shards_collects_their_rest_once(base):
     assert [len(g) for g in groups] == [touched, *map(len, old[2:])] and sorted(i for g in groups for i in g) == sorted(keep)
     fresh = collect(model, src.subset([ids.index(i) for i in keep]), batch_size=8)
     assert _same(ActivationStats.load(res.run.artifact("stats")), fresh)
+
+
+def test_vectorised_merge_and_subtraction_equal_pairwise_merges(tmp_path):
+    from functools import reduce
+
+    from calib.shard_merge import index_rows, merge_all, merge_without
+    from calib.stats import TensorHistogram
+
+    rng = np.random.default_rng(11)
+    shards, names = [], ["t0", "t1", "t2"]
+    for k in range(5):
+        s = ActivationStats({t: TensorHistogram() for t in names}, "sha")
+        for j, t in enumerate(names):
+            x = rng.normal(0, 1.0 + j, 400).astype(np.float32)
+            if k == 2 and t == "t1":
+                x[0] = 3e4  # shard 2 alone sets t1's width: dropping it needs a finer grid
+            if k == 3 and t == "t2":
+                x[1] = np.nan
+            s.tensors[t].update(x)
+        s.add_samples([f"s{k}"])
+        shards.append(s)
+        s.save(tmp_path / f"s{k}.npz")
+    pairwise = reduce(lambda a, b: a.merge(b), shards)
+    assert _same(merge_all(shards), pairwise) and merge_all(shards).equals(pairwise)
+    index = (names, np.stack([index_rows(s, names) for s in shards]))
+    for dropped in ([0, 3], [1, 2, 4]):
+        kept = [k for k in range(5) if k not in dropped]
+        got = merge_without(pairwise, [shards[k] for k in dropped], index, kept, [tmp_path / f"s{k}.npz" for k in kept])
+        want = reduce(lambda a, b: a.merge(b), [shards[k] for k in kept])
+        assert _same(got, want) and got.equals(want), dropped
+    assert want.tensors["t1"].exp < pairwise.tensors["t1"].exp  # the last case needed the finer grid
+
+
+def test_a_run_reusing_statistics_keeps_the_shards_so_recalibrating_it_collects_little(base):
+    store, run = base["store"], base["run"]
+    again = execute(base["cfg"], store=store, command=["test"])
+    assert again.manifest.get("stats_reused_from") == run.id
+    assert load_shards(again).groups == load_shards(run).groups and load_shards(again).index is not None
+    model = load_model(base["model"])
+    src = open_run_data(run.manifest["data"]["path"], model)
+    groups = load_shards(again).groups
+    ids = [i for g in groups for i in g]
+    res = recalibrate(store, again, model, src, ids[1:])
+    assert (res.reused, res.recollected, res.samples_collected) == (len(groups) - 1, 1, len(groups[0]) - 1)
+    assert _same(ActivationStats.load(res.run.artifact("stats")), collect(model, src.subset(range(1, len(ids)))))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,10 +13,11 @@ from calib.cli._common import Progress, echo
 from calib.compare import compare
 from calib.compare.advice import advice_json_path, advise
 from calib.compare.html import write_html
+from calib.compare.ray_eval import RayEvaluation
 from calib.compare.targets import load_metric, parse_target
 from calib.data import open_data
 from calib.data.arrays import MAX_LABELS_BYTES
-from calib.errors import InputDataError, TargetNotMet
+from calib.errors import ConfigError, InputDataError, TargetNotMet
 from calib.io import npy_header
 from calib.model import load_model
 from calib.stats import ActivationStats
@@ -99,6 +102,15 @@ def _metric(spec: Optional[str]):
     return load_metric(spec)
 
 
+def evaluation_backend(backend: str, address: Optional[str], num_workers: int):
+    """Where evaluation runs: here (``local``) or on Ray (``calib.compare.ray_eval``), as a context manager."""
+    if backend == "local":
+        return contextlib.nullcontext()
+    if backend != "ray":
+        raise ConfigError(f"backend '{backend}' is not one of ['local', 'ray']")
+    return RayEvaluation(num_workers, address=address)  # imports Ray (the [ray] extra) when it starts
+
+
 def compare_cmd(
     fp32: Path = typer.Argument(..., help="FP32 ONNX model."),
     qdq: Path = typer.Argument(..., help="Q/DQ (INT8) ONNX model derived from it."),
@@ -117,6 +129,10 @@ def compare_cmd(
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
     deployed: bool = typer.Option(False, "--deployed", help="Also run the Q/DQ model as ONNX Runtime deploys it "
                                   "(default optimisation, real outputs only) vs the spec; name fused nodes that differ."),
+    backend: str = typer.Option("local", "--backend", help="local (this process) or ray (batches scored by Ray "
+                                "workers; same results bit for bit)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Ray workers (one CPU each)."),
 ) -> None:
     """Compare an FP32 model and its Q/DQ model layer by layer and at the outputs."""
     fm = load_model(fp32)
@@ -128,10 +144,12 @@ def compare_cmd(
     if stats is not None:
         st = ActivationStats.load(stats)
     prog = Progress()
+    backend_ctx = evaluation_backend(backend, address, num_workers)
     try:
-        report = compare(fm, qm, source, batch_size=batch_size, labels=labs, metric=_metric(metric), limit=limit,
-                         optimization=optimization, providers=provider, sensitivity=sensitivity,
-                         sensitivity_samples=sensitivity_samples, progress=prog)
+        with backend_ctx:  # sensitivity and output scoring run on the backend; the layer pass here
+            report = compare(fm, qm, source, batch_size=batch_size, labels=labs, metric=_metric(metric), limit=limit,
+                             optimization=optimization, providers=provider, sensitivity=sensitivity,
+                             sensitivity_samples=sensitivity_samples, progress=prog)
     finally:
         prog.close()
     report.save(output)
@@ -178,28 +196,39 @@ def advise_cmd(
         None, "--time-budget", help="Seconds (default 240): try no new node after this (at least one is tried); keep the best model."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
+    backend: str = typer.Option("local", "--backend", help="local (this process) or ray (batches scored by Ray "
+                                "workers; same results bit for bit)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
+    num_workers: int = typer.Option(2, "--num-workers", help="Ray workers (one CPU each)."),
 ) -> None:
     """Find the fewest nodes to leave in float (and better per-tensor ranges) so a target holds."""
     tgt = parse_target(target)  # fail fast, before any work
     placement, dtype = resolve_target(target_runtime, placement, high_precision)
-    fm = load_model(model)
-    st = ActivationStats.load(stats)
+    fm, st = load_model(model), ActivationStats.load(stats)
     st.check_model(fm)
     source = open_data(data, fm)
     show_spec(source, "evaluation data")
-    labs = read_labels(labels, len(source)) if labels is not None else None
-    methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
-    prog = Progress()
+    labs, methods = read_labels(labels, len(source)) if labels is not None else None, _methods(method)
+    prog, backend_ctx = Progress(), evaluation_backend(backend, address, num_workers)
     try:
-        adv = advise(fm, st, source, target=tgt, methods=methods, placement=placement, batch_size=batch_size,
-                     labels=labs, metric=_metric(metric), sensitivity_samples=sensitivity_samples,
-                     candidate_samples=candidate_samples, max_steps=max_steps, time_budget_s=time_budget,
-                     optimization=optimization, providers=provider, output=output, progress=prog)
-    except TargetNotMet as e:
-        _print_advice(e.advice, output, advice_json_path(output))
+        with backend_ctx:  # every candidate scored on the backend: the same choices as local
+            adv = advise(fm, st, source, target=tgt, methods=methods, placement=placement, batch_size=batch_size,
+                         labels=labs, metric=_metric(metric), sensitivity_samples=sensitivity_samples,
+                         candidate_samples=candidate_samples, max_steps=max_steps, time_budget_s=time_budget,
+                         optimization=optimization, providers=provider, output=output, progress=prog)
+    except TargetNotMet as e:  # the best model found is still written, in the dtype asked for
+        _ship_advice(e.advice, output, dtype, st, html_path, fm, source, labs, model.name, batch_size=batch_size,
+                     optimization=optimization, providers=provider)
         raise
     finally:
         prog.close()
+    _ship_advice(adv, output, dtype, st, html_path, fm, source, labs, model.name, batch_size=batch_size,
+                 optimization=optimization, providers=provider)
+
+
+def _ship_advice(adv, output: Path, dtype: str, st, html_path: Optional[Path], fm, source, labs, name: str, *,
+                 batch_size: int, optimization: str, providers) -> None:
+    """Print the advice, write the model with its high-precision remainder, and the HTML report of that model."""
     _print_advice(adv, output, advice_json_path(output))
     shipped = adv.qdq
     if dtype != "fp32":  # the written model gets the high-precision remainder; the advice JSON is unchanged
@@ -207,8 +236,12 @@ def advise_cmd(
         save_onnx(shipped.model, output)
         echo(f"{prec.summary()} -> {output}")
     if html_path is not None:  # the report describes the written model
-        _advice_html(html_path, fm, adv, shipped, source, st, labs, model.name, batch_size=batch_size,
-                     optimization=optimization, providers=provider)
+        _advice_html(html_path, fm, adv, shipped, source, st, labs, name, batch_size=batch_size,
+                     optimization=optimization, providers=providers)
+
+
+def _methods(method: Optional[str]) -> Optional[list[str]]:
+    return [m.strip() for m in method.split(",") if m.strip()] if method else None
 
 
 def _advice_html(html_path: Path, fm, adv, shipped, source, st, labs, name: str, *, batch_size: int,

@@ -6,11 +6,16 @@ each pass), so every later pass runs only the variant sessions. Each pass runs
 several sessions (``build_multi`` models, several variants each) on the same
 batch and folds every variant's outputs into its own ``OutputMetrics``. A
 ``stop(metrics, n_samples)`` callback can end a pass early.
+
+Where the passes run: here, unless an evaluation backend is active (``using_backend``, e.g.
+``calib.compare.ray_eval.RayEvaluation``), which then runs ``evaluate`` with the same meaning:
+the same metrics bit for bit (exact sums, ``calib.compare.metrics``) and the same early stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,10 +27,31 @@ from calib.compare.targets import OutputMetrics, UserMetric
 from calib.model import Model
 from calib.runtime import open_runner, run_batches
 
-__all__ = ["Session", "Evaluator"]
+__all__ = ["Session", "Evaluator", "using_backend", "metric_keys"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
+
+
+_BACKEND: contextvars.ContextVar = contextvars.ContextVar("calib_evaluation_backend", default=None)
+
+
+@contextlib.contextmanager
+def using_backend(backend):
+    """Run every ``Evaluator.evaluate`` inside the block on ``backend`` (an object with the same ``evaluate``
+    signature plus the evaluator as first argument); None: here."""
+    token = _BACKEND.set(backend)
+    try:
+        yield backend
+    finally:
+        _BACKEND.reset(token)
+
+
+def metric_keys(sessions: Sequence["Session"]) -> list[tuple[int, str, str]]:
+    """(session index, variant, metrics key) of every variant; a "base" variant past the first session is
+    keyed ``base<i>``."""
+    return [(si, v, v if v != "base" else ("base" if si == 0 else f"base{si}"))
+            for si, s in enumerate(sessions) for v in s.where]
 
 
 @dataclass
@@ -58,11 +84,12 @@ class Evaluator:
                  stop: Callable[[dict[str, OutputMetrics], int], bool] | None = None
                  ) -> tuple[dict[str, OutputMetrics], int]:
         """Metrics per variant name over the evaluation set (or until ``stop`` says so); also samples used."""
+        backend = _BACKEND.get()
+        if backend is not None:
+            return backend.evaluate(self, sessions, stage=stage, progress=progress, stop=stop)
         metrics: dict[str, OutputMetrics] = {}
-        for si, s in enumerate(sessions):
-            for v in s.where:
-                key = v if v != "base" else ("base" if si == 0 else f"base{si}")
-                metrics.setdefault(key, OutputMetrics(self.outputs, self.user))
+        for _si, _v, key in metric_keys(sessions):
+            metrics.setdefault(key, OutputMetrics(self.outputs, self.user))
         use_cache = self._cache is not None
         store: list[dict[str, np.ndarray]] | None = [] if self._cache is None else None
         stored = 0
@@ -91,11 +118,8 @@ class Evaluator:
                             store.append({k: ref[k] for k in self.outputs})
                         else:
                             store = None
-                for si, (s, out) in enumerate(zip(sessions, outs)):
-                    for v, w in s.where.items():
-                        key = v if v != "base" else ("base" if si == 0 else f"base{si}")
-                        metrics[key].update(ref, {o: out[t] for o, t in w.items()}, ids, labs)
-                out = None
+                for si, v, key in metric_keys(sessions):
+                    metrics[key].update(ref, {o: outs[si][t] for o, t in sessions[si].where[v].items()}, ids, labs)
                 del outs, ref
                 done += len(ids) if ids is not None else 1
                 if progress:

@@ -21,6 +21,11 @@ Definitions (``result()``):
 
 Non-finite values (in either tensor) are counted in ``n_nonfinite`` and left
 out of every sum.
+
+Exact sums: each sample's float64 sums are added *exactly* (as integers in units of
+2**-1074, the smallest float64), and rounded to float64 once, in ``result()``. So the
+result does not depend on how the samples were batched, sharded or merged: a merge of
+shards (``merge``, e.g. from Ray workers) equals one local pass bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +48,26 @@ def per_sample_view(x: np.ndarray, n_samples: int | None) -> np.ndarray:
     return x.reshape(1, -1)
 
 
+_UNIT = 1074  # exact sums count units of 2**-1074, the smallest float64
+
+
+def _exact(values: np.ndarray) -> int:
+    """The exact sum of finite float64 ``values`` in units of 2**-1074 (an integer: associative, commutative)."""
+    total = 0
+    for v in values.tolist():
+        n, d = float(v).as_integer_ratio()
+        total += n << (_UNIT + 1 - d.bit_length())
+    return total
+
+
+def _float(x: int) -> float:
+    """An exact sum (``_exact``) rounded once to the nearest float64."""
+    try:
+        return x / (1 << _UNIT)  # int / int is correctly rounded in Python
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
 def _cosines(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
     denom = np.sqrt(aa * bb)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -52,18 +77,19 @@ def _cosines(dot: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TensorAccumulator:
-    """Mergeable sums for one FP32/INT8 tensor pair (see the module docstring)."""
+    """Mergeable sums for one FP32/INT8 tensor pair (see the module docstring); the sums are exact integers
+    in units of 2**-1074 (``_exact``)."""
 
     n_values: int = 0
     n_samples: int = 0
     n_nonfinite: int = 0
-    dot: float = 0.0
-    aa: float = 0.0
-    bb: float = 0.0
-    err2: float = 0.0
-    abs_err: float = 0.0
+    dot: int = 0
+    aa: int = 0
+    bb: int = 0
+    err2: int = 0
+    abs_err: int = 0
     max_abs_err: float = 0.0
-    cos_sum: float = 0.0
+    cos_sum: int = 0
     min_cos: float = math.inf
     worst_sample: str | None = None
     shape: tuple[int, ...] | None = None
@@ -87,14 +113,14 @@ class TensorAccumulator:
         cos = _cosines(dot, aa, bb)
         self.n_values += a2.size
         self.n_samples += a2.shape[0]
-        self.dot += float(dot.sum())
-        self.aa += float(aa.sum())
-        self.bb += float(bb.sum())
-        self.err2 += float(err2.sum())
-        self.abs_err += float(s[:, 4].sum())
+        self.dot += _exact(dot)
+        self.aa += _exact(aa)
+        self.bb += _exact(bb)
+        self.err2 += _exact(err2)
+        self.abs_err += _exact(s[:, 4])
         if s.shape[0]:
             self.max_abs_err = max(self.max_abs_err, float(s[:, 5].max()))
-        self.cos_sum += float(cos.sum())
+        self.cos_sum += _exact(cos)
         k = int(np.argmin(cos)) if cos.size else 0
         if cos.size and float(cos[k]) < self.min_cos:
             self.min_cos = float(cos[k])
@@ -114,21 +140,22 @@ class TensorAccumulator:
 
     def result(self) -> dict[str, Any]:
         n = max(self.n_values - self.n_nonfinite, 1)
-        if self.err2 == 0:
+        dot, aa, bb, err2 = _float(self.dot), _float(self.aa), _float(self.bb), _float(self.err2)
+        if err2 == 0:
             sqnr = math.inf
-        elif self.aa == 0:
+        elif aa == 0:
             sqnr = -math.inf
         else:
-            sqnr = 10.0 * math.log10(self.aa / self.err2)
-        rel = math.sqrt(self.err2 / self.aa) if self.aa > 0 else (0.0 if self.err2 == 0 else math.inf)
+            sqnr = 10.0 * math.log10(aa / err2)
+        rel = math.sqrt(err2 / aa) if aa > 0 else (0.0 if err2 == 0 else math.inf)
         return {
-            "cosine": self.cos_sum / self.n_samples if self.n_samples else math.nan,
-            "cosine_global": float(_cosines(np.array([self.dot]), np.array([self.aa]), np.array([self.bb]))[0]),
+            "cosine": _float(self.cos_sum) / self.n_samples if self.n_samples else math.nan,
+            "cosine_global": float(_cosines(np.array([dot]), np.array([aa]), np.array([bb]))[0]),
             "min_cosine": self.min_cos if self.n_samples else math.nan,
             "worst_sample": self.worst_sample,
             "sqnr_db": sqnr,
             "max_abs_error": self.max_abs_err,
-            "mean_abs_error": self.abs_err / n,
+            "mean_abs_error": _float(self.abs_err) / n,
             "relative_error": rel,
             "n_values": self.n_values,
             "n_samples": self.n_samples,

@@ -107,6 +107,11 @@ class _BatchFunction:
     def result(self) -> float:
         return self.total / self.n if self.n else math.nan
 
+    def merge(self, other: "_BatchFunction") -> "_BatchFunction":
+        out = _BatchFunction(self.fn)
+        out.total, out.n = self.total + other.total, self.n + other.n
+        return out
+
 
 @dataclass
 class UserMetric:
@@ -189,6 +194,22 @@ class OutputMetrics:
         if self._user_state is not None:
             self._user_state.update({o: fp32[o] for o in self.outputs}, {o: int8[o] for o in self.outputs},
                                     _labels_array(labels))
+
+    def merge(self, other: "OutputMetrics") -> "OutputMetrics":
+        """Both shards' metrics together (exact: ``calib.compare.metrics``). A user metric needs its own
+        ``merge(other)`` returning the merged state."""
+        out = OutputMetrics(self.outputs, self.user)
+        out.tensors = {o: self.tensors[o].merge(other.tensors[o]) for o in self.outputs}
+        for o in self.outputs:
+            mine, theirs = self.tasks.get(o), other.tasks.get(o)
+            if mine is not None or theirs is not None:
+                out.tasks[o] = mine.merge(theirs) if mine is not None and theirs is not None else mine or theirs
+        if self._user_state is not None:
+            if not hasattr(self._user_state, "merge"):
+                raise ConfigError(f"metric '{self.user.name}' has no merge(other): it cannot be evaluated in shards",
+                                  hint="add merge() to the metric's class, or use the local backend")
+            out._user_state = self._user_state.merge(other._user_state)
+        return out
 
     def value(self, metric: str) -> float:
         """The value of a target metric (see ``TARGET_METRICS``)."""

@@ -35,6 +35,7 @@ class NpzSource:
     def __init__(self, path: str | Path, inputs: Sequence[InputSpec] | None = None, *,
                  indices: Sequence[int] | None = None) -> None:
         self.path = Path(path)
+        self.inputs = inputs
         self.arrays, self.labels = _open(self.path, inputs)
         n = {k: len(v) for k, v in self.arrays.items()}
         if len(set(n.values())) > 1:
@@ -51,6 +52,10 @@ class NpzSource:
         bad = [i for i in self.indices if not 0 <= i < self.n_total]
         if bad:
             raise InputDataError(f"{self.path}: sample index {bad[0]} out of range (file has {self.n_total})")
+
+    def __reduce__(self):
+        """Pickled by reference (path, inputs, indices): a Ray worker re-opens the file, never gets the samples."""
+        return _reopen, (self.path, self.inputs, self.indices)
 
     def subset(self, indices: Sequence[int]) -> "NpzSource":
         sub = object.__new__(NpzSource)
@@ -77,6 +82,10 @@ class NpzSource:
 
     def __repr__(self) -> str:
         return f"NpzSource({str(self.path)!r}, {len(self)} samples, layout={self.layout})"
+
+
+def _reopen(path: Path, inputs, indices: list[int]) -> NpzSource:
+    return NpzSource(path, inputs, indices=indices)
 
 
 class _NpzMember:

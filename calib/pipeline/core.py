@@ -14,12 +14,15 @@ progress or prints.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from calib.calibrate import Ranges, parse_method, save_ranges, weight_ranges
+from calib.compare.ray_eval import RayEvaluation
 from calib.config import AUTO_TRANSFORMS, CHOOSER_NAMES, DEFAULT_BATCH_SIZE, RunConfig
 from calib.data.split import DEFAULT_SELECT_FRACTION
 from calib.export.precision import resolve_target
@@ -90,15 +93,23 @@ def run_plan(ctx: Context, sink) -> Context:
     split_step(ctx)
     if ctx.split is not None:
         sink.record(split=ctx.split, in_sample=ctx.in_sample)
-    for name, step in STEPS:
-        with sink.timing(name):
-            step(ctx)
-        if name == "choose":
-            sink.record(method=ctx.method, metrics_by_method=ctx.scores)
+    with _evaluation(ctx.cfg):
+        for name, step in STEPS:
+            with sink.timing(name):
+                step(ctx)
+            if name == "choose":
+                sink.record(method=ctx.method, metrics_by_method=ctx.scores)
     sink.record(deployed=safe_float(ctx.deployed), transforms=safe_float(ctx.transforms))
     with sink.timing("write"):
         write_artifacts(ctx, sink)
     return ctx
+
+
+def _evaluation(cfg: RunConfig):
+    """``[compute] backend = "ray"``: scoring, auto, sensitivity and advise run on Ray too (same results)."""
+    if cfg.backend != "ray":
+        return contextlib.nullcontext()
+    return RayEvaluation(cfg.num_workers, address=cfg.address or None)  # imports Ray (the [ray] extra) then
 
 
 def summary(ctx: Context) -> dict[str, Any]:

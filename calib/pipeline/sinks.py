@@ -18,7 +18,7 @@ from calib.export import QdqModel, scale_report, write_cache, write_scale_report
 from calib.export.trt_cache import model_cache
 from calib.data.preprocess import stamp_model
 from calib.io import save_onnx, write_json
-from calib.recalibrate import collect_into_run
+from calib.recalibrate import collect_into_run, copy_shards
 from calib.pipeline.scoring import compare_model
 from calib.pipeline.steps import Context, final_ranges, shipping_model
 from calib.runs import Run, RunStore
@@ -91,6 +91,7 @@ class RunSink:
         stats_path = self.path("stats", "stats.npz")
         self.store.copy_verified(reused, stats_path)
         self.run.update(stats_reused_from=str(reused.parent.name))
+        copy_shards(self.store.get(reused.parent), self.run)  # so re-calibrating this run re-collects little
         stats = ActivationStats.load(stats_path)
         self.seal("stats")
         return stats
