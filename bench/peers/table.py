@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calib_tables  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1]
 REPO = BENCH.parent
@@ -244,7 +248,7 @@ def failures_section(res: Results) -> list[str]:
         seen.setdefault(f"{r['tool']}:{r['variant']} — {err}", []).append(f"{r['model']}@{r.get('n')}")
     for k, where in seen.items():
         out.append(f"- {k} ({', '.join(where)})")
-    missed = [r for r in res.recs if r.get("target_met") is False and latest(r)]
+    missed = [r for r in res.recs if r.get("target_met") is False and latest(r) and r["variant"].startswith("advise")]
     if missed:
         out += ["", "### ² advise: target not met within the job's budget (its best model is scored)", ""]
         for r in missed:
@@ -271,11 +275,13 @@ def render(path: Path) -> tuple[str, str]:
     body = [f"Results: `{rel(path)}` ({len(recs)} jobs, {recs[0]['time']} … {recs[-1]['time']}).",
             f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB; command: `{recs[0]['command']}`.", ""]
     body += metric_section(res, notes) + [""] + time_section(res, notes) + [""] + memory_section(res, notes)
-    body += [""] + compare_section(res, notes) + [""] + failures_section(res) + ["", "### Goals missed", ""]
+    body += [""] + compare_section(res, notes)
+    body += [""] + calib_tables.section(res, notes, PEER_COLS, LABEL)
+    body += [""] + failures_section(res) + ["", "### Goals missed", ""]
     body += [f"- {n}" for n in notes] if notes else ["None."]
     summary = [f"Peers benchmark (`python bench/peers/run.py --suite {recs[0]['suite']}`, {mach['cores']} cores; details in "
-               "[bench/README.md](bench/README.md)):", "", "| model | calib best INT8 | best peer | vs ORT entropy 2048 (time) | compare vs Polygraphy |",
-               "|---|---|---|---|---|"]
+               "[bench/README.md](bench/README.md)):", "", "| model | calib best INT8 | best peer | vs ORT entropy 2048 (time) | "
+               "compare vs Polygraphy | calib default (N=128) | `--target cosine:0.99` |", "|---|---|---|---|---|---|---|"]
     for model in res.models:
         ns = res.sizes(model, "ort", "minmax") or [None]
         n = ns[-1]
@@ -290,7 +296,8 @@ def render(path: Path) -> tuple[str, str]:
         cmp_ = [(p, c) for p, c in cmp_ if p and c and p["status"] == "ok" and c["status"] == "ok"]
         cs = f"{cmp_[-1][0]['wall_s'] / cmp_[-1][1]['wall_s']:.1f}× faster" if cmp_ else "–"
         summary.append(f"| {model} | {f'{max(cal):.2f}' if cal else 'failed'} | "
-                       f"{f'{max(peers)[0]:.2f} ({max(peers)[1]})' if peers else 'failed'} | {tr} | {cs} |")
+                       f"{f'{max(peers)[0]:.2f} ({max(peers)[1]})' if peers else 'failed'} | {tr} | {cs} | "
+                       + " | ".join(calib_tables.summary_cells(res, model)) + " |")
     return "\n".join(body), "\n".join(summary)
 
 

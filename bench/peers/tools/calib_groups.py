@@ -4,7 +4,7 @@ Uses calib's own estimate (``calib.collect_groups``: bytes per sample from shape
 two batches of the exposed tensors, a baseline of twice the model plus two batches of inputs) to find the
 bytes one unbounded pass would expose, then picks the bound: ``--prefer`` (1 GiB) when one pass does not
 fit in it, else the baseline plus half the one-pass cost, so at least two groups. Prints one JSON object:
-``bound_bytes``, ``groups`` (calib's plan at that bound), ``one_pass_mb``, ``baseline_mb``.
+``bound_bytes``, ``groups`` (calib's plan at that bound), ``one_pass_bytes``/``_mb``, ``baseline_mb``.
 
     calib-venv/bin/python bench/peers/tools/calib_groups.py --model M.onnx --data calib_128.npz
 """
@@ -34,8 +34,8 @@ def plan(model_path: str, data: str, batch: int, prefer: int) -> dict:
     bound = prefer if baseline + one_pass > prefer else baseline + one_pass // 2
     budget = groups.group_budget(model, bound, batch, in_bytes)
     return {"bound_bytes": int(bound), "groups": len(groups.plan_groups(fetch, per_sample, batch, budget)),
-            "one_pass_mb": round(one_pass / 2**20, 1), "baseline_mb": round(baseline / 2**20, 1),
-            "tensors": len(fetch), "batch_size": batch}
+            "one_pass_bytes": int(one_pass), "one_pass_mb": round(one_pass / 2**20, 1),
+            "baseline_mb": round(baseline / 2**20, 1), "tensors": len(fetch), "batch_size": batch}
 
 
 def main() -> None:
