@@ -84,6 +84,11 @@ def transforms_cell(r: dict) -> str:
     return "; ".join(cells)
 
 
+def head(title: str, intro: str, cols: list[str]) -> list[str]:
+    """A table's heading, its one-paragraph description and its header rows."""
+    return [f"#### {title}", "", intro, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
 def jobs_label(res) -> list[str]:
     recs = [r for r in res.recs if r["variant"] in OURS]
     if not recs:
@@ -97,13 +102,13 @@ def jobs_label(res) -> list[str]:
 
 
 def default_table(res, notes, peer_cols, lab) -> list[str]:
-    out = ["#### calib's default path: `calib quantize MODEL --data calib_128.npz -o OUT` (no other option)", "",
-           "Held out: the suite's evaluation samples, which no job sees (calib chooses on ~25 % of its 128 "
-           "calibration samples). Peers and calib's single methods at the suite's size nearest 128 (N below); "
-           "a peer counts only with zero point 0 and int8 everywhere (TensorRT-valid). Transforms: what the "
-           "default path applied, as calib reports it (its own figure on its report split, where given).", "",
-           "| model | calib default | best symmetric peer | best single method | ≥ peer and ≥ single? | s | MB | transforms |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = head("calib's default path: `calib quantize MODEL --data calib_128.npz -o OUT` (no other option)",
+               "Held out: the suite's evaluation samples, which no job sees (calib chooses on ~25 % of its 128 "
+               "calibration samples). Peers and calib's single methods at the suite's size nearest 128 (N below); "
+               "a peer counts only with zero point 0 and int8 everywhere (TensorRT-valid). Transforms: what the "
+               "default path applied, as calib reports it (its own figure on its report split, where given).",
+               ["model", "calib default", "best symmetric peer", "best single method", "≥ peer and ≥ single?", "s",
+                "MB", "transforms"])
     for model in res.models:
         r = res.get(model, "calib", DEFAULT, N)
         if r is None:
@@ -130,11 +135,11 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
 
 
 def target_table(res, notes) -> list[str]:
-    out = ["#### `--target cosine:0.99` (no `--eval-data`): time, memory, met or how close", "",
-           f"Goal: within {TARGET_S / 60:.0f} min on 2 cores and under {TARGET_MB / 1024:.0f} GB peak (job limit 6 min). "
-           "Exit 1 = target not met: calib still writes its best model, scored here.", "",
-           "| model | s | MB | met? | calib's figure (its report split) | float nodes | held-out | default | goal |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = head("`--target cosine:0.99` (no `--eval-data`): time, memory, met or how close",
+               f"Goal: within {TARGET_S / 60:.0f} min on 2 cores and under {TARGET_MB / 1024:.0f} GB peak (job limit "
+               "6 min). Exit 1 = target not met: calib still writes its best model, scored here.",
+               ["model", "s", "MB", "met?", "calib's figure (its report split)", "float nodes", "held-out", "default",
+                "goal"])
     for model in res.models:
         r = res.get(model, "calib", TARGET, N)
         if r is None:
@@ -157,14 +162,14 @@ def target_table(res, notes) -> list[str]:
 
 
 def runtime_table(res, notes) -> list[str]:
-    out = ["#### Runtime targets: ORT (optimised vs spec) and TensorRT (FP16 vs FP32 remainder)", "",
-           "ORT target: `--target-runtime ort`, one model scored under ONNX Runtime's default optimisation "
-           "(ORT_ENABLE_ALL, only the real outputs: what a user gets on this CPU) and by the spec evaluation "
-           f"(ORT_DISABLE_ALL, Q/DQ as ONNX defines them); goal: gap ≤ {ORT_GAP} points. TensorRT target: "
-           "`--target-runtime trt --high-precision fp16` vs `... fp32`, both by the spec evaluation; "
-           f"goal: the FP16 remainder loses ≤ {FP16_GAP} points.", "",
-           "| model | ORT target, optimised | ORT target, spec | gap (pts) | goal | TRT fp16 remainder | TRT fp32 remainder | fp32 − fp16 (pts) | goal |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = head("Runtime targets: ORT (optimised vs spec) and TensorRT (FP16 vs FP32 remainder)",
+               "ORT target: `--target-runtime ort`, one model scored under ONNX Runtime's default optimisation "
+               "(ORT_ENABLE_ALL, only the real outputs: what a user gets on this CPU) and by the spec evaluation "
+               f"(ORT_DISABLE_ALL, Q/DQ as ONNX defines them); goal: gap ≤ {ORT_GAP} points. TensorRT target: "
+               "`--target-runtime trt --high-precision fp16` vs `... fp32`, both by the spec evaluation; "
+               f"goal: the FP16 remainder loses ≤ {FP16_GAP} points.",
+               ["model", "ORT target, optimised", "ORT target, spec", "gap (pts)", "goal", "TRT fp16 remainder",
+                "TRT fp32 remainder", "fp32 − fp16 (pts)", "goal"])
     for model in res.models:
         ro, r16, r32 = (res.get(model, "calib", v, N) for v in (ORT, FP16, FP32))
         if ro is None and r16 is None and r32 is None:
@@ -191,11 +196,12 @@ def runtime_table(res, notes) -> list[str]:
 
 
 def memory_table(res, notes) -> list[str]:
-    out = ["#### `calib collect --max-memory` (bound forcing grouping) vs no bound", "",
-           "The bound (1 GiB, or calib's own baseline plus half its one-pass estimate where one pass fits in 1 GiB, "
-           "`tools/calib_groups.py`) covers the exposed activations and model; peak RSS is the whole process tree.", "",
-           "| model | bound MB | groups | one-pass estimate MB | peak MB | peak / bound | under? | s | no bound: peak MB | s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = head("`calib collect --max-memory` (bound forcing grouping) vs no bound",
+               "The bound (1 GiB, or calib's own baseline plus half its one-pass estimate where one pass fits in "
+               "1 GiB, `tools/calib_groups.py`) is what calib budgets for the model and the exposed activations; peak "
+               "RSS is the whole process tree (Python, ONNX Runtime and its arena included).",
+               ["model", "bound MB", "groups", "one-pass estimate MB", "peak MB", "peak / bound", "under?", "s",
+                "no bound: peak MB", "s"])
     for model in res.models:
         rb, ru = res.get(model, "calib", BOUNDED, N), res.get(model, "calib", UNBOUNDED, N)
         if rb is None and ru is None:
