@@ -167,3 +167,23 @@ def test_memory_bound_forces_groups(tmp_path):
     assert p["bound_bytes"] < 1 << 30 and p["groups"] >= 2
     big = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 16)
     assert big["bound_bytes"] == 1 << 16  # one pass does not fit in the preferred bound: it is kept
+
+
+def test_a_shared_venv_built_from_a_superset_is_kept(tmp_path, monkeypatch):
+    import harness
+
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "requirements-prep.txt").write_text("# pins\nnumpy==2.4.6\nonnx==1.23.2\n")
+    venv = tmp_path / "venvs" / "prep"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    monkeypatch.setattr(harness, "PEERS", tmp_path / "peers")
+    monkeypatch.setattr(harness, "VENVS", tmp_path / "venvs")
+    calls = []
+    monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(SystemExit))
+    (venv / ".requirements").write_text("numpy==2.4.6\n# another checkout's model\nonnx==1.23.2\ntorch==2.13.0\n")
+    assert harness.ensure_venv("prep", tmp_path / "log") is None and calls == []
+    (venv / ".requirements").write_text("numpy==2.4.5\nonnx==1.23.2\n")  # a pin differs: the venv is rebuilt
+    with pytest.raises(SystemExit):
+        harness.ensure_venv("prep", tmp_path / "log")
+    assert calls and "venv" in calls[0][0]

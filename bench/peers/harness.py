@@ -33,11 +33,18 @@ def venv_python(tool: str) -> Path:
     return VENVS / tool / "bin" / "python"
 
 
+def pins(text: str) -> set[str]:
+    """The requirement lines of a requirements file (comments and blank lines left out)."""
+    return {ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")}
+
+
 def ensure_venv(tool: str, log: Path) -> str | None:
     """Create bench/.venvs/<tool> from its requirements file once; return an error string on failure."""
     req = PEERS / f"requirements-{tool}.txt"
     stamp = VENVS / tool / ".requirements"
-    if stamp.exists() and stamp.read_text() == req.read_text() and venv_python(tool).exists():
+    # bench/.venvs may be shared by several checkouts: a venv built from a superset of these pins serves too
+    # (re-creating it with --clear would pull it from under another checkout's running jobs)
+    if stamp.exists() and venv_python(tool).exists() and pins(req.read_text()) <= pins(stamp.read_text()):
         return None
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[venv] creating bench/.venvs/{tool} from {req.name} (log: {log})", flush=True)
