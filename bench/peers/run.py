@@ -217,7 +217,8 @@ def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path) -> dict:
     if ctx.evaluator is None:
         ctx.evaluator = EvalServer(VENVS / "evaluate.log")
     out = ctx.evaluator.request({"fp32": str(model_path(model)), "int8": str(int8),
-                                 "eval": str(eval_file(model, ctx.suite.eval_k)), "task": MODELS[model].task,
+                                 "eval": str(eval_file(model, None if MODELS[model].eval_all else ctx.suite.eval_k)),
+                                 "task": MODELS[model].task,
                                  "cache": str(WORK / "fp32_outputs")})
     (log_dir / "evaluate.txt").write_text(json.dumps(out) + "\n")
     if "error" in out:
