@@ -88,7 +88,8 @@ def calib_pipeline_s(res: Results, model, n, key: str = "wall_s") -> float | Non
 def metric_section(res: Results, notes: list[str]) -> list[str]:
     out = ["### INT8 task metric (higher is better)", "",
            "Primary metric per model: accuracy with labels (%), else top-1 agreement with FP32 (%); text-map IoU",
-           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder. `(k float)`: k Conv/Gemm/MatMul",
+           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder; 100 - character error rate (%)",
+           "for the text recogniser. `(k float)`: k Conv/Gemm/MatMul",
            "nodes left in float. calib's best is over its all-INT8 models (four methods and `--method best`).", "",
            "| model | N | FP32 | calib best (all INT8) | best peer | calib − peer | goal |", "|---|---|---|---|---|---|---|"]
     for model in res.models:
