@@ -190,7 +190,8 @@ def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path, optimization: str 
         return {"eval_error": ctx.venv_errors["ort"]}
     if ctx.evaluator is None:
         ctx.evaluator = EvalServer(VENVS / "evaluate.log")
-    req = {"fp32": str(model_path(model)), "int8": str(int8), "eval": str(eval_file(model, ctx.suite.eval_k)),
+    k = None if MODELS[model].eval_all else ctx.suite.eval_k  # some models are scored on their whole set
+    req = {"fp32": str(model_path(model)), "int8": str(int8), "eval": str(eval_file(model, k)),
            "task": MODELS[model].task, "cache": str(WORK / "fp32_outputs")}
     out = ctx.evaluator.request({**req, "optimization": optimization} if optimization else req)
     name = f"evaluate-{optimization}.txt" if optimization else "evaluate.txt"

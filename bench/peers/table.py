@@ -11,6 +11,7 @@ more than 0.5 points against FP32; calib collection+calibration >= 5x faster tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -92,7 +93,8 @@ def calib_pipeline_s(res: Results, model, n, key: str = "wall_s") -> float | Non
 def metric_section(res: Results, notes: list[str]) -> list[str]:
     out = ["### INT8 task metric (higher is better)", "",
            "Primary metric per model: accuracy with labels (%), else top-1 agreement with FP32 (%); text-map IoU",
-           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder. `(k float)`: k Conv/Gemm/MatMul",
+           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder; 100 - character error rate (%)",
+           "for the text recogniser. `(k float)`: k Conv/Gemm/MatMul",
            "nodes left in float. calib's best is over its all-INT8 models (four methods and `--method best`).", "",
            "| model | N | FP32 | calib best (all INT8) | best peer | calib − peer | goal |", "|---|---|---|---|---|---|---|"]
     for model in res.models:
@@ -322,13 +324,13 @@ def update_readmes(path: Path, readme: Path = BENCH / "README.md", main_readme: 
     new = replace_between(text, begin, end, full)
     if new is None:
         new = text.rstrip() + f"\n\n## Peers: `{suite}` suite\n\n{begin}\n{full}\n{end}\n"
-    tmp = readme.with_suffix(".md.tmp")
+    tmp = readme.with_suffix(f".md.{os.getpid()}.tmp")
     tmp.write_text(new)
     tmp.replace(readme)
     if summary and main_readme.exists():
         t = main_readme.read_text()
         new_main = replace_between(t, "<!-- peers:begin -->", "<!-- peers:end -->", summary)
         if new_main is not None and new_main != t:
-            tmp = main_readme.with_suffix(".md.tmp")
+            tmp = main_readme.with_suffix(f".md.{os.getpid()}.tmp")
             tmp.write_text(new_main)
             tmp.replace(main_readme)

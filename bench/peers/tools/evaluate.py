@@ -11,7 +11,12 @@ Metrics by task:
   cosine of the output vectors;
 - dense (detector probability map): IoU of the maps thresholded at 0.3 (DBNet's default) between FP32 and
   INT8 (%), mean per-sample cosine, mean absolute error;
-- embed: mean and minimum per-sample cosine of the embeddings.
+- embed: mean and minimum per-sample cosine of the embeddings;
+- ctc (text-line recogniser, [N, T, classes] probabilities, class 0 = blank): greedy CTC decode; character
+  error rate (edit distance / label characters, summed over samples) of FP32 and INT8 against the labels in
+  ``eval_labels.json`` beside eval.npz (spaces ignored, as PaddleOCR's RecMetric does), reported as
+  ``100 - CER`` (char accuracy, higher is better) and as CER; the share of samples whose INT8 decode equals the
+  FP32 one, and the CER of the INT8 decode against the FP32 decode.
 ``float_nodes``: Conv/ConvTranspose/Gemm/MatMul nodes whose first input is not produced by a
 DequantizeLinear (compute left in float), out of ``weighted_nodes``. ``zero_points``: the zero-point
 dtypes of the QuantizeLinear/DequantizeLinear nodes and whether every zero point is 0 (TensorRT takes
@@ -116,7 +121,47 @@ def zero_points(path: str) -> dict:
     return {"dtypes": sorted(dtypes), "all_zero": all_zero}
 
 
-def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
+def ctc_decode(probs: np.ndarray, drop: tuple[int, ...] = (0,)) -> list[list[int]]:
+    """Greedy CTC decode: argmax per step, collapse repeats, drop the blank (and the classes in ``drop``)."""
+    out = []
+    for a in probs.argmax(-1):
+        keep = np.ones(len(a), bool)
+        keep[1:] = a[1:] != a[:-1]
+        out.append([int(c) for c in a[keep] if c not in drop])
+    return out
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(pred: list[list[int]], truth: list[list[int]]) -> float:
+    """Character error rate (%): summed edit distances over summed reference lengths."""
+    return 100.0 * sum(edit_distance(p, t) for p, t in zip(pred, truth)) / max(1, sum(len(t) for t in truth))
+
+
+def ctc_metrics(m: dict, ref: np.ndarray, got: np.ndarray, labels: dict | None) -> None:
+    a, b = ctc_decode(ref), ctc_decode(got)
+    m["decode_agreement"] = float(np.mean([x == y for x, y in zip(a, b)]) * 100)
+    m["cer_vs_fp32"] = cer(b, a)
+    if labels is None:
+        m["primary"], m["primary_name"], m["primary_fp32"] = 100 - m["cer_vs_fp32"], "100 - CER vs FP32 decode %", 100.0
+        return
+    drop = (0, labels["space"])
+    truth = [[c for c in t if c != labels["space"]] for t in labels["ids"][: len(ref)]]
+    m["cer_fp32"], m["cer_int8"] = cer(ctc_decode(ref, drop), truth), cer(ctc_decode(got, drop), truth)
+    m["primary"], m["primary_name"] = 100 - m["cer_int8"], "char accuracy % (100 - CER)"
+    m["primary_fp32"] = 100 - m["cer_fp32"]
+
+
+def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels) -> dict:
     cos = cosine_rows(ref, got)
     m: dict = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
     if task == "classify":
@@ -135,6 +180,8 @@ def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | No
         m["map_iou"] = float(np.logical_and(pa, pb).sum() / union * 100) if union else 100.0
         m["mean_abs_error"] = float(np.abs(ref - got).mean())
         m["primary"], m["primary_name"], m["primary_fp32"] = m["map_iou"], "text-map IoU vs FP32 %", 100.0
+    elif task == "ctc":
+        ctc_metrics(m, ref, got, labels)
     else:
         m["primary"], m["primary_name"], m["primary_fp32"] = m["cosine_mean"] * 100, "embedding cosine x100", 100.0
     m["loss_points"] = m["primary_fp32"] - m["primary"]
@@ -149,6 +196,9 @@ def evaluate(fp32: str, int8: str, eval_npz: str, task: str, cache: Path, memo: 
     if key not in memo:
         memo.clear()
         arrays, labels = load_npz(eval_npz)
+        sidecar = Path(eval_npz).parent / "eval_labels.json"  # sequence labels (ctc), eval_<k>.npz are prefixes
+        if task == "ctc" and sidecar.exists():
+            labels = json.loads(sidecar.read_text())
         memo[key] = (arrays, labels, fp32_outputs(fp32, eval_npz, arrays, cache))
     arrays, labels, ref = memo[key]
     t1 = time.perf_counter()
@@ -182,7 +232,7 @@ def main() -> None:
     ap.add_argument("--fp32")
     ap.add_argument("--int8")
     ap.add_argument("--eval")
-    ap.add_argument("--task", choices=["classify", "dense", "embed"])
+    ap.add_argument("--task", choices=["classify", "dense", "embed", "ctc"])
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--optimization", choices=list(OPTIMIZATION), default="all",
                     help="ONNX Runtime graph optimisation for the INT8 model (disable = the spec evaluation)")
