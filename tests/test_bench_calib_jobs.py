@@ -99,6 +99,17 @@ def test_runtime_gaps_and_memory_bound(md):
     assert "cnn: collect --max-memory 1024 MB peaked at 1200 MB." in md
 
 
+def test_memory_bound_below_the_process_floor_is_not_a_miss(tmp_path):
+    recs = [rec("tiny", "collect:max-memory", 128, rss=250.0, max_memory=str(4 << 20), groups=3, plan={"one_pass_mb": 8.0}),
+            rec("tiny", "collect:unbounded", 128, rss=300.0, max_memory="none", groups=1)]
+    path = tmp_path / "peers-quick.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = table.render(path)[0]
+    # 300 MB without a bound, 8 MB of it activations: a 4 MB bound is below the process's own 292 MB
+    assert "| tiny | 4 | 3 | 8.0 | 250 | 62.50 | n/a: bound < the process's own ~292 MB | 1.0 | 300 | 1.0 |" in md
+    assert "tiny: collect" not in md
+
+
 def test_summary_has_default_and_target(tmp_path, md):
     path = tmp_path / "peers-quick.jsonl"
     summary = table.render(path)[1]
