@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--tools", default="ort,modelopt,nncf,calib,compare", help="subset of ort,modelopt,nncf,calib,compare")
     ap.add_argument("--mem-limit-mb", type=float, default=10240, help="kill a job whose process tree passes this RSS")
-    ap.add_argument("--jobs", default=None, help="run only these jobs: peer jobs (e.g. ort:entropy2048@500,nncf:default@100) "
+    ap.add_argument("--jobs", default=None, help="run only these jobs: peer jobs (e.g. ort:entropy2048@500,nncf:default@100), "
+                    "calib's pipeline at N (calib@100) "
                     "and/or calib's N=128 jobs (" + ",".join(calib_jobs.JOBS) + ")")
     ap.add_argument("--compare-sizes", default=None, help="override the suite's compare sample counts, e.g. 20,100")
     ap.add_argument("--append", action="store_true", help="append to the results file instead of starting it anew")
@@ -204,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         update_readmes(out)
         return 0
+    jobs = args.jobs.split(",") if args.jobs else []
+    cjobs, pjobs = [j for j in jobs if j in calib_jobs.JOBS], [j for j in jobs if j not in calib_jobs.JOBS]
+    bad = [j for j in pjobs if "@" not in j or (":" not in j and not j.startswith("calib@"))]
+    if bad:
+        print(f"--jobs {bad[0]}: expected tool:variant@N, calib@N or one of {','.join(calib_jobs.JOBS)}",
+              file=sys.stderr)
+        return 2
     models = args.models.split(",") if args.models else list(suite.models)
     tools = args.tools.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -211,14 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink()
     ctx = Ctx(suite, out, args.mem_limit_mb, machine(), "python bench/peers/run.py " + " ".join(argv or sys.argv[1:]))
     t0 = time.perf_counter()
-    jobs = args.jobs.split(",") if args.jobs else []
-    cjobs, pjobs = [j for j in jobs if j in calib_jobs.JOBS], [j for j in jobs if j not in calib_jobs.JOBS]
-    bad = [j for j in pjobs if "@" not in j or ":" not in j]
-    if bad:
-        print(f"--jobs {bad[0]}: expected tool:variant@N or one of {','.join(calib_jobs.JOBS)}", file=sys.stderr)
-        return 2
     if jobs:
-        tools = [j.split(":")[0] for j in pjobs] + (["calib"] if cjobs else [])
+        tools = [j.split(":")[0].split("@")[0] for j in pjobs] + (["calib"] if cjobs else [])
     needed = ["prep", "ort"] + [t for t in ("modelopt", "nncf", "calib") if t in tools]
     if "compare" in tools:
         needed += ["polygraphy", "calib"]
@@ -236,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             for job in pjobs:
                 tool_variant, _, n = job.partition("@")
                 tool, _, variant = tool_variant.partition(":")
-                run_peer(ctx, model, tool, variant, int(n))
+                if tool_variant == "calib":  # calib's pipeline at N: collect, calibrate, the four exports, best, advise
+                    run_calib(ctx, model, int(n), full=True)
+                else:
+                    run_peer(ctx, model, tool, variant, int(n))
             if cjobs:
                 calib_jobs.run(ctx, model, cjobs)
             update_readmes(out)
