@@ -83,7 +83,7 @@ def test_default_against_symmetric_peer_and_single_method(md):
 
 
 def test_target_time_memory_and_how_close(md):
-    cnn = line(md, "| cnn | 400.0 |")
+    cnn = line(md, "| cnn | 400.0 | – | – | 1000 |")
     assert "| no | target cosine:0.99 not met: best cosine = 0.985 |" in cnn and cnn.endswith("| 89.00 | 88.60 | **missed** |")
     assert line(md, "| det | 100.0 |").endswith("| met |")
     assert "cnn: --target took 400 s, 1000 MB" in md

@@ -137,15 +137,16 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
 def target_table(res, notes) -> list[str]:
     out = head("`--target cosine:0.99` (no `--eval-data`): time, memory, met or how close",
                f"Goal: within {TARGET_S / 60:.0f} min on 2 cores and under {TARGET_MB / 1024:.0f} GB peak (job limit "
-               "6 min). Exit 1 = target not met: calib still writes its best model, scored here.",
-               ["model", "s", "MB", "met?", "calib's figure (its report split)", "float nodes", "held-out", "default",
-                "goal"])
+               "6 min). Exit 1 = target not met: calib still writes its best model, scored here. CPU s (user + "
+               "system, process tree) and the 1-minute load average before the job show how busy the machine was.",
+               ["model", "s", "CPU s", "load", "MB", "met?", "calib's figure (its report split)", "float nodes",
+                "held-out", "default", "goal"])
     for model in res.models:
         r = res.get(model, "calib", TARGET, N)
         if r is None:
             continue
         if not ok(r):
-            out.append(f"| {model} | – | – | failed¹ | – | – | – | – | **missed** |")
+            out.append(f"| {model} | – | – | – | – | failed¹ | – | – | – | – | **missed** |")
             notes.append(f"{model}: --target {TARGET.split(':', 2)[2]} failed: {r.get('error', '?')[:120]}")
             continue
         met = "yes" if r.get("target_met") else "no"
@@ -156,7 +157,9 @@ def target_table(res, notes) -> list[str]:
         if not (fast and small):
             notes.append(f"{model}: --target took {r['wall_s']:.0f} s, {r['peak_rss_mb']:.0f} MB (goal ≤ {TARGET_S:.0f} s, < {TARGET_MB:.0f} MB).")
         close = close.replace("|", "\\|")[:160]
-        out.append(f"| {model} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {met} | {close} | "
+        cpu, load = r.get("cpu_s"), r.get("loadavg_1m_before")
+        out.append(f"| {model} | {r['wall_s']:.1f} | {'–' if cpu is None else f'{cpu:.0f}'} | "
+                   f"{'–' if load is None else f'{load:.1f}'} | {r['peak_rss_mb']:.0f} | {met} | {close} | "
                    f"{m.get('float_nodes', '?')} | {f2(m['primary'])} | {f2(primary(res.get(model, 'calib', DEFAULT, N)))} | {goal} |")
     return out
 
