@@ -34,7 +34,7 @@ def rec(model, variant, n, *, tool="calib", metric=None, wall=1.0, rss=100.0, st
 
 
 def zp(valid: bool) -> dict:
-    return {"dtypes": ["int8"] if valid else ["uint8"], "all_zero": valid}
+    return {"dtypes": ["int32", "int8"] if valid else ["int8", "uint8"], "all_zero": True}
 
 
 @pytest.fixture

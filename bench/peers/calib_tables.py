@@ -33,11 +33,12 @@ def f2(x: float | None) -> str:
 
 
 def trt_valid(m: dict) -> bool | None:
-    """Zero point 0 everywhere and int8 only (TensorRT); None when the record predates the check."""
+    """Every zero point 0 and signed: int8 (activations, weights) or int32 (ONNX Runtime's quantized biases);
+    uint8 (NNCF's unsigned activations) is not TensorRT's symmetric int8. None: the record predates the check."""
     zp = m.get("zero_points")
     if zp is None:
         return None
-    return bool(zp["all_zero"]) and set(zp["dtypes"]) <= {"int8"}
+    return bool(zp["all_zero"]) and set(zp["dtypes"]) <= {"int8", "int32"}
 
 
 def ref_size(res, model) -> int | None:
@@ -105,7 +106,8 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
     out = head("calib's default path: `calib quantize MODEL --data calib_128.npz -o OUT` (no other option)",
                "Held out: the suite's evaluation samples, which no job sees (calib chooses on ~25 % of its 128 "
                "calibration samples). Peers and calib's single methods at the suite's size nearest 128 (N below); "
-               "a peer counts only with zero point 0 and int8 everywhere (TensorRT-valid). Transforms: what the "
+               "a peer counts only with every zero point 0 and signed (int8; int32 for ORT's biases), TensorRT's symmetric "
+               "int8: NNCF's uint8 activations do not. Transforms: what the "
                "default path applied, as calib reports it (its own figure on its report split, where given).",
                ["model", "calib default", "best symmetric peer", "best single method", "≥ peer and ≥ single?", "s",
                 "MB", "transforms"])
