@@ -58,6 +58,8 @@ def md(tmp_path) -> str:
         rec("det", "export:mse", 100, metric=80.0),
         rec("det", "quantize:default", 128, metric=81.0, transforms=["bias correction"]),
         rec("det", "quantize:target:cosine:0.99", 128, metric=82.0, wall=100.0, rss=2000.0, target_met=True),
+        rec("rec", "minmax", 100, tool="ort", metric=2.0),  # a peer, but no calib single method at N=100
+        rec("rec", "quantize:default", 128, metric=98.5),
     ]
     for r, valid in ((recs[0], True), (recs[1], False), (recs[2], True), (recs[12], True)):
         r["metrics"]["zero_points"] = zp(valid)
@@ -79,6 +81,7 @@ def test_default_against_symmetric_peer_and_single_method(md):
     det = line(md, "| det | 81.00 |")
     assert "| yes |" in det and "| bias correction |" in det
     assert "cnn: calib default 88.60 below mse 88.70 (N=100)." in md
+    assert line(md, "| rec | 98.50 |").startswith("| rec | 98.50 | 2.00 (ORT minmax (zero points not checked), N=100) | – | yes |")
     assert "commit abc1234" in md and f"`{CMD}`" in md
 
 

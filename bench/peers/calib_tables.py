@@ -124,7 +124,7 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
         elif bp is None and bs is None:
             verdict = "n/a (no peer or single-method result)"
         else:
-            lost = [f"{name} {v:.2f}" for v, name in (bp, bs) if v is not None and d < v - 1e-9]
+            lost = [f"{name} {v:.2f}" for v, name in (x for x in (bp, bs) if x) if d < v - 1e-9]
             verdict = "yes" if not lost else "**no**: below " + ", ".join(lost)
             if lost:
                 notes.append(f"{model}: calib default {d:.2f} below " + ", ".join(lost) + f" (N={n}).")
