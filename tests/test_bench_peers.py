@@ -141,6 +141,31 @@ def test_evaluator_metrics_against_numpy():
     assert dense["map_iou"] == pytest.approx(100 * 1 / 3)  # fp32 {0, 2}, int8 {0, 1}: 1 common of 3
 
 
+def one_hot_steps(paths: list[list[int]], classes: int) -> np.ndarray:
+    """[N, T, classes] probabilities whose per-step argmax is the given class path."""
+    out = np.full((len(paths), len(paths[0]), classes), 0.01, np.float32)
+    for i, path in enumerate(paths):
+        out[i, np.arange(len(path)), path] = 0.9
+    return out
+
+
+def test_ctc_metrics_by_hand():
+    import evaluate
+
+    # classes: 0 blank, 1 'a', 2 'b', 3 'c', 4 space. Greedy CTC: collapse repeats, then drop blanks.
+    ref = one_hot_steps([[1, 1, 0, 1, 2, 4, 3, 0], [2, 0, 3, 3, 3, 0, 0, 0]], 5)  # "aab c", "bc"
+    got = one_hot_steps([[1, 0, 1, 2, 2, 4, 4, 3], [2, 2, 2, 0, 0, 0, 0, 1]], 5)  # "aab c", "ba"
+    assert evaluate.ctc_decode(ref) == [[1, 1, 2, 4, 3], [2, 3]]
+    labels = {"ids": [[1, 2, 4, 3], [2, 3]], "space": 4}  # "ab c", "bc": spaces are ignored, as PaddleOCR does
+    m = evaluate.metrics("ctc", ref, got, labels)
+    assert m["cer_fp32"] == pytest.approx(100 * 1 / 5)  # "aabc" vs "abc": 1 insertion; "bc" exact; 5 label chars
+    assert m["cer_int8"] == pytest.approx(100 * 2 / 5)  # plus "ba" vs "bc": 1 substitution
+    assert m["primary"] == pytest.approx(60.0) and m["primary_fp32"] == pytest.approx(80.0)
+    assert m["decode_agreement"] == pytest.approx(50.0)
+    assert m["cer_vs_fp32"] == pytest.approx(100 * 1 / 7)  # against the FP32 decode, spaces included
+    assert evaluate.edit_distance(list("kitten"), list("sitting")) == 3
+
+
 def test_rerun_supersedes_an_earlier_failure(tmp_path):
     recs = [rec("cnn", "ort", "entropy2048", 500, status="failed", error="killed: memory guard of 10240 MB"),
             rec("cnn", "ort", "entropy2048", 500, wall=80.0, rss=12000.0, metric=94.0),

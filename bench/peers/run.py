@@ -1,6 +1,7 @@
 """Benchmarks against the peers: one command runs every tool on the same models and data.
 
     python bench/peers/run.py --suite quick|full [--models a,b] [--tools ort,calib,...]
+    python bench/peers/run.py --suite quick --append --jobs default,target,ort,fp16,mem   # calib's N=128 jobs only
 
 Each tool runs in its own venv (bench/.venvs/<tool>, created on demand from
 bench/peers/requirements-<tool>.txt), each job as its own process, measured by ``procmon`` (wall time,
@@ -8,32 +9,26 @@ peak RSS of the process tree). Every INT8 model is then scored by the same evalu
 in the ``ort`` venv) on the same evaluation samples. Results go to ``bench/results/peers-<suite>.jsonl``
 (one JSON object per job, with machine and command) and the tables in bench/README.md (and the summary in
 the main README between ``<!-- peers:begin -->`` / ``<!-- peers:end -->``) are regenerated from that file.
-Failures are recorded with their error, never left out.
+The shared machinery (venvs, measuring, the evaluator) is ``harness.py``; calib's default, ``--target``,
+runtime-target and memory-bound jobs at N = 128 are ``calib_jobs.py``. Failures are recorded with their error, never left out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import BENCH, DATA_DIR, MODELS, WORK, calib_path, eval_path, model_path  # noqa: E402
-from procmon import run_measured  # noqa: E402
+from models import MODELS, calib_path, model_path  # noqa: E402
+from harness import (PEERS, REPO, RESULTS, RUNS, TOOLS_DIR, VENVS, Ctx, EvalServer, base, calib_cmd,  # noqa: E402,F401
+                     calib_env, ensure_venv, eval_file, evaluate, machine, measure, venv_python)
+import calib_jobs  # noqa: E402
 
-REPO = BENCH.parent
-PEERS = BENCH / "peers"
-TOOLS_DIR = PEERS / "tools"
-VENVS = BENCH / ".venvs"
-RESULTS = BENCH / "results"
-RUNS = WORK / "runs"
 VENV_TOOLS = ["prep", "ort", "modelopt", "nncf", "polygraphy", "calib"]
 CALIB_METHODS = ["minmax", "percentile", "entropy", "mse"]
 ADVISE_TARGET = "cosine:0.99"
@@ -75,159 +70,6 @@ PEER_VARIANTS = {
 }
 
 
-# ------------------------------------------------------------------ venvs
-def venv_python(tool: str) -> Path:
-    return VENVS / tool / "bin" / "python"
-
-
-def ensure_venv(tool: str, log: Path) -> str | None:
-    """Create bench/.venvs/<tool> from its requirements file once; return an error string on failure."""
-    req = PEERS / f"requirements-{tool}.txt"
-    stamp = VENVS / tool / ".requirements"
-    if stamp.exists() and stamp.read_text() == req.read_text() and venv_python(tool).exists():
-        return None
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[venv] creating bench/.venvs/{tool} from {req.name} (log: {log})", flush=True)
-    with open(log, "ab") as f:
-        steps = [
-            [sys.executable, "-m", "venv", "--clear", str(VENVS / tool)],
-            [str(venv_python(tool)), "-m", "pip", "install", "--upgrade", "pip"],
-            [str(venv_python(tool)), "-m", "pip", "install", "-r", str(req)],
-        ]
-        for argv in steps:
-            r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-            if r.returncode != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                return f"venv {tool}: `{shlex.join(argv)}` failed ({r.returncode}): " + " | ".join(tail)
-    stamp.write_text(req.read_text())
-    return None
-
-
-# ------------------------------------------------------------------ machine and records
-def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1), "os": platform.platform()}
-
-
-@dataclass
-class Ctx:
-    suite: Suite
-    out: Path
-    mem_limit_mb: float
-    machine: dict
-    command: str
-    venv_errors: dict[str, str] = field(default_factory=dict)
-    evaluator: "EvalServer | None" = None
-
-    def record(self, rec: dict) -> dict:
-        rec = {"suite": self.suite.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec,
-               "machine": self.machine, "command": self.command}
-        with open(self.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        status = rec["status"] if rec["status"] == "ok" else "FAILED: " + rec.get("error", "")[:160]
-        metric = rec.get("metrics", {}).get("primary")
-        extra = f" metric={metric:.2f}" if isinstance(metric, float) else ""
-        print(f"[{rec['model']}] {rec['tool']}:{rec['variant']} N={rec.get('n')} "
-              f"{rec.get('wall_s', 0):.1f}s {rec.get('peak_rss_mb', 0):.0f}MB{extra} {status}", flush=True)
-        return rec
-
-
-def error_of(run, log_dir: Path) -> str:
-    if run.killed_reason:
-        return run.killed_reason
-    lines = [ln for ln in run.stderr_tail.strip().splitlines() if ln.strip()]
-    for ln in reversed(lines):  # the last line that reads like an error
-        if any(k in ln for k in ("Error", "error", "failed", "Exception", "No such", "not ")):
-            return ln.strip()[:600]
-    return (lines[-1].strip()[:600] if lines else f"exit code {run.returncode}") + f" (log: {log_dir})"
-
-
-def measure(ctx: Ctx, tool: str, argv: list[str], log_dir: Path, env: dict | None = None) -> tuple[dict, bool]:
-    """Run one measured job; return the timing part of its record and whether it succeeded."""
-    load = os.getloadavg()[0]
-    run = run_measured(argv, log_dir=log_dir, env=env, cwd=REPO, timeout_s=ctx.suite.timeout_s,
-                       mem_limit_mb=ctx.mem_limit_mb)
-    rec = {"wall_s": round(run.wall_s, 3), "cpu_s": round(run.cpu_s, 3), "peak_rss_mb": round(run.peak_rss_mb, 1),
-           "max_single_rss_mb": None if run.max_single_rss_mb != run.max_single_rss_mb else round(run.max_single_rss_mb, 1),
-           "loadavg_1m_before": round(load, 2), "argv": [str(a).replace(str(REPO) + "/", "") for a in argv]}
-    ok = run.returncode == 0 and run.killed_reason is None
-    rec["returncode"] = run.returncode
-    if not ok:
-        rec["error"] = error_of(run, log_dir)
-    result = log_dir / "result.json"
-    if ok and result.exists():
-        rec["job"] = json.loads(result.read_text())
-    return rec, ok
-
-
-def eval_file(model: str, k: int | None) -> Path:
-    """The first ``k`` evaluation samples (written by prepare.py), or the whole set."""
-    if k is None or k >= MODELS[model].n_eval:
-        return eval_path(model)
-    return DATA_DIR / model / f"eval_{k}.npz"
-
-
-class EvalServer:
-    """``tools/evaluate.py --serve`` in the ort venv, started once: it keeps the evaluation set and FP32
-    outputs in memory, so scoring an INT8 model costs only its own run (unmeasured: not part of any job)."""
-
-    def __init__(self, log: Path) -> None:
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([str(venv_python("ort")), str(TOOLS_DIR / "evaluate.py"), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "ab"),
-                                     text=True, cwd=REPO)
-
-    def request(self, req: dict) -> dict:
-        for _ in range(2):  # restart once if it died (e.g. killed for memory)
-            if self.proc is None or self.proc.poll() is not None:
-                self.start()
-            try:
-                self.proc.stdin.write(json.dumps(req) + "\n")
-                self.proc.stdin.flush()
-                for line in self.proc.stdout:
-                    if line.startswith("RESULT "):
-                        return json.loads(line[7:])
-            except (BrokenPipeError, OSError):
-                pass
-            self.proc = None
-        return {"error": f"the evaluator exited (log: {self.log})"}
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
-
-def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path) -> dict:
-    """Task metrics of an INT8 model (the unmeasured evaluator, in the ort venv)."""
-    if "ort" in ctx.venv_errors:
-        return {"eval_error": ctx.venv_errors["ort"]}
-    if ctx.evaluator is None:
-        ctx.evaluator = EvalServer(VENVS / "evaluate.log")
-    out = ctx.evaluator.request({"fp32": str(model_path(model)), "int8": str(int8),
-                                 "eval": str(eval_file(model, ctx.suite.eval_k)), "task": MODELS[model].task,
-                                 "cache": str(WORK / "fp32_outputs")})
-    (log_dir / "evaluate.txt").write_text(json.dumps(out) + "\n")
-    if "error" in out:
-        return {"eval_error": out["error"]}
-    return {"metrics": out}
-
-
-def base(model: str, tool: str, variant: str, n: int | None) -> dict:
-    return {"model": model, "tool": tool, "variant": variant, "n": n}
-
 
 # ------------------------------------------------------------------ peers
 def run_peer(ctx: Ctx, model: str, tool: str, variant: str, n: int) -> dict:
@@ -248,9 +90,6 @@ def run_peer(ctx: Ctx, model: str, tool: str, variant: str, n: int) -> dict:
 
 
 # ------------------------------------------------------------------ calib (the CLI of issues 3, 4, 5, 7)
-def calib_cmd() -> str:
-    return str(VENVS / "calib" / "bin" / "calib")
-
 
 def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
     """collect -> calibrate (all methods) -> export per method -> quantize --method best -> advise.
@@ -269,7 +108,7 @@ def run_calib(ctx: Ctx, model: str, n: int, full: bool) -> Path | None:
             ctx.record({**rec, "status": "failed", "error": "skipped: an earlier calib step failed"})
             return False
         log = d / variant.replace(":", "_")
-        m, ok = measure(ctx, "calib", [calib_cmd(), *args], log)
+        m, ok = measure(ctx, "calib", [calib_cmd(), *args], log, env=calib_env())
         rec.update(m)
         if target and int8 is not None and int8.exists() and (ok or m.get("returncode") == 1):
             # advise exits 1 when the target is not met (within its budget) and still writes its best model
@@ -329,13 +168,13 @@ def run_compare(ctx: Ctx, model: str, int8: Path, int8_from: str, k: int | None)
             ctx.record({**rec, "status": "failed", "error": ctx.venv_errors[tool]})
             continue
         (d / tool).mkdir(parents=True, exist_ok=True)
-        m, ok = measure(ctx, tool, argv, d / tool)
+        m, ok = measure(ctx, tool, argv, d / tool, env=calib_env() if tool == "calib" else None)
         ctx.record({**rec, **m, "status": "ok" if ok else "failed"})
 
 
 # ------------------------------------------------------------------ driver
 def prepare_data(ctx: Ctx, models: list[str]) -> None:
-    sizes = sorted(set(ctx.suite.sizes) | set(ctx.suite.goal_sizes) | {100, 500, 2000})
+    sizes = sorted(set(ctx.suite.sizes) | set(ctx.suite.goal_sizes) | {100, 500, 2000, calib_jobs.N})
     ks = sorted({k for k in ctx.suite.compare_sizes if k is not None} | ({ctx.suite.eval_k} - {None})
                 | {k for _, sizes in ctx.suite.compare_override for k in sizes if k is not None})
     argv = [str(venv_python("prep")), str(PEERS / "prepare.py"), "--models", ",".join(models),
@@ -350,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--tools", default="ort,modelopt,nncf,calib,compare", help="subset of ort,modelopt,nncf,calib,compare")
     ap.add_argument("--mem-limit-mb", type=float, default=10240, help="kill a job whose process tree passes this RSS")
-    ap.add_argument("--jobs", default=None, help="run only these peer jobs, e.g. ort:entropy2048@500,nncf:default@100")
+    ap.add_argument("--jobs", default=None, help="run only these jobs: peer jobs (e.g. ort:entropy2048@500,nncf:default@100), "
+                    "calib's pipeline at N (calib@100) "
+                    "and/or calib's N=128 jobs (" + ",".join(calib_jobs.JOBS) + ")")
     ap.add_argument("--compare-sizes", default=None, help="override the suite's compare sample counts, e.g. 20,100")
     ap.add_argument("--append", action="store_true", help="append to the results file instead of starting it anew")
     ap.add_argument("--table-only", action="store_true", help="only regenerate the tables from the results file")
@@ -364,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         update_readmes(out)
         return 0
+    jobs = args.jobs.split(",") if args.jobs else []
+    cjobs, pjobs = [j for j in jobs if j in calib_jobs.JOBS], [j for j in jobs if j not in calib_jobs.JOBS]
+    bad = [j for j in pjobs if "@" not in j or (":" not in j and not j.startswith("calib@"))]
+    if bad:
+        print(f"--jobs {bad[0]}: expected tool:variant@N, calib@N or one of {','.join(calib_jobs.JOBS)}",
+              file=sys.stderr)
+        return 2
     models = args.models.split(",") if args.models else list(suite.models)
     tools = args.tools.split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -371,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink()
     ctx = Ctx(suite, out, args.mem_limit_mb, machine(), "python bench/peers/run.py " + " ".join(argv or sys.argv[1:]))
     t0 = time.perf_counter()
-    if args.jobs:
-        tools = [j.split(":")[0] for j in args.jobs.split(",")]
+    if jobs:
+        tools = [j.split(":")[0].split("@")[0] for j in pjobs] + (["calib"] if cjobs else [])
     needed = ["prep", "ort"] + [t for t in ("modelopt", "nncf", "calib") if t in tools]
     if "compare" in tools:
         needed += ["polygraphy", "calib"]
@@ -385,13 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         print("cannot prepare data without the prep venv", file=sys.stderr)
         return 2
     prepare_data(ctx, models)
-    if args.jobs:  # just these peer jobs, e.g. a re-run with a larger --mem-limit-mb
+    if jobs:  # just these jobs, e.g. a re-run with a larger --mem-limit-mb, or calib's default/target paths
         for model in models:
-            for job in args.jobs.split(","):
+            for job in pjobs:
                 tool_variant, _, n = job.partition("@")
                 tool, _, variant = tool_variant.partition(":")
-                run_peer(ctx, model, tool, variant, int(n))
-        update_readmes(out)
+                if tool_variant == "calib":  # calib's pipeline at N: collect, calibrate, the four exports, best, advise
+                    run_calib(ctx, model, int(n), full=True)
+                else:
+                    run_peer(ctx, model, tool, variant, int(n))
+            if cjobs:
+                calib_jobs.run(ctx, model, cjobs)
+            update_readmes(out)
+        if ctx.evaluator is not None:
+            ctx.evaluator.close()
         return 0
     for model in models:
         spec = MODELS[model]
@@ -415,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 entropy_model = entropy_model or m
             for n in goal_sizes:
                 run_calib(ctx, model, n, full=False)
+            calib_jobs.run(ctx, model, calib_jobs.JOBS)  # default, --target, runtimes, memory bound at N=128
         if "compare" in tools:
             n0 = sizes[0]
             pair = (entropy_model, f"calib export entropy N={n0}") if entropy_model else (

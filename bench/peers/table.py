@@ -11,8 +11,13 @@ more than 0.5 points against FP32; calib collection+calibration >= 5x faster tha
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calib_tables  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1]
 REPO = BENCH.parent
@@ -88,7 +93,8 @@ def calib_pipeline_s(res: Results, model, n, key: str = "wall_s") -> float | Non
 def metric_section(res: Results, notes: list[str]) -> list[str]:
     out = ["### INT8 task metric (higher is better)", "",
            "Primary metric per model: accuracy with labels (%), else top-1 agreement with FP32 (%); text-map IoU",
-           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder. `(k float)`: k Conv/Gemm/MatMul",
+           "with FP32 (%) for the detector; mean embedding cosine x100 for the encoder; 100 - character error rate (%)",
+           "for the text recogniser. `(k float)`: k Conv/Gemm/MatMul",
            "nodes left in float. calib's best is over its all-INT8 models (four methods and `--method best`).", "",
            "| model | N | FP32 | calib best (all INT8) | best peer | calib − peer | goal |", "|---|---|---|---|---|---|---|"]
     for model in res.models:
@@ -244,7 +250,7 @@ def failures_section(res: Results) -> list[str]:
         seen.setdefault(f"{r['tool']}:{r['variant']} — {err}", []).append(f"{r['model']}@{r.get('n')}")
     for k, where in seen.items():
         out.append(f"- {k} ({', '.join(where)})")
-    missed = [r for r in res.recs if r.get("target_met") is False and latest(r)]
+    missed = [r for r in res.recs if r.get("target_met") is False and latest(r) and r["variant"].startswith("advise")]
     if missed:
         out += ["", "### ² advise: target not met within the job's budget (its best model is scored)", ""]
         for r in missed:
@@ -271,11 +277,13 @@ def render(path: Path) -> tuple[str, str]:
     body = [f"Results: `{rel(path)}` ({len(recs)} jobs, {recs[0]['time']} … {recs[-1]['time']}).",
             f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB; command: `{recs[0]['command']}`.", ""]
     body += metric_section(res, notes) + [""] + time_section(res, notes) + [""] + memory_section(res, notes)
-    body += [""] + compare_section(res, notes) + [""] + failures_section(res) + ["", "### Goals missed", ""]
+    body += [""] + compare_section(res, notes)
+    body += [""] + calib_tables.section(res, notes, PEER_COLS, LABEL)
+    body += [""] + failures_section(res) + ["", "### Goals missed", ""]
     body += [f"- {n}" for n in notes] if notes else ["None."]
     summary = [f"Peers benchmark (`python bench/peers/run.py --suite {recs[0]['suite']}`, {mach['cores']} cores; details in "
-               "[bench/README.md](bench/README.md)):", "", "| model | calib best INT8 | best peer | vs ORT entropy 2048 (time) | compare vs Polygraphy |",
-               "|---|---|---|---|---|"]
+               "[bench/README.md](bench/README.md)):", "", "| model | calib best INT8 | best peer | vs ORT entropy 2048 (time) | "
+               "compare vs Polygraphy | calib default (N=128) | `--target cosine:0.99` |", "|---|---|---|---|---|---|---|"]
     for model in res.models:
         ns = res.sizes(model, "ort", "minmax") or [None]
         n = ns[-1]
@@ -290,7 +298,8 @@ def render(path: Path) -> tuple[str, str]:
         cmp_ = [(p, c) for p, c in cmp_ if p and c and p["status"] == "ok" and c["status"] == "ok"]
         cs = f"{cmp_[-1][0]['wall_s'] / cmp_[-1][1]['wall_s']:.1f}× faster" if cmp_ else "–"
         summary.append(f"| {model} | {f'{max(cal):.2f}' if cal else 'failed'} | "
-                       f"{f'{max(peers)[0]:.2f} ({max(peers)[1]})' if peers else 'failed'} | {tr} | {cs} |")
+                       f"{f'{max(peers)[0]:.2f} ({max(peers)[1]})' if peers else 'failed'} | {tr} | {cs} | "
+                       + " | ".join(calib_tables.summary_cells(res, model)) + " |")
     return "\n".join(body), "\n".join(summary)
 
 
@@ -315,13 +324,13 @@ def update_readmes(path: Path, readme: Path = BENCH / "README.md", main_readme: 
     new = replace_between(text, begin, end, full)
     if new is None:
         new = text.rstrip() + f"\n\n## Peers: `{suite}` suite\n\n{begin}\n{full}\n{end}\n"
-    tmp = readme.with_suffix(".md.tmp")
+    tmp = readme.with_suffix(f".md.{os.getpid()}.tmp")
     tmp.write_text(new)
     tmp.replace(readme)
     if summary and main_readme.exists():
         t = main_readme.read_text()
         new_main = replace_between(t, "<!-- peers:begin -->", "<!-- peers:end -->", summary)
         if new_main is not None and new_main != t:
-            tmp = main_readme.with_suffix(".md.tmp")
+            tmp = main_readme.with_suffix(f".md.{os.getpid()}.tmp")
             tmp.write_text(new_main)
             tmp.replace(main_readme)
