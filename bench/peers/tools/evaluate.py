@@ -16,7 +16,7 @@ Metrics by task:
   error rate (edit distance / label characters, summed over samples) of FP32 and INT8 against the labels in
   ``eval_labels.json`` beside eval.npz (spaces ignored, as PaddleOCR's RecMetric does), reported as
   ``100 - CER`` (char accuracy, higher is better) and as CER; the share of samples whose INT8 decode equals the
-  FP32 one, and the CER of the INT8 decode against the FP32 decode.
+  FP32 one, and the CER of the INT8 decode against the FP32 decode (spaces ignored there too).
 ``float_nodes``: Conv/ConvTranspose/Gemm/MatMul nodes whose first input is not produced by a
 DequantizeLinear (compute left in float), out of ``weighted_nodes``. ``zero_points``: the zero-point
 dtypes of the QuantizeLinear/DequantizeLinear nodes and whether every zero point is 0 (TensorRT takes
@@ -148,15 +148,15 @@ def cer(pred: list[list[int]], truth: list[list[int]]) -> float:
 
 
 def ctc_metrics(m: dict, ref: np.ndarray, got: np.ndarray, labels: dict | None) -> None:
-    a, b = ctc_decode(ref), ctc_decode(got)
+    space = labels["space"] if labels else ref.shape[-1] - 1  # PP-OCR's CTCLabelDecode appends the space last
+    a, b = ctc_decode(ref, (0, space)), ctc_decode(got, (0, space))
     m["decode_agreement"] = float(np.mean([x == y for x, y in zip(a, b)]) * 100)
     m["cer_vs_fp32"] = cer(b, a)
     if labels is None:
         m["primary"], m["primary_name"], m["primary_fp32"] = 100 - m["cer_vs_fp32"], "100 - CER vs FP32 decode %", 100.0
         return
-    drop = (0, labels["space"])
-    truth = [[c for c in t if c != labels["space"]] for t in labels["ids"][: len(ref)]]
-    m["cer_fp32"], m["cer_int8"] = cer(ctc_decode(ref, drop), truth), cer(ctc_decode(got, drop), truth)
+    truth = [[c for c in t if c != space] for t in labels["ids"][: len(ref)]]
+    m["cer_fp32"], m["cer_int8"] = cer(a, truth), cer(b, truth)
     m["primary"], m["primary_name"] = 100 - m["cer_int8"], "char accuracy % (100 - CER)"
     m["primary_fp32"] = 100 - m["cer_fp32"]
 
