@@ -93,8 +93,9 @@ def collect(model: Model | str | os.PathLike, source: Iterable[Sample], *, tenso
         raise InputDataError("the calibration set is empty (no samples)", hint="point --data at a non-empty set")
     for t in list(stats.meta["skipped"]):
         hists.pop(t, None)
-    log.info("collected %d tensors over %d samples in %d pass(es) in %.1fs", len(hists), done, len(groups),
-             time.perf_counter() - t0)
+    # one line per call: a debug detail for one pass (a run collects shard by shard), news under --max-memory
+    log.log(logging.INFO if len(groups) > 1 else logging.DEBUG, "collected %d tensors over %d samples in %d "
+            "pass(es) in %.1fs", len(hists), done, len(groups), time.perf_counter() - t0)
     return stats
 
 
