@@ -254,3 +254,12 @@ def test_runs_table_has_one_metric_per_column_and_fits(case, tmp_path, capsys, m
     assert main(["show", RunStore(store).runs()[0].id, "--store", str(store)]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert shown[1].startswith("  shipped model: ") and shown[2].startswith("  path: minmax")
+
+
+def test_auto_run_with_html_reports_writes_them(case, tmp_path):
+    """The demo's configuration (auto, every method's report, HTML): the reports plot the named methods'
+    thresholds (auto's per-tensor mix has none) and the run completes."""
+    store = tmp_path / "store"
+    run = execute(_cfg(case, store, "auto", html=True, all_methods=True), store=RunStore(store))
+    assert run.status == "complete" and run.manifest["method"] == "auto"
+    assert "Histogram:" in run.artifact("report").read_text()

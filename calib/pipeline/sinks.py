@@ -14,6 +14,7 @@ from typing import Any
 
 from calib.compare.advice import advice_json_path
 from calib.compare.metrics import safe_float
+from calib.config import CHOOSER_NAMES
 from calib.export import QdqModel, scale_report, write_cache, write_scale_report
 from calib.export.trt_cache import model_cache
 from calib.data.preprocess import stamp_model
@@ -118,7 +119,7 @@ def _write_method_files(ctx: Context, sink) -> None:
         if ctx.ev is not None and c.compare:
             with sink.timing(f"compare:{label}"):
                 compare_model(ctx.model, q.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
-                              stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
+                              stats=ctx.stats, methods=_named(ctx.ranges), progress=ctx.progress,
                               html=sink.path(f"report:{label}", f"report.{fl}.html") if c.html else None,
                               json_path=sink.path(f"compare:{label}", f"compare.{fl}.json"))
 
@@ -131,7 +132,7 @@ def _write_report(ctx: Context, sink, shipped: QdqModel) -> None:
     with sink.timing("compare:shipped"):
         # against the FP32 model it was exported from: a kept transform rescaled some channels in between
         compare_model(ctx.base or ctx.model, shipped.model, ctx.ev, batch_size=c.batch_size, metric=c.compare_metric,
-                      stats=ctx.stats, methods=list(ctx.ranges), progress=ctx.progress,
+                      stats=ctx.stats, methods=_named(ctx.ranges), progress=ctx.progress,
                       html=sink.path("report", "report.html") if c.html else None,
                       json_path=sink.path("compare", "compare.json"),
                       advice=ctx.advice.to_json() if ctx.advice is not None else None,
@@ -184,3 +185,9 @@ def write_artifacts(ctx: Context, sink) -> None:
     if ctx.auto is not None and (p := sink.path("auto", "auto.json")) is not None:
         write_json(p, ctx.auto.to_json())  # per tensor: chosen candidate, runner-up, margin, scores
     _write_report(ctx, sink, shipped)
+
+
+def _named(ranges: dict) -> list[str]:
+    """The named calibration methods among the run's ranges (the report plots their thresholds; ``auto``'s
+    per-tensor mix has no single threshold rule)."""
+    return [m for m in ranges if m not in CHOOSER_NAMES]
