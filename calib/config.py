@@ -118,7 +118,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "address": (str, "", "Ray cluster address, e.g. 'ray://head:10001' or 'auto' ('' = start a local Ray)."),
         "num_workers": (int, 2, "Ray tasks running at once (one CPU each)."),
         "max_memory": (str, "auto", "Memory bound per worker for exposed activations, e.g. '2GB' "
-                                    "('auto' = half the available RAM per worker, 'none' = no bound)."),
+                                    "('auto' = half the available RAM, at most 2 GiB, per worker; 'none' = no bound)."),
     },
 }
 
