@@ -35,3 +35,16 @@ def test_auto_memory_bound_is_capped():
     assert got <= max(AUTO_MAX_MEMORY, rss_bytes() + (1 << 30))
     assert resolve_max_memory("auto", 2) == got // 2 or abs(resolve_max_memory("auto", 2) - got // 2) < (64 << 20)
     assert resolve_max_memory("none") is None and resolve_max_memory("3GB") == 3 << 30
+
+
+def test_advise_gets_what_the_run_has_left():
+    import time
+
+    from calib.pipeline import steps
+
+    ctx = steps.Context.__new__(steps.Context)
+    ctx.started = time.perf_counter()
+    left = steps.advise_budget(ctx)
+    assert steps.RUN_BUDGET_S - steps.AFTER_ADVISE_S - 5 < left <= steps.RUN_BUDGET_S - steps.AFTER_ADVISE_S
+    ctx.started = time.perf_counter() - 10 * steps.RUN_BUDGET_S  # collect and choose took everything
+    assert steps.advise_budget(ctx) == steps.MIN_ADVISE_S
