@@ -109,7 +109,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "metric": (str, "", "Accuracy target, e.g. 'cosine:0.99' or 'top1:0.99'; runs advise when set."),
         "max_float_nodes": (int, 0, "Give up after this many advise steps (0 = no limit)."),
         "time_budget_s": (float, 0.0, "Start no advise step after this many seconds; keep the best model so far "
-                                      "(0 = no limit)."),
+                                      "(0 = what a 270 s run has left after collect and choose, at least 30 s)."),
         "sensitivity_samples": (int, 32, "Evaluation samples used to rank nodes and pick each step's action "
                                           "(every step is verified on all of them)."),
     },
@@ -118,7 +118,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "address": (str, "", "Ray cluster address, e.g. 'ray://head:10001' or 'auto' ('' = start a local Ray)."),
         "num_workers": (int, 2, "Ray tasks running at once (one CPU each)."),
         "max_memory": (str, "auto", "Memory bound per worker for exposed activations, e.g. '2GB' "
-                                    "('auto' = half the available RAM per worker, 'none' = no bound)."),
+                                    "('auto' = half the available RAM, at most 2 GiB, per worker; 'none' = no bound)."),
     },
 }
 

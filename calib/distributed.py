@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from calib.collect import Progress, collect
-from calib.collect_groups import default_max_memory, parse_bytes
+from calib.collect_groups import default_max_memory, parse_bytes, rss_bytes
 from calib.data.base import Sample, check_feeds
 from calib.data.uri import open_data_uri
 from calib.errors import CalibError, ConfigError, InputDataError
@@ -39,6 +39,7 @@ __all__ = ["BACKENDS", "ShardSpec", "ShardedResult", "plan_shards", "collect_sha
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
+AUTO_MAX_MEMORY = 2 << 30  # bytes: the cap of max_memory "auto" (see resolve_max_memory)
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,17 @@ class ShardedResult:
 
 
 def resolve_max_memory(text: str | int | None, workers: int = 1) -> int | None:
-    """``"2GB"`` -> bytes; ``"auto"`` -> half the memory available now, split over ``workers`` on this
-    machine; ``"none"``/None -> no bound."""
+    """``"2GB"`` -> bytes; ``"auto"`` -> half the memory available now, at most ``AUTO_MAX_MEMORY`` (2 GiB;
+    or this process's RSS + 1 GiB if larger),
+    split over ``workers`` on this machine; ``"none"``/None -> no bound. The cap keeps a whole run under
+    4 GB: collecting every tensor of a 48x320 text recogniser at batch 8 in one pass peaks at 3.6 GB, in
+    grouped passes (``calib.collect_groups``, the same statistics bit for bit) at 1.2 GB and no slower."""
     if text is None or str(text).strip().lower() in ("none", "0", ""):
         return None
     if str(text).strip().lower() == "auto":
-        return default_max_memory(0.5 / max(1, workers))
+        avail = default_max_memory(0.5)
+        cap = max(AUTO_MAX_MEMORY, rss_bytes() + (1 << 30))  # a large model already resident still fits
+        return min(avail, cap) // max(1, workers) if avail is not None else None
     return parse_bytes(str(text))
 
 

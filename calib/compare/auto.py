@@ -16,7 +16,10 @@ On the *selection* samples (never the ones figures are reported on, see
    their candidates). A tensor whose best candidate beats the current model is
    changed, the mixed model re-exported and verified on the selection samples;
    the change is kept only if the verified metric improves.
-4. Rounds repeat until no change helps, ``max_rounds`` or ``time_budget`` (s).
+4. Rounds repeat until no change helps, ``max_rounds`` or ``time_budget`` (s); a
+   round the budget cut short says so in ``stopped`` (not "no change helps").
+   A change is kept only if it beats the current model, so the result never
+   scores below the best single method on the selection samples.
 
 Per tensor the result records the chosen candidate, the runner-up (the best
 candidate with a different range) and the margin between them in the metric's
@@ -130,6 +133,7 @@ class _Search:
         self.placement, self.weights, self.exclude = placement, weights, list(exclude)
         self.progress, self.deadline = progress, deadline
         self.outputs = list(fm.output_names)
+        self.cut = False  # the time budget cut a round short (measurement or verification)
 
     def export(self, choice: dict[str, str]):
         return export_qdq(self.fm, _mixed(self.by, choice), placement=self.placement, weights=self.weights,
@@ -187,6 +191,7 @@ class _Search:
         metrics: dict[str, Any] = {}
         for k, group in enumerate(groups):  # one session at a time: memory bounded by one group
             if k and self.out_of_time():
+                self.cut = True
                 break
             if self.progress:
                 self.progress(f"auto round {r}: measuring tensor variants", k, len(groups))
@@ -225,6 +230,7 @@ def _round(s: _Search, q, value: float, choice: dict[str, str], r: int, history:
     changed = False
     for k, t in enumerate(order):
         if s.out_of_time():
+            s.cut = True
             break
         if s.progress:
             s.progress(f"auto round {r}: verifying tensors", k, len(order))
@@ -273,7 +279,7 @@ def choose_auto(model: Model | str, stats: ActivationStats, selection_source, *,
         r += 1
         q, value, scores, changed = _round(s, q, value, choice, r, history)
         if not changed:
-            stopped = "no change helps"
+            stopped = f"time budget ({time_budget:g} s)" if s.cut else "no change helps"
             break
     amax = {t: {m: by[m].tensors[t].amax for m in by} for t in scores}
     records = {t: _record(choice[t], scores[t], amax[t]) for t in scores}

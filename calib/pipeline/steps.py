@@ -11,6 +11,7 @@ A step takes the ``Context`` and fills in what it produced. Two registries make 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,12 @@ __all__ = ["Context", "CHOOSERS", "TRANSFORMS", "register_chooser", "register_tr
            "shipping_model", "export_shipped"]
 
 Progress = Callable[[str, int, "int | None"], None]
+# With a target and no --time-budget, the whole run aims at RUN_BUDGET_S seconds (the issue: 5 min on 2 cores):
+# advise gets what collect and choose left, minus AFTER_ADVISE_S for the steps after it (transforms, verify),
+# and at least MIN_ADVISE_S.
+RUN_BUDGET_S = 270.0
+AFTER_ADVISE_S = 60.0
+MIN_ADVISE_S = 30.0
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Context:
     retuned: dict[str, Any] = field(default_factory=dict)  # tensor -> TensorRange re-calibrated after a transform
     transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates: kept or not
     deployed: dict[str, Any] | None = None  # the deployed-runtime check (calib.pipeline.deployed)
+    started: float = field(default_factory=time.perf_counter)  # when the run started (advise's default budget)
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
@@ -227,15 +235,22 @@ def advise_step(ctx: Context) -> None:
     if not c.target:
         return
     order = methods_first(ctx.method, list(ctx.ranges))
+    budget = c.time_budget_s or advise_budget(ctx)
     try:
         adv = advise(ctx.model, {m: ctx.ranges[m] for m in order}, ctx.sel, target=c.target, methods=order,
                      placement=c.placement, batch_size=c.batch_size,
                      metric=load_metric(c.compare_metric) if c.compare_metric else None,
-                     max_steps=c.max_float_nodes or None, time_budget_s=c.time_budget_s or None,
+                     max_steps=c.max_float_nodes or None, time_budget_s=budget,
                      sensitivity_samples=c.sensitivity_samples, progress=ctx.progress)
     except TargetNotMet as e:
         adv, ctx.missed = e.advice, e
     ctx.advice, ctx.qdq = adv, adv.qdq
+
+
+def advise_budget(ctx: Context) -> float:
+    """advise's seconds when none were given: what is left of ``RUN_BUDGET_S`` after the steps so far and
+    ``AFTER_ADVISE_S`` for the steps after it; at least ``MIN_ADVISE_S``."""
+    return max(MIN_ADVISE_S, RUN_BUDGET_S - AFTER_ADVISE_S - (time.perf_counter() - ctx.started))
 
 
 def transforms_step(ctx: Context) -> None:
