@@ -90,9 +90,8 @@ def quantize_cmd(
                                           "--eval-data."),
     max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
                                         "advise steps (0 = no limit); the best model so far is written."),
-    time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise "
-                                      "starts no new step (0 = what a 270 s run has left, at least 30 s); the "
-                                      "best model so far is written."),
+    time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise starts "
+                                      "no new step (0 = what a 270 s run has left, >= 30 s); best model written."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many calibration samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
