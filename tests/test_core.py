@@ -263,3 +263,11 @@ def test_auto_run_with_html_reports_writes_them(case, tmp_path):
     run = execute(_cfg(case, store, "auto", html=True, all_methods=True), store=RunStore(store))
     assert run.status == "complete" and run.manifest["method"] == "auto"
     assert "Histogram:" in run.artifact("report").read_text()
+    from calib.cli.pipeline import _compared_methods  # the demo's table: the shipped model, then each method
+
+    rows = _compared_methods(run)
+    assert set(rows) == set(DEFAULT_METHODS) | {"auto"}
+    for label, task in rows.items():
+        ref = task_metrics(compare(load_model(case["model"]), onnx.load(str(run.artifact(f"qdq:{label}"))),
+                                   open_source(case["eval"], load_model(case["model"])), batch_size=8, layers=False))
+        assert task["cosine"] == pytest.approx(ref["cosine"], rel=1e-9), label

@@ -20,7 +20,7 @@ from calib.errors import TargetNotMet
 from calib.compare import parse_target
 from calib.pipeline import quantize
 from calib.config import DEPLOY_CPUS, keys_help, load_config
-from calib.pipeline import execute
+from calib.pipeline import execute, task_metrics
 from calib.errors import ConfigError
 from calib.runs import RunStore
 from calib.rundiff import diff_runs
@@ -306,14 +306,26 @@ def _print_summary(run) -> None:
     shipped = m.get("metrics") or {}
     t.add_row(f"{shipped.get('path') or m.get('method')} (shipped)", *_demo_cells(shipped),
               _worst(run, "compare"), style="bold")
-    for label, task in (m.get("metrics_by_method") or {}).items():
+    for label, task in (m.get("metrics_by_method") or _compared_methods(run)).items():
         t.add_row(label, *_demo_cells(task), _worst(run, f"compare:{label}"))
     _console().print(t)
     _print_run(run, full=False)
 
 
 def _demo_cells(task: dict) -> list[str]:
+    task = {"output_cosine": task.get("cosine"), **task}
     return [_fmt(task.get(k)) for k in ("top1_agreement", "accuracy_int8", "accuracy_fp32", "output_cosine")]
+
+
+def _compared_methods(run) -> dict[str, dict]:
+    """Each method's output metrics from its per-layer comparison on the evaluation data (``auto`` scores no
+    whole-model method, so the run has no ``metrics_by_method``)."""
+    out = {}
+    for key in run.manifest.get("artifacts", {}):
+        p = run.artifact(key) if key.startswith("compare:") else None
+        if p is not None and p.exists():
+            out[key.split(":", 1)[1]] = task_metrics(CompareReport.from_json(json.loads(p.read_text())))
+    return out
 
 
 def _worst(run, key: str) -> str:
