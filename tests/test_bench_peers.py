@@ -14,8 +14,16 @@ PEERS = Path(__file__).resolve().parents[1] / "bench" / "peers"
 sys.path.insert(0, str(PEERS))
 sys.path.insert(0, str(PEERS / "tools"))
 
-import procmon  # noqa: E402
-import table  # noqa: E402
+# bench/peers/models.py and tests/models.py share a module name: import the bench modules with the bench's
+# `models`, then give `models` back to the tests collected in the same process
+_tests_models = sys.modules.pop("models", None)
+try:
+    import procmon  # noqa: E402
+    import table  # noqa: E402
+finally:
+    sys.modules.pop("models", None)
+    if _tests_models is not None:
+        sys.modules["models"] = _tests_models
 
 MACHINE = {"cpu": "test cpu", "cores": 2, "mem_gib": 24.0, "os": "linux"}
 

@@ -1,7 +1,7 @@
 """A ``calib collect --max-memory`` bound that forces grouping on one model (runs in the ``calib`` venv).
 
 Uses calib's own estimate (``calib.collect_groups``: bytes per sample from shape inference, a pass holds
-two batches of the exposed tensors, a baseline of twice the model plus two batches of inputs) to find the
+HELD_COPIES batches of the exposed tensors, a baseline of this process's resident memory) to find the
 bytes one unbounded pass would expose, then picks the bound: ``--prefer`` (1 GiB) when one pass does not
 fit in it, else the baseline plus half the one-pass cost, so at least two groups. Prints one JSON object:
 ``bound_bytes``, ``groups`` (calib's plan at that bound), ``one_pass_bytes``/``_mb``, ``baseline_mb``.
@@ -28,12 +28,10 @@ def plan(model_path: str, data: str, batch: int, prefer: int) -> dict:
     with np.load(data, allow_pickle=False) as z:
         first = {k: z[k][0] for k in z.files if k in inputs}
     per_sample = groups.tensor_bytes_per_sample(model, fetch, {k: v.shape for k, v in first.items()}, "batch")
-    in_bytes = sum(int(v.nbytes) for v in first.values())
-    baseline = prefer - groups.group_budget(model, prefer, batch, in_bytes)
-    one_pass = 2 * batch * sum(per_sample.values())
+    baseline = groups.rss_bytes() or 0  # this process with the model loaded: calib measures its own the same way
+    one_pass = groups.HELD_COPIES * batch * sum(per_sample.values())
     bound = prefer if baseline + one_pass > prefer else baseline + one_pass // 2
-    budget = groups.group_budget(model, bound, batch, in_bytes)
-    return {"bound_bytes": int(bound), "groups": len(groups.plan_groups(fetch, per_sample, batch, budget)),
+    return {"bound_bytes": int(bound), "groups": len(groups.plan_groups(fetch, per_sample, batch, bound - baseline)),
             "one_pass_bytes": int(one_pass), "one_pass_mb": round(one_pass / 2**20, 1),
             "baseline_mb": round(baseline / 2**20, 1), "tensors": len(fetch), "batch_size": batch}
 
