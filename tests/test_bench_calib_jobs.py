@@ -5,28 +5,15 @@ optimisation level, and the memory bound that forces grouping."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from bench_modules import import_bench
 from onnx import TensorProto, helper, numpy_helper
 
-PEERS = Path(__file__).resolve().parents[1] / "bench" / "peers"
-sys.path.insert(0, str(PEERS))
-sys.path.insert(0, str(PEERS / "tools"))
-
-# bench/peers/models.py and tests/models.py share a module name: import the bench modules with the bench's
-# `models`, then give `models` back to the tests collected in the same process
-_tests_models = sys.modules.pop("models", None)
-try:
-    import calib_jobs  # noqa: E402
-    import table  # noqa: E402
-finally:
-    sys.modules.pop("models", None)
-    if _tests_models is not None:
-        sys.modules["models"] = _tests_models
+calib_jobs, table = import_bench('calib_jobs', 'table')
 
 MACHINE = {"cpu": "test cpu", "cores": 2, "mem_gib": 24.0, "os": "linux"}
 CMD = "python bench/peers/run.py --suite quick --append --jobs default,target,ort,fp16,mem"

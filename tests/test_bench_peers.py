@@ -9,21 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_modules import import_bench
 
-PEERS = Path(__file__).resolve().parents[1] / "bench" / "peers"
-sys.path.insert(0, str(PEERS))
-sys.path.insert(0, str(PEERS / "tools"))
-
-# bench/peers/models.py and tests/models.py share a module name: import the bench modules with the bench's
-# `models`, then give `models` back to the tests collected in the same process
-_tests_models = sys.modules.pop("models", None)
-try:
-    import procmon  # noqa: E402
-    import table  # noqa: E402
-finally:
-    sys.modules.pop("models", None)
-    if _tests_models is not None:
-        sys.modules["models"] = _tests_models
+procmon, table = import_bench('procmon', 'table')
 
 MACHINE = {"cpu": "test cpu", "cores": 2, "mem_gib": 24.0, "os": "linux"}
 
