@@ -115,34 +115,59 @@ def _plan(model: Model, source: Iterable[Sample], fetch: list[str], layout: str,
     if iter(source) is source:
         raise InputDataError("collection in memory-bounded groups reads the data several times; this source "
                              "can be read only once", hint="pass a Source (calib.data) or drop max_memory")
+    quick, est = quick_plan(model, first, fetch, layout, batch_size, max_memory)
+    if quick.peak(fetch) <= max_memory:
+        log.info("max_memory %d MiB: 1 tensor group(s), batch %d", max_memory >> 20, quick.batch_size)
+        return [fetch], quick.batch_size, None
+    plan, optimized, set_batch = measured_plan(model, first, fetch, layout, quick, est, providers)
+    plan = groups_mod.fit(plan, fetch, plan.batch_size, set_batch)
+    log.info("max_memory %d MiB: %d tensor group(s), batch %d; %s", max_memory >> 20, len(plan.groups),
+             plan.batch_size, plan.describe())
+    return plan.groups, plan.batch_size, optimized
+
+
+def _first_feeds(model: Model, first: Sample, layout: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     dtypes = {s.name: s.dtype for s in model.inputs}
     one = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in first.feeds.items()}
-    feeds = one if layout == "feed" else {k: v[None] for k, v in one.items()}
+    return one, (one if layout == "feed" else {k: v[None] for k, v in one.items()})
+
+
+def quick_plan(model: Model, first: Sample, fetch: list[str], layout: str, batch_size: int,
+               max_memory: int) -> tuple[groups_mod.MemoryPlan, dict[str, int]]:
+    """(one pass over every tensor in ``fetch`` costed with the model's own shapes, the estimated bytes per sample
+    of every node output): ONNX shape inference on ``first``; the batch size is the pass's (a fixed batch
+    dimension or the feed layout wins over ``batch_size``)."""
+    one, _ = _first_feeds(model, first, layout)
     fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
-    set_batch = layout == "feed" or len(fixed) == 1  # batches() cannot change these batch sizes
     b = 1 if layout == "feed" else (next(iter(fixed)) if len(fixed) == 1 else batch_size)
-    in_bytes = sum(int(v.nbytes) for v in one.values())
     nodes = [o for n in model.proto.graph.node for o in n.output if o]
     est = groups_mod.tensor_bytes_per_sample(model, nodes, {k: v.shape for k, v in one.items()}, layout)
     _warm_fold()  # the fold kernels' code (numba) is part of the baseline measured next
     base = groups_mod.rss_bytes() or 0
-    quick = groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
-                                  2 * groups_mod.working_bytes(model.proto, est), in_bytes, {t: est[t] for t in fetch})
-    if quick.peak(fetch) <= max_memory:
-        log.info("max_memory %d MiB: 1 tensor group(s), batch %d", max_memory >> 20, b)
-        return [fetch], b, None
+    in_bytes = sum(int(v.nbytes) for v in one.values())
+    return groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
+                                 2 * groups_mod.working_bytes(model.proto, est), in_bytes,
+                                 {t: est[t] for t in fetch}), est
+
+
+def measured_plan(model: Model, first: Sample, fetch: list[str], layout: str, quick: groups_mod.MemoryPlan,
+                  est: dict[str, int], providers: Sequence[str] | None
+                  ) -> tuple[groups_mod.MemoryPlan, onnx.ModelProto, bool]:
+    """(the plan with ONNX Runtime's optimised graph sized on ``first``, that graph, whether the batch size is
+    fixed): groups not yet filled (``collect_groups.fit``)."""
+    _, feeds = _first_feeds(model, first, layout)
+    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
+    set_batch = layout == "feed" or len(fixed) == 1  # batches() cannot change these batch sizes
     optimized = groups_mod.optimized_exposed(expose_outputs(model.proto, fetch), resolve_providers(providers))
     guess = max(est.values(), default=4)
     names = {o: est.get(o, guess) for n in optimized.graph.node for o in n.output if o}
-    sizes = groups_mod.measured_sizes(optimized, feeds, resolve_providers(providers), names, (max_memory - base) // 3)
+    sizes = groups_mod.measured_sizes(optimized, feeds, resolve_providers(providers), names,
+                                      (quick.max_memory - quick.baseline) // 3)
     gc.collect()
-    plan = groups_mod.MemoryPlan(max_memory, b, [], groups_mod.rss_bytes() or 0,
+    plan = groups_mod.MemoryPlan(quick.max_memory, quick.batch_size, [], groups_mod.rss_bytes() or 0,
                                  groups_mod.SESSION_COPIES * optimized.ByteSize(),
-                                 groups_mod.working_bytes(optimized, sizes), in_bytes, {t: sizes[t] for t in fetch})
-    plan = groups_mod.fit(plan, fetch, b, set_batch)
-    log.info("max_memory %d MiB: %d tensor group(s), batch %d; %s", max_memory >> 20, len(plan.groups),
-             plan.batch_size, plan.describe())
-    return plan.groups, plan.batch_size, optimized
+                                 groups_mod.working_bytes(optimized, sizes), quick.inputs, {t: sizes[t] for t in fetch})
+    return plan, optimized, set_batch
 
 
 def _warm_fold() -> None:
