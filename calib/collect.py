@@ -141,12 +141,14 @@ def quick_plan(model: Model, first: Sample, fetch: list[str], layout: str, batch
     fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
     b = 1 if layout == "feed" else (next(iter(fixed)) if len(fixed) == 1 else batch_size)
     nodes = [o for n in model.proto.graph.node for o in n.output if o]
-    est = groups_mod.tensor_bytes_per_sample(model, nodes, {k: v.shape for k, v in one.items()}, layout)
+    known = groups_mod.inferred_shapes(model, {k: v.shape for k, v in one.items()}, layout)
+    est = groups_mod.padded_bytes(known, nodes)
+    padded = groups_mod.padded_bytes(known, nodes, groups_mod.CHANNEL_BLOCK)  # ONNX Runtime's blocked layouts
     _warm_fold()  # the fold kernels' code (numba) is part of the baseline measured next
     base = groups_mod.rss_bytes() or 0
     in_bytes = sum(int(v.nbytes) for v in one.values())
     return groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
-                                 2 * groups_mod.working_bytes(model.proto, est), in_bytes,
+                                 2 * groups_mod.working_bytes(model.proto, padded), in_bytes,
                                  {t: est[t] for t in fetch}), est
 
 

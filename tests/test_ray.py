@@ -296,6 +296,29 @@ def test_bytes_per_sample_estimate_matches_onnx_runtime(tmp_path):
     assert all(len(g) == 1 or 3 * 2 * sum(est[t] for t in g) <= 4 * max(est.values()) for g in groups)
 
 
+def test_quick_one_pass_check_bounds_onnx_runtimes_blocked_layout(tmp_path):
+    """The cheap shape-based check may accept one pass only if it costs at least what ONNX Runtime's optimised
+    graph measures: a 1-channel conv chain runs in NCHWc blocks of up to 16 channels (16x its shapes' bytes)."""
+    from onnx import TensorProto, helper
+
+    from calib.collect import measured_plan, quick_plan
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], np.full(9, 0.1, np.float32))
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["y"], ["r"]),
+                           helper.make_node("Conv", ["r", "w"], ["z"], pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 256, 256])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 1, 256, 256])], [w])
+    m = load_model(models.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "c.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 1, 256, 256), np.float32))
+    first = next(iter(open_data(tmp_path / "d.npz", m)))
+    quick, est = quick_plan(m, first, ["y", "r", "z"], "batch", 8, 1 << 30)
+    measured, optimized, _ = measured_plan(m, first, ["y", "r", "z"], "batch", quick, est, None)
+    blocked = any(n.domain == "com.microsoft.nchwc" for n in optimized.graph.node)
+    assert measured.working >= (8 if blocked else 1) * est["y"]  # what the optimised graph really holds
+    assert quick.per_sample(["y", "r", "z"]) >= measured.per_sample(["y", "r", "z"])
+
+
 def test_grouped_collection_needs_a_source_read_twice(tmp_path):
     path = models.save(models.gemm_mlp(seed=5), tmp_path / "mlp.onnx")
     m = load_model(path)

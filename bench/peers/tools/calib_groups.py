@@ -8,8 +8,10 @@ the command line) and reads from calib's memory model:
 - ``one_pass``: one pass over every tensor at the run's batch size, measured (ONNX Runtime's optimised graph
   sized on the first sample), and calib's cheaper shape-based estimate of it, which decides first.
 
-The bound is never below ``minimum`` + ``MARGIN`` (the command line's own imports and Progress bar take a
-little more than this process). Grouping is forced when a bound in [that, both one-pass costs) exists: then
+The bound is never below ``minimum`` + ``MARGIN`` (the command line's own imports and Progress bar may take
+a little more than this process) nor below one tensor per pass at the run's batch size (else calib would
+lower the batch size instead of grouping). Grouping is forced when a bound in [that, both one-pass costs)
+exists: then
 ``--prefer`` (1 GiB) if it lies in that range, else the middle of it. Where one pass already fits under the
 minimum, grouping cannot be forced: the bound is the minimum (+ margin), ``forced`` is false and ``reason``
 says why. Prints one JSON object (``bound_bytes``, ``groups`` and ``batch_size`` calib's plan at that bound,
@@ -49,12 +51,13 @@ def plan(model_path: str, data: str, batch: int, prefer: int) -> dict:
     quick.max_memory = max(quick.peak(fetch), prefer)  # measuring in large chunks: this process is not bounded
     measured, _, fixed_batch = measured_plan(model, first, fetch, layout, quick, est, None)
     b = measured.batch_size
-    floor = measured.minimum + MARGIN
+    floor = max(measured.minimum + MARGIN, max(measured.peak([t], b) for t in fetch))  # and no smaller batch
     top = min(quick.peak(fetch), measured.peak(fetch, b))  # a bound at or above either gives one pass
     forced = floor < top
     bound = (prefer if floor <= prefer < top else floor + (top - floor) // 2) if forced else floor
     reason = "" if forced else (f"one pass at batch {b} ({_mb(top)} MB) already fits under calib's minimum "
-                                f"({_mb(measured.minimum)} MB: batch 1, one tensor per pass) + {MARGIN >> 20} MB")
+                                f"({_mb(measured.minimum)} MB: batch 1, one tensor per pass) + {MARGIN >> 20} MB "
+                                f"or one tensor per pass at batch {b}")
     fitted = groups.fit(dataclasses.replace(measured, max_memory=bound), fetch, b, fixed_batch) if forced else None
     return {"bound_bytes": int(bound), "groups": len(fitted.groups) if fitted else 1,
             "batch_size": fitted.batch_size if fitted else b, "forced": forced, "reason": reason,
