@@ -144,12 +144,12 @@ def quick_plan(model: Model, first: Sample, fetch: list[str], layout: str, batch
     known = groups_mod.inferred_shapes(model, {k: v.shape for k, v in one.items()}, layout)
     est = groups_mod.padded_bytes(known, nodes)
     padded = groups_mod.padded_bytes(known, nodes, groups_mod.CHANNEL_BLOCK)  # ONNX Runtime's blocked layouts
-    _warm_fold()  # the fold kernels' code (numba) is part of the baseline measured next
+    _warm_fold()  # the fold kernels' code (numba) and ONNX Runtime's first session are part of the baseline
     base = groups_mod.rss_bytes() or 0
     in_bytes = sum(int(v.nbytes) for v in one.values())
     return groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
                                  2 * groups_mod.working_bytes(model.proto, padded), in_bytes,
-                                 {t: est[t] for t in fetch}), est
+                                 {t: est[t] for t in fetch}, _stats_bytes(model, fetch)), est
 
 
 def measured_plan(model: Model, first: Sample, fetch: list[str], layout: str, quick: groups_mod.MemoryPlan,
@@ -168,16 +168,28 @@ def measured_plan(model: Model, first: Sample, fetch: list[str], layout: str, qu
     gc.collect()
     plan = groups_mod.MemoryPlan(quick.max_memory, quick.batch_size, [], groups_mod.rss_bytes() or 0,
                                  groups_mod.SESSION_COPIES * optimized.ByteSize(),
-                                 groups_mod.working_bytes(optimized, sizes), quick.inputs, {t: sizes[t] for t in fetch})
+                                 groups_mod.working_bytes(optimized, sizes), quick.inputs, {t: sizes[t] for t in fetch},
+                                 quick.stats)
     return plan, optimized, set_batch
 
 
+def _stats_bytes(model: Model, fetch: list[str]) -> int:
+    return (len(fetch) + len(model.inputs)) * groups_mod.HIST_BYTES
+
+
 def _warm_fold() -> None:
-    """Load the compiled fold kernels (finite and non-finite paths) so the memory they take is measured."""
+    """Load the compiled fold kernels (finite and non-finite paths) and ONNX Runtime's CPU provider (its first
+    session's one-time cost) so the memory they take is measured."""
     x = np.ones(4, np.float32)
     TensorHistogram().update(x)
     x[0] = np.nan
     TensorHistogram().update(x)
+    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "warm",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    sess = make_session(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), None,
+                        intra_op_threads=1, spinning=False, arena=False)
+    sess.run(None, {"x": x})
 
 
 def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source: Iterable[Sample],

@@ -13,6 +13,7 @@ group g of exposed tensors at batch b is costed as (``MemoryPlan``)::
 
     RSS now (measured: Python, numpy, ONNX Runtime, the model and the optimised copy)
     + SESSION_COPIES x the optimised model (the group's proto, its bytes, ONNX Runtime's weights)
+    + PASS_OVERHEAD (the session's kernels and thread pools) + HIST_BYTES x the tensors (their statistics)
     + b x ( peak of ONNX Runtime's intermediate tensors alive at once, from the node order (liveness)
             + INPUT_COPIES x the inputs + HELD_COPIES x the group's exposed tensors )
 
@@ -44,6 +45,7 @@ import onnxruntime as ort
 from calib.errors import InputDataError
 from calib.model import Model
 from calib.runtime import expose_outputs, make_session
+from calib.stats import NUM_BINS
 
 __all__ = ["tensor_bytes_per_sample", "inferred_shapes", "padded_bytes", "plan_groups", "optimized_exposed", "group_proto", "default_max_memory",
            "parse_bytes", "rss_bytes", "working_bytes", "measured_sizes", "MemoryPlan", "fit"]
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 HELD_COPIES = 3  # an exposed tensor exists as ONNX Runtime's output, its numpy copy and the previous batch folding
 INPUT_COPIES = 3  # the samples read, the stacked batch, the previous batch (inputs are folded on the first pass)
 SESSION_COPIES = 3  # a pass's model: the group's proto, its serialised bytes, ONNX Runtime's copy of the weights
+PASS_OVERHEAD = 8 << 20  # a pass's session beyond its weights (kernels, thread pools) and the fold's threads:
+# 5-9 MiB measured on the peers suite's small CNNs (resnet_fmnist, fmnist_cnn) over a warmed ONNX Runtime
+HIST_BYTES = 2 * NUM_BINS * 4  # one tensor's statistics: two int32 histograms (calib.stats)
 CHANNEL_BLOCK = 16  # ONNX Runtime's NCHWc blocks channels by up to 16: the quick check's working memory pads to it
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
@@ -258,10 +263,11 @@ class MemoryPlan:
     working: int  # per sample: ONNX Runtime's intermediate tensors alive at once
     inputs: int  # per sample
     exposed: dict[str, int]  # per sample
+    stats: int = 0  # the statistics being folded (every tensor's histogram, held across the passes)
 
     @property
     def fixed(self) -> int:
-        return self.baseline + self.session
+        return self.baseline + self.session + self.stats + PASS_OVERHEAD
 
     def per_sample(self, group: Sequence[str] = ()) -> int:
         return self.working + INPUT_COPIES * self.inputs + HELD_COPIES * sum(self.exposed[t] for t in group)
@@ -275,7 +281,8 @@ class MemoryPlan:
         return max(self.peak([t], 1) for t in self.exposed) if self.exposed else self.peak([], 1)
 
     def describe(self) -> str:
-        return (f"process {self.baseline >> 20} MiB, model and session {self.session >> 20} MiB, ONNX Runtime's "
+        return (f"process {self.baseline >> 20} MiB, model and session {self.session >> 20} MiB, statistics "
+                f"{self.stats >> 20} MiB, ONNX Runtime's "
                 f"tensors {self.working >> 20} MiB, inputs {INPUT_COPIES}x {self.inputs >> 20} MiB, largest tensor "
                 f"{HELD_COPIES}x {max(self.exposed.values(), default=0) >> 20} MiB per sample")
 
