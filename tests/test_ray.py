@@ -365,6 +365,28 @@ def test_ray_evaluation_equals_local_bit_for_bit_on_the_demo_model(cluster, demo
     assert 0.5 < local["base"].value("cosine") < 1.0
 
 
+@pytest.mark.parametrize("limit", [None, 9])
+def test_compare_layer_pass_on_ray_equals_local_bit_for_bit(cluster, demo_npz, demo_local, monkeypatch, limit):
+    """Every per-layer, local-error and output figure of compare, sharded over 2 Ray workers, equals the local
+    pass's (JSON of the whole report); the driver never runs the pass itself."""
+    from calib import calibrate
+    from calib.compare import report as report_mod
+    from calib.compare.ray_eval import RayEvaluation
+    from calib.export import export_qdq
+
+    m = load_model(demo_model())
+    q = export_qdq(m, calibrate(demo_local, "minmax")).model
+    labels = [k % 4 for k in range(10)]
+    local = report_mod.compare(m, q, open_data(demo_npz, m), batch_size=4, labels=labels, limit=limit)
+    with RayEvaluation(num_workers=2):
+        monkeypatch.setattr(report_mod, "run_layer_pass", lambda *a, **k: pytest.fail("layer pass ran locally"))
+        remote = report_mod.compare(m, q, open_data(demo_npz, m), batch_size=4, labels=labels, limit=limit)
+    assert remote.n_samples == local.n_samples == (limit or 10)
+    assert _no_seconds(remote.to_json()) == _no_seconds(local.to_json())
+    assert any(r["local_sqnr_db"] is not None for r in local.layers) and len(local.layers) > 10
+    assert local.outputs  # the classifier's agreement and accuracies are part of what is compared
+
+
 def test_advise_on_ray_makes_the_same_choices_as_local(cluster, tmp_path):
     from compare_graphs import cnn_data, save_npz, small_cnn
 
