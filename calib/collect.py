@@ -115,42 +115,81 @@ def _plan(model: Model, source: Iterable[Sample], fetch: list[str], layout: str,
     if iter(source) is source:
         raise InputDataError("collection in memory-bounded groups reads the data several times; this source "
                              "can be read only once", hint="pass a Source (calib.data) or drop max_memory")
-    dtypes = {s.name: s.dtype for s in model.inputs}
-    one = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in first.feeds.items()}
-    feeds = one if layout == "feed" else {k: v[None] for k, v in one.items()}
-    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
-    set_batch = layout == "feed" or len(fixed) == 1  # batches() cannot change these batch sizes
-    b = 1 if layout == "feed" else (next(iter(fixed)) if len(fixed) == 1 else batch_size)
-    in_bytes = sum(int(v.nbytes) for v in one.values())
-    nodes = [o for n in model.proto.graph.node for o in n.output if o]
-    est = groups_mod.tensor_bytes_per_sample(model, nodes, {k: v.shape for k, v in one.items()}, layout)
-    _warm_fold()  # the fold kernels' code (numba) is part of the baseline measured next
-    base = groups_mod.rss_bytes() or 0
-    quick = groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
-                                  2 * groups_mod.working_bytes(model.proto, est), in_bytes, {t: est[t] for t in fetch})
+    quick, est = quick_plan(model, first, fetch, layout, batch_size, max_memory)
     if quick.peak(fetch) <= max_memory:
-        log.info("max_memory %d MiB: 1 tensor group(s), batch %d", max_memory >> 20, b)
-        return [fetch], b, None
-    optimized = groups_mod.optimized_exposed(expose_outputs(model.proto, fetch), resolve_providers(providers))
-    guess = max(est.values(), default=4)
-    names = {o: est.get(o, guess) for n in optimized.graph.node for o in n.output if o}
-    sizes = groups_mod.measured_sizes(optimized, feeds, resolve_providers(providers), names, (max_memory - base) // 3)
-    gc.collect()
-    plan = groups_mod.MemoryPlan(max_memory, b, [], groups_mod.rss_bytes() or 0,
-                                 groups_mod.SESSION_COPIES * optimized.ByteSize(),
-                                 groups_mod.working_bytes(optimized, sizes), in_bytes, {t: sizes[t] for t in fetch})
-    plan = groups_mod.fit(plan, fetch, b, set_batch)
+        log.info("max_memory %d MiB: 1 tensor group(s), batch %d", max_memory >> 20, quick.batch_size)
+        return [fetch], quick.batch_size, None
+    plan, optimized, set_batch = measured_plan(model, first, fetch, layout, quick, est, providers)
+    plan = groups_mod.fit(plan, fetch, plan.batch_size, set_batch)
     log.info("max_memory %d MiB: %d tensor group(s), batch %d; %s", max_memory >> 20, len(plan.groups),
              plan.batch_size, plan.describe())
     return plan.groups, plan.batch_size, optimized
 
 
+def _first_feeds(model: Model, first: Sample, layout: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    dtypes = {s.name: s.dtype for s in model.inputs}
+    one = {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in first.feeds.items()}
+    return one, (one if layout == "feed" else {k: v[None] for k, v in one.items()})
+
+
+def quick_plan(model: Model, first: Sample, fetch: list[str], layout: str, batch_size: int,
+               max_memory: int) -> tuple[groups_mod.MemoryPlan, dict[str, int]]:
+    """(one pass over every tensor in ``fetch`` costed with the model's own shapes, the estimated bytes per sample
+    of every node output): ONNX shape inference on ``first``; the batch size is the pass's (a fixed batch
+    dimension or the feed layout wins over ``batch_size``)."""
+    one, _ = _first_feeds(model, first, layout)
+    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
+    b = 1 if layout == "feed" else (next(iter(fixed)) if len(fixed) == 1 else batch_size)
+    nodes = [o for n in model.proto.graph.node for o in n.output if o]
+    known = groups_mod.inferred_shapes(model, {k: v.shape for k, v in one.items()}, layout)
+    est = groups_mod.padded_bytes(known, nodes)
+    padded = groups_mod.padded_bytes(known, nodes, groups_mod.CHANNEL_BLOCK)  # ONNX Runtime's blocked layouts
+    _warm_fold()  # the fold kernels' code (numba) and ONNX Runtime's first session are part of the baseline
+    base = groups_mod.rss_bytes() or 0
+    in_bytes = sum(int(v.nbytes) for v in one.values())
+    return groups_mod.MemoryPlan(max_memory, b, [fetch], base, groups_mod.SESSION_COPIES * model.proto.ByteSize(),
+                                 2 * groups_mod.working_bytes(model.proto, padded), in_bytes,
+                                 {t: est[t] for t in fetch}, _stats_bytes(model, fetch)), est
+
+
+def measured_plan(model: Model, first: Sample, fetch: list[str], layout: str, quick: groups_mod.MemoryPlan,
+                  est: dict[str, int], providers: Sequence[str] | None
+                  ) -> tuple[groups_mod.MemoryPlan, onnx.ModelProto, bool]:
+    """(the plan with ONNX Runtime's optimised graph sized on ``first``, that graph, whether the batch size is
+    fixed): groups not yet filled (``collect_groups.fit``)."""
+    _, feeds = _first_feeds(model, first, layout)
+    fixed = {s.shape[0] for s in model.inputs if s.shape and s.shape[0] is not None}
+    set_batch = layout == "feed" or len(fixed) == 1  # batches() cannot change these batch sizes
+    optimized = groups_mod.optimized_exposed(expose_outputs(model.proto, fetch), resolve_providers(providers))
+    guess = max(est.values(), default=4)
+    names = {o: est.get(o, guess) for n in optimized.graph.node for o in n.output if o}
+    sizes = groups_mod.measured_sizes(optimized, feeds, resolve_providers(providers), names,
+                                      (quick.max_memory - quick.baseline) // 3)
+    gc.collect()
+    plan = groups_mod.MemoryPlan(quick.max_memory, quick.batch_size, [], groups_mod.rss_bytes() or 0,
+                                 groups_mod.SESSION_COPIES * optimized.ByteSize(),
+                                 groups_mod.working_bytes(optimized, sizes), quick.inputs, {t: sizes[t] for t in fetch},
+                                 quick.stats)
+    return plan, optimized, set_batch
+
+
+def _stats_bytes(model: Model, fetch: list[str]) -> int:
+    return (len(fetch) + len(model.inputs)) * groups_mod.HIST_BYTES
+
+
 def _warm_fold() -> None:
-    """Load the compiled fold kernels (finite and non-finite paths) so the memory they take is measured."""
+    """Load the compiled fold kernels (finite and non-finite paths) and ONNX Runtime's CPU provider (its first
+    session's one-time cost) so the memory they take is measured."""
     x = np.ones(4, np.float32)
     TensorHistogram().update(x)
     x[0] = np.nan
     TensorHistogram().update(x)
+    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "warm",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])])
+    sess = make_session(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), None,
+                        intra_op_threads=1, spinning=False, arena=False)
+    sess.run(None, {"x": x})
 
 
 def _one_pass(model: Model, sess: ort.InferenceSession, fetch: list[str], source: Iterable[Sample],

@@ -5,13 +5,15 @@ detector at batch 100 that is gigabytes. With ``max_memory`` collection instead 
 several passes over the data, each exposing one *group* of tensors whose activations fit.
 
 The bound is on the whole process's resident memory. ``collect`` first checks one pass with the model's own
-shapes (ONNX shape inference at batch 1; an unknown shape counts as the largest known one). If that does not
-fit, the graph ONNX Runtime optimised (below) is run once on the first sample with its node outputs exposed
+shapes (ONNX shape inference at batch 1; an unknown shape counts as the largest known one; ONNX Runtime's
+intermediate tensors counted twice, their channels padded to CHANNEL_BLOCK as its NCHWc layout may: a
+1-channel 512x512 conv chain takes 8 times its shapes' bytes). If that does not fit, the graph ONNX Runtime optimised (below) is run once on the first sample with its node outputs exposed
 (in chunks that fit), which gives the exact bytes per sample of every tensor it computes, and a pass over a
 group g of exposed tensors at batch b is costed as (``MemoryPlan``)::
 
     RSS now (measured: Python, numpy, ONNX Runtime, the model and the optimised copy)
     + SESSION_COPIES x the optimised model (the group's proto, its bytes, ONNX Runtime's weights)
+    + PASS_OVERHEAD (the session's kernels and thread pools) + HIST_BYTES x the tensors (their statistics)
     + b x ( peak of ONNX Runtime's intermediate tensors alive at once, from the node order (liveness)
             + INPUT_COPIES x the inputs + HELD_COPIES x the group's exposed tensors )
 
@@ -43,8 +45,9 @@ import onnxruntime as ort
 from calib.errors import InputDataError
 from calib.model import Model
 from calib.runtime import expose_outputs, make_session
+from calib.stats import NUM_BINS
 
-__all__ = ["tensor_bytes_per_sample", "plan_groups", "optimized_exposed", "group_proto", "default_max_memory",
+__all__ = ["tensor_bytes_per_sample", "inferred_shapes", "padded_bytes", "plan_groups", "optimized_exposed", "group_proto", "default_max_memory",
            "parse_bytes", "rss_bytes", "working_bytes", "measured_sizes", "MemoryPlan", "fit"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,10 @@ log = logging.getLogger(__name__)
 HELD_COPIES = 3  # an exposed tensor exists as ONNX Runtime's output, its numpy copy and the previous batch folding
 INPUT_COPIES = 3  # the samples read, the stacked batch, the previous batch (inputs are folded on the first pass)
 SESSION_COPIES = 3  # a pass's model: the group's proto, its serialised bytes, ONNX Runtime's copy of the weights
+PASS_OVERHEAD = 8 << 20  # a pass's session beyond its weights (kernels, thread pools) and the fold's threads:
+# 5-9 MiB measured on the peers suite's small CNNs (resnet_fmnist, fmnist_cnn) over a warmed ONNX Runtime
+HIST_BYTES = 2 * NUM_BINS * 4  # one tensor's statistics: two int32 histograms (calib.stats)
+CHANNEL_BLOCK = 16  # ONNX Runtime's NCHWc blocks channels by up to 16: the quick check's working memory pads to it
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -84,8 +91,18 @@ def default_max_memory(fraction: float = 0.5) -> int | None:
 
 
 def tensor_bytes_per_sample(model: Model, tensors: Sequence[str], sample_shapes: dict[str, tuple[int, ...]],
-                            layout: str = "batch") -> dict[str, int]:
-    """Estimated bytes per sample of each tensor (see the module doc); ``sample_shapes`` are one sample's."""
+                            layout: str = "batch", channel_block: int = 1) -> dict[str, int]:
+    """Estimated bytes per sample of each tensor (see the module doc); ``sample_shapes`` are one sample's.
+
+    ``channel_block`` > 1 rounds the channel axis (axis 1) of tensors of rank 4 or more up to a multiple of it:
+    an upper bound on ONNX Runtime's blocked layouts (NCHWc blocks channels by 8 or 16, so a 1-channel image
+    takes 16 times its size inside the optimised graph)."""
+    return padded_bytes(inferred_shapes(model, sample_shapes, layout), tensors, channel_block)
+
+
+def inferred_shapes(model: Model, sample_shapes: dict[str, tuple[int, ...]], layout: str = "batch"
+                    ) -> dict[str, tuple[list[int], int]]:
+    """(dims at batch 1, item size) of every tensor whose shape ONNX shape inference knows for ``sample_shapes``."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     del proto.graph.value_info[:]
@@ -101,16 +118,28 @@ def tensor_bytes_per_sample(model: Model, tensors: Sequence[str], sample_shapes:
     except Exception as e:  # inference is only an estimate: fall back to the stored shapes
         log.info("shape inference failed (%s); using the model's stored shapes", e)
         inferred = model.proto
-    known: dict[str, int] = {}
+    known: dict[str, tuple[list[int], int]] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = vi.type.tensor_type
         dims = [d.dim_value for d in tt.shape.dim] if tt.HasField("shape") else []
         if not tt.elem_type or any(d <= 0 for d in dims):
             continue
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-        known[vi.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
-    fallback = max(known.values(), default=4)
-    return {t: known.get(t, fallback) for t in tensors}
+        known[vi.name] = (dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize)
+    return known
+
+
+def padded_bytes(known: dict[str, tuple[list[int], int]], tensors: Sequence[str], channel_block: int = 1
+                 ) -> dict[str, int]:
+    """Bytes of ``tensors`` from ``inferred_shapes`` (channel axis rounded up as in ``tensor_bytes_per_sample``);
+    a tensor of unknown shape counts as the largest known one."""
+    def size(dims: list[int], itemsize: int) -> int:
+        if channel_block > 1 and len(dims) >= 4:
+            dims = [dims[0], -(-dims[1] // channel_block) * channel_block, *dims[2:]]
+        return int(np.prod(dims, dtype=np.int64)) * itemsize
+
+    sizes = {t: size(*v) for t, v in known.items()}
+    fallback = max(sizes.values(), default=4)
+    return {t: sizes.get(t, fallback) for t in tensors}
 
 
 def plan_groups(tensors: Sequence[str], bytes_per_sample: dict[str, int], batch_size: int, budget: int,
@@ -234,10 +263,11 @@ class MemoryPlan:
     working: int  # per sample: ONNX Runtime's intermediate tensors alive at once
     inputs: int  # per sample
     exposed: dict[str, int]  # per sample
+    stats: int = 0  # the statistics being folded (every tensor's histogram, held across the passes)
 
     @property
     def fixed(self) -> int:
-        return self.baseline + self.session
+        return self.baseline + self.session + self.stats + PASS_OVERHEAD
 
     def per_sample(self, group: Sequence[str] = ()) -> int:
         return self.working + INPUT_COPIES * self.inputs + HELD_COPIES * sum(self.exposed[t] for t in group)
@@ -251,7 +281,8 @@ class MemoryPlan:
         return max(self.peak([t], 1) for t in self.exposed) if self.exposed else self.peak([], 1)
 
     def describe(self) -> str:
-        return (f"process {self.baseline >> 20} MiB, model and session {self.session >> 20} MiB, ONNX Runtime's "
+        return (f"process {self.baseline >> 20} MiB, model and session {self.session >> 20} MiB, statistics "
+                f"{self.stats >> 20} MiB, ONNX Runtime's "
                 f"tensors {self.working >> 20} MiB, inputs {INPUT_COPIES}x {self.inputs >> 20} MiB, largest tensor "
                 f"{HELD_COPIES}x {max(self.exposed.values(), default=0) >> 20} MiB per sample")
 

@@ -5,6 +5,7 @@ optimisation level, and the memory bound that forces grouping."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ def md(tmp_path) -> str:
         rec("cnn", "quantize:ort", 128, metric=87.0, metrics_spec={"primary": 88.0}),
         rec("cnn", "quantize:trt-fp16", 128, metric=88.5),
         rec("cnn", "quantize:trt-fp32", 128, metric=88.6),
-        rec("cnn", "collect:max-memory", 128, rss=1200.0, max_memory=str(1 << 30), groups=3, plan={"one_pass_mb": 2500.0}),
+        rec("cnn", "collect:max-memory", 128, rss=1200.0, max_memory=str(1 << 30), groups=3,
+            plan={"one_pass_mb": 2500.0, "minimum_mb": 300.0, "forced": True, "reason": ""}),
         rec("cnn", "collect:unbounded", 128, rss=3000.0, max_memory="none", groups=1),
         rec("det", "minmax", 100, tool="ort", metric=70.0),
         rec("det", "export:mse", 100, metric=80.0),
@@ -93,19 +95,20 @@ def test_runtime_gaps_and_memory_bound(md):
     rt = line(md, "| cnn | 87.00 |")
     assert "| 87.00 | 88.00 | 1.00 | **missed** | 88.50 | 88.60 | +0.10 | met |" in rt
     mem = line(md, "| cnn | 1024 |")
-    assert mem == "| cnn | 1024 | 3 | 2500.0 | 1200 | 1.17 | **no** | 1.0 | 3000 | 1.0 |"
+    assert mem == "| cnn | 1024 | 300.0 | 2500.0 | 3 | 1200 | 1.17 | **no** | 1.0 | 3000 | 1.0 |"
     assert "cnn: collect --max-memory 1024 MB peaked at 1200 MB." in md
 
 
-def test_memory_bound_below_the_process_floor_is_not_a_miss(tmp_path):
-    recs = [rec("tiny", "collect:max-memory", 128, rss=250.0, max_memory=str(4 << 20), groups=3, plan={"one_pass_mb": 8.0}),
-            rec("tiny", "collect:unbounded", 128, rss=300.0, max_memory="none", groups=1)]
+def test_memory_bound_that_cannot_force_groups_says_why(tmp_path):
+    why = "one pass at batch 8 (218.0 MB) already fits under calib's minimum (216.0 MB: ...) + 32 MB"
+    recs = [rec("tiny", "collect:max-memory", 128, rss=230.0, max_memory=str(248 << 20), groups=1,
+                plan={"one_pass_mb": 218.0, "minimum_mb": 216.0, "forced": False, "reason": why}),
+            rec("tiny", "collect:unbounded", 128, rss=231.0, max_memory="none", groups=1)]
     path = tmp_path / "peers-quick.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     md = table.render(path)[0]
-    # 300 MB without a bound, 8 MB of it activations: a 4 MB bound is below the process's own 292 MB
-    assert "| tiny | 4 | 3 | 8.0 | 250 | 62.50 | n/a: bound < the process's own ~292 MB | 1.0 | 300 | 1.0 |" in md
-    assert "tiny: collect" not in md
+    assert "| tiny | 248 | 216.0 | 218.0 | 1 (n/a) | 230 | 0.93 | yes | 1.0 | 231 | 1.0 |" in md
+    assert f"tiny: grouping cannot be forced: {why}." in md and "tiny: collect" not in md
 
 
 def test_summary_has_default_and_target(tmp_path, md):
@@ -155,29 +158,44 @@ def test_evaluator_zero_points_and_spec_evaluation(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_memory_bound_forces_groups(tmp_path):
-    calib_groups = pytest.importorskip("calib_groups")
+def _conv_relu_conv(tmp_path: Path, side: int) -> Path:
     m = onnx.load(qdq_conv(tmp_path / "m.onnx", 0))  # for its weight; the float model: x -> Conv -> Relu -> Conv
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["r"]),
                            helper.make_node("Conv", ["r", "w"], ["z"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 64, 64])],
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 1, 64, 64])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, side, side])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 1, side, side])],
                           [i for i in m.graph.initializer if i.name == "w"])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
-    np.savez(tmp_path / "d.npz", x=np.zeros((16, 1, 64, 64), np.float32))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(16, 1, side, side)).astype(np.float32))
+    return tmp_path / "f.onnx"
+
+
+def test_memory_bound_forces_groups_and_calib_accepts_it(tmp_path, caplog):
+    calib_groups = pytest.importorskip("calib_groups")
+    from calib.collect import collect
+    from calib.data.uri import open_data_uri
     from calib.model import load_model
 
-    fetch = [t for t in load_model(tmp_path / "f.onnx").activation_tensors() if t != "x"]
-    p = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 30)
-    # every exposed tensor is 64*64 float32 per sample; a pass holds HELD_COPIES batches of 8
-    from calib.collect_groups import HELD_COPIES
+    model = load_model(_conv_relu_conv(tmp_path, 512))  # 1 MiB per sample and tensor: one pass at batch 8 is
+    p = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 30)  # ~72 MiB exposed
+    fetch = [t for t in model.activation_tensors() if t != "x"]
+    assert p["tensors"] == len(fetch) >= 2 and p["forced"] and p["groups"] >= 2
+    assert p["minimum_mb"] * 2**20 < p["bound_bytes"] < min(p["one_pass_mb"], p["quick_one_pass_mb"]) * 2**20
+    # calib itself (not the tool's arithmetic) accepts the bound and groups as planned, with the same statistics
+    src = open_data_uri(str(tmp_path / "d.npz"), model)
+    with caplog.at_level("INFO", logger="calib.collect"):
+        bounded = collect(model, src, max_memory=p["bound_bytes"])
+    said = [int(g) for g in re.findall(r"(\d+) tensor group\(s\)", caplog.text)]
+    assert said and said[-1] >= 2  # grouped (the exact count moves with this process's resident memory)
+    assert bounded.equals(collect(model, open_data_uri(str(tmp_path / "d.npz"), model)))
 
-    assert len(fetch) >= 2 and p["tensors"] == len(fetch)
-    assert p["one_pass_bytes"] == HELD_COPIES * 8 * len(fetch) * 64 * 64 * 4
-    # one pass fits in 1 GiB, so the bound is the baseline plus half of it: at least two groups
-    assert p["bound_bytes"] < 1 << 30 and p["groups"] >= 2
-    big = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 16)
-    assert big["bound_bytes"] == 1 << 16  # one pass does not fit in the preferred bound: it is kept
+
+def test_memory_bound_on_a_model_too_small_to_group(tmp_path):
+    calib_groups = pytest.importorskip("calib_groups")
+    _conv_relu_conv(tmp_path, 32)  # 4 KiB per sample and tensor: one pass costs less than the margin
+    p = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 30)
+    assert not p["forced"] and p["groups"] == 1 and "already fits under calib's minimum" in p["reason"]
+    assert p["bound_bytes"] >= p["minimum_mb"] * 2**20
 
 
 def test_a_shared_venv_built_from_a_superset_is_kept(tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ calib chooses on its own ~25 % selection split of the 128 calibration samples.
   computed as ONNX defines them) (issue 16: gap ≤ 0.5 points).
 - ``fp16``: ``--target-runtime trt --high-precision fp16`` and ``... fp32``, both scored by the spec
   evaluation (issue 17: gap ≤ 0.2 points).
-- ``mem``: ``calib collect --max-memory X`` with X chosen to force grouping (``tools/calib_groups.py``:
-  1 GiB, or less where one pass fits in it), beside the same collect with ``--max-memory none`` (issue 20).
+- ``mem``: ``calib collect --max-memory X`` with X from calib's own memory model (``tools/calib_groups.py``:
+  at least calib's minimum, below one pass so that it groups; 1 GiB where that lies in between; the minimum,
+  marked n/a, where one pass already fits under it), beside the same collect with ``--max-memory none``
+  (issue 20).
 """
 
 from __future__ import annotations

@@ -202,32 +202,34 @@ def runtime_table(res, notes) -> list[str]:
 
 def memory_table(res, notes) -> list[str]:
     out = head("`calib collect --max-memory` (bound forcing grouping) vs no bound",
-               "The bound (1 GiB, or calib's own baseline plus half its one-pass estimate where one pass fits in "
-               "1 GiB, `tools/calib_groups.py`) is what calib budgets for the model and the exposed activations; peak "
-               "RSS is the whole process tree (Python, ONNX Runtime and its arena included). Where forcing groups needs "
-               "a bound below what the process takes without any exposed activations (the no-bound peak less the "
-               "one-pass estimate), the verdict is n/a; the saving shows as the difference of the two peaks.",
-               ["model", "bound MB", "groups", "one-pass estimate MB", "peak MB", "peak / bound", "under?", "s",
-                "no bound: peak MB", "s"])
+               "The bound (`tools/calib_groups.py`) is planned with calib's own memory model: never below the "
+               "minimum calib accepts (batch 1, one tensor per pass; less is refused with exit 2) plus 32 MB, and "
+               "below the cost of one pass at the run's batch size, so that collection must group (1 GiB where "
+               "that lies in between, else the middle). Where one pass already fits under that minimum, grouping "
+               "cannot be forced (groups n/a, the bound is the minimum). Peak RSS is the whole process tree "
+               "(Python, ONNX Runtime and all); a peak over the bound is a fault of calib's memory model.",
+               ["model", "bound MB", "minimum MB", "one pass MB", "groups", "peak MB", "peak / bound", "under?",
+                "s", "no bound: peak MB", "s"])
     for model in res.models:
         rb, ru = res.get(model, "calib", BOUNDED, N), res.get(model, "calib", UNBOUNDED, N)
         if rb is None and ru is None:
             continue
         plan = (rb or {}).get("plan", {})
-        # what the process needs besides the exposed activations: the unbounded peak less calib's one-pass estimate
-        floor = ru["peak_rss_mb"] - plan["one_pass_mb"] if ok(ru) and "one_pass_mb" in plan else None
+        est = [str(plan.get("minimum_mb", "?")), str(plan.get("one_pass_mb", "?"))]
         if ok(rb):
             bound = int(rb["max_memory"]) / 2**20
             ratio = rb["peak_rss_mb"] / bound
             under = "yes" if ratio <= 1 else "**no**"
-            if ratio > 1 and floor is not None and bound < floor:
-                under = f"n/a: bound < the process's own ~{floor:.0f} MB"
-            elif ratio > 1:
+            if ratio > 1:
                 notes.append(f"{model}: collect --max-memory {bound:.0f} MB peaked at {rb['peak_rss_mb']:.0f} MB.")
-            cells = [f"{bound:.0f}", str(rb.get("groups", "?")), str(plan.get("one_pass_mb", "?")),
-                     f"{rb['peak_rss_mb']:.0f}", f"{ratio:.2f}", under, f"{rb['wall_s']:.1f}"]
+            groups = str(rb.get("groups", "?"))
+            if plan.get("forced") is False:
+                groups += " (n/a)"
+                notes.append(f"{model}: grouping cannot be forced: {plan.get('reason', '')}.")
+            cells = [f"{bound:.0f}", *est, groups, f"{rb['peak_rss_mb']:.0f}", f"{ratio:.2f}", under,
+                     f"{rb['wall_s']:.1f}"]
         else:
-            cells = ["–", "–", str(plan.get("one_pass_mb", "?")), "failed¹" if rb else "–", "–", "–", "–"]
+            cells = ["–", *est, "–", "failed¹" if rb else "–", "–", "–", "–"]
         cells += [f"{ru['peak_rss_mb']:.0f}", f"{ru['wall_s']:.1f}"] if ok(ru) else ["failed¹" if ru else "–", "–"]
         out.append(f"| {model} | " + " | ".join(cells) + " |")
     return out

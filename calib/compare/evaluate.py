@@ -27,13 +27,18 @@ from calib.compare.targets import OutputMetrics, UserMetric
 from calib.model import Model
 from calib.runtime import open_runner, run_batches
 
-__all__ = ["Session", "Evaluator", "using_backend", "metric_keys"]
+__all__ = ["Session", "Evaluator", "using_backend", "current_backend", "metric_keys"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 
 _BACKEND: contextvars.ContextVar = contextvars.ContextVar("calib_evaluation_backend", default=None)
+
+
+def current_backend():
+    """The evaluation backend of the enclosing ``using_backend`` block, or None (run here)."""
+    return _BACKEND.get()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,9 @@ sensitivity, advise's candidate steps) runs on Ray instead of here, with the sam
   the early stop, and hence every choice made from them (sensitivity's ranking, advise's float
   nodes and methods) equal the local run's bit for bit. A stopped pass discards the batches already
   sent past the stop (at most two per actor).
+* Compare's layer-by-layer pass (``layer_pass``) runs in shards of consecutive whole batches, one Ray task
+  each, merged in sample order (``calib.compare.layer_pass``: exact sums, the first lowest cosine), so the
+  per-layer, local-error and output metrics equal the local pass's bit for bit.
 * A worker process that dies is restarted by Ray and its pending batches retried (``max_retries``);
   the restarted actor rebuilds its sessions and FP32 outputs, so the result is unchanged.
 
@@ -33,7 +36,8 @@ import numpy as np
 
 from calib.compare.evaluate import Evaluator, Session, metric_keys, using_backend
 from calib.compare.targets import OutputMetrics
-from calib.errors import ConfigError, InputDataError
+from calib.compare.layer_pass import LayerJob, LayerPass, batch_starts, run_layer_pass
+from calib.errors import ConfigError, InputDataError, ModelError
 from calib.model import model_from_proto
 from calib.runtime import Runner, make_session, mark_outputs, run_batches
 
@@ -85,6 +89,11 @@ class _Worker:
 
     def forget(self, key: int) -> None:
         self.shards.pop(key, None)
+
+    def layer(self, job: LayerJob, source, start: int, stop: int, labels) -> LayerPass:
+        """Compare's pass over samples ``start..stop-1``, read here from ``source`` (one ONNX Runtime thread)."""
+        return run_layer_pass(job, model_from_proto(job.fp32_proto), source.subset(range(start, stop)),
+                              labels=labels, threads=1)
 
     def run(self, key: int, setup: tuple, call: int, sessions: list[tuple[Any, dict]], b: int, start: int,
             stop: int) -> tuple[dict[str, OutputMetrics], int]:
@@ -215,6 +224,30 @@ class RayEvaluation:
                 ray.cancel(p)
         return metrics, done
 
+    def layer_pass(self, job: LayerJob, model, source, *, labels=None, limit: int | None = None,
+                   progress: Callable | None = None) -> LayerPass:
+        """Compare's pass (``calib.compare.layer_pass``) in shards of whole batches, consecutive sample ranges
+        run by the actors (shard i on actor i mod workers), merged in sample order: the local pass's
+        accumulators bit for bit."""
+        import ray
+
+        workers = self.workers()
+        n = min(len(source), limit) if limit is not None else len(source)
+        starts = batch_starts(model, source, job.batch_size, n)
+        k = max(1, min(len(starts), 2 * self.num_workers))
+        cuts = [starts[round(i * len(starts) / k)] for i in range(k)] + [n]
+        job_ref, src_ref = ray.put(job), ray.put(source)
+        refs = [workers[i % len(workers)].layer.remote(job_ref, src_ref, a, z, None if labels is None else
+                                                       list(labels[a:z]))
+                for i, (a, z) in enumerate((a, z) for a, z in zip(cuts, cuts[1:]) if z > a)]
+        merged: LayerPass | None = None
+        for r in refs:  # in sample order
+            part = self._get(r)
+            merged = part if merged is None else merged.merge(part)
+            if progress:
+                progress("compare", merged.n, n)
+        return merged
+
     def _get(self, ref):
         import ray
 
@@ -222,7 +255,7 @@ class RayEvaluation:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
-            if isinstance(cause, (InputDataError, ConfigError)):
+            if isinstance(cause, (InputDataError, ConfigError, ModelError)):
                 raise cause from None
             raise
         except ray.exceptions.RayError as e:

@@ -1,6 +1,6 @@
 """``compare``: FP32 vs Q/DQ, layer by layer and at the outputs, streamed over the evaluation data.
 
-Both models run on ONNX Runtime (``calib.runtime.open_runner``)
+Both models run on ONNX Runtime (``calib.compare.layer_pass``, here or in shards on the Ray backend)
 with exactly the comparable tensors marked (``calib.compare.mapping``). Each
 batch is folded into ``TensorAccumulator``s and dropped, so memory does not grow
 with the number of samples. The result is a ``CompareReport``: per-layer metrics
@@ -19,15 +19,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from calib.compare.evaluate import current_backend
+from calib.compare.layer_pass import LayerJob, run_layer_pass
 from calib.compare.local import local_model
 from calib.compare.mapping import TensorMap, map_models
-from calib.compare.metrics import TensorAccumulator, safe_float, unsafe_float
+from calib.compare.metrics import safe_float, unsafe_float
 from calib.compare.sensitivity import sensitivity as run_sensitivity
-from calib.compare.targets import OutputMetrics, UserMetric
-from calib.errors import CalibError, InputDataError, ModelError
+from calib.compare.targets import UserMetric
+from calib.errors import CalibError, InputDataError
 from calib.io import write_json
 from calib.model import Model, as_model, as_qdq_model
-from calib.runtime import open_runner, run_batches
+from calib.runtime import run_batches
 
 __all__ = ["CompareReport", "compare", "as_model", "as_qdq_model", "run_batches", "REPORT_FORMAT"]
 
@@ -146,32 +148,21 @@ def compare(fp32: Model | str | os.PathLike, qdq: Any, source, *, batch_size: in
     user = UserMetric.wrap(metric) if metric is not None else None
     pairs = tm.pairs if layers else []
     outs = fm.output_names
-    acc = {p.fp32: TensorAccumulator() for p in pairs}
-    om = OutputMetrics(list(outs), user)
     lm = local_model(fm, tm) if pairs else None  # local error: quantized nodes on FP32 inputs (calib.compare.local)
     total = min(len(source), limit) if limit is not None else len(source)
-    done = 0
+    job = LayerJob(lm.proto if lm else fm.proto, qm.proto, tuple((p.fp32, p.qdq, p.node) for p in pairs),
+                   dict(lm.pairs) if lm else {}, tuple(outs), user, batch_size, optimization,
+                   tuple(providers) if providers else None)
     if progress:
         progress("compare", 0, total)
-    with open_runner(lm.proto if lm else fm.proto, [p.fp32 for p in pairs] + outs + (lm.outputs if lm else []),
-                     optimization=optimization, providers=providers,
-                     name="FP32 model") as rf, \
-            open_runner(qm.proto, [p.qdq for p in pairs] + outs, optimization=optimization, providers=providers,
-                        name="Q/DQ model") as rq:
-        for ids, labs, (fa, qa) in run_batches(source, fm, batch_size, [rf, rq], labels, limit):
-            for p in pairs:
-                try:
-                    acc[p.fp32].update(fa[p.fp32], qa[p.qdq], ids)
-                except ValueError as e:
-                    raise ModelError(f"tensor '{p.fp32}' (node '{p.node}'): {e}",
-                                     hint="the Q/DQ model computes a different shape here") from None
-            om.update(fa, qa, ids, labs)
-            if lm:
-                lm.update(fa, ids)
-            del fa, qa
-            done += len(ids) if ids is not None else 1
-            if progress:
-                progress("compare", done, total)
+    backend = current_backend()
+    if backend is not None and hasattr(backend, "layer_pass"):  # e.g. Ray: shards by sample id, merged exactly
+        lp = backend.layer_pass(job, fm, source, labels=labels, limit=limit, progress=progress)
+    else:
+        lp = run_layer_pass(job, fm, source, labels=labels, limit=limit, progress=progress, total=total)
+    acc, om, done = lp.layers, lp.outputs, lp.n
+    if lm:
+        lm.acc = lp.local
     if done == 0:
         raise InputDataError("the evaluation data holds no samples")
     rows = _layer_rows(pairs, acc, lm)

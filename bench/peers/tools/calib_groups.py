@@ -1,10 +1,21 @@
 """A ``calib collect --max-memory`` bound that forces grouping on one model (runs in the ``calib`` venv).
 
-Uses calib's own estimate (``calib.collect_groups``: bytes per sample from shape inference, a pass holds
-HELD_COPIES batches of the exposed tensors, a baseline of this process's resident memory) to find the
-bytes one unbounded pass would expose, then picks the bound: ``--prefer`` (1 GiB) when one pass does not
-fit in it, else the baseline plus half the one-pass cost, so at least two groups. Prints one JSON object:
-``bound_bytes``, ``groups`` (calib's plan at that bound), ``one_pass_bytes``/``_mb``, ``baseline_mb``.
+Plans the way ``calib collect`` does (``calib.collect.quick_plan`` and ``measured_plan``: the model loaded,
+the data opened with calib's own reader, the process's resident memory measured after the same imports as
+the command line) and reads from calib's memory model:
+
+- ``minimum``: what calib needs at batch 1 with one tensor per pass; a bound below it is refused (exit 2);
+- ``one_pass``: one pass over every tensor at the run's batch size, measured (ONNX Runtime's optimised graph
+  sized on the first sample), and calib's cheaper shape-based estimate of it, which decides first.
+
+The bound is never below ``minimum`` + ``MARGIN`` (the command line's own imports and Progress bar may take
+a little more than this process) nor below one tensor per pass at the run's batch size (else calib would
+lower the batch size instead of grouping). Grouping is forced when a bound in [that, both one-pass costs)
+exists: then
+``--prefer`` (1 GiB) if it lies in that range, else the middle of it. Where one pass already fits under the
+minimum, grouping cannot be forced: the bound is the minimum (+ margin), ``forced`` is false and ``reason``
+says why. Prints one JSON object (``bound_bytes``, ``groups`` and ``batch_size`` calib's plan at that bound,
+``minimum_mb``, ``one_pass_mb``, ``quick_one_pass_mb``, ``baseline_mb``, ``forced``, ``reason``).
 
     calib-venv/bin/python bench/peers/tools/calib_groups.py --model M.onnx --data calib_128.npz
 """
@@ -12,28 +23,47 @@ fit in it, else the baseline plus half the one-pass cost, so at least two groups
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
-import numpy as np
-
+import calib.cli  # noqa: F401  (the command line's imports are part of the baseline calib measures)
 from calib import collect_groups as groups
+from calib.collect import measured_plan, quick_plan
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.data.uri import open_data_uri
 from calib.model import load_model
+
+MARGIN = 32 << 20  # bytes: the CLI process (typer's app, the Progress bar) over this one's baseline
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 def plan(model_path: str, data: str, batch: int, prefer: int) -> dict:
     model = load_model(model_path)
+    source = open_data_uri(data, model)
     inputs = {s.name for s in model.inputs}
     fetch = [t for t in model.activation_tensors() if t not in inputs]
-    with np.load(data, allow_pickle=False) as z:
-        first = {k: z[k][0] for k in z.files if k in inputs}
-    per_sample = groups.tensor_bytes_per_sample(model, fetch, {k: v.shape for k, v in first.items()}, "batch")
-    baseline = groups.rss_bytes() or 0  # this process with the model loaded: calib measures its own the same way
-    one_pass = groups.HELD_COPIES * batch * sum(per_sample.values())
-    bound = prefer if baseline + one_pass > prefer else baseline + one_pass // 2
-    return {"bound_bytes": int(bound), "groups": len(groups.plan_groups(fetch, per_sample, batch, bound - baseline)),
-            "one_pass_bytes": int(one_pass), "one_pass_mb": round(one_pass / 2**20, 1),
-            "baseline_mb": round(baseline / 2**20, 1), "tensors": len(fetch), "batch_size": batch}
+    layout = getattr(source, "layout", "batch")
+    first = next(iter(source))
+    quick, est = quick_plan(model, first, fetch, layout, batch, 0)
+    quick.max_memory = max(quick.peak(fetch), prefer)  # measuring in large chunks: this process is not bounded
+    measured, _, fixed_batch = measured_plan(model, first, fetch, layout, quick, est, None)
+    b = measured.batch_size
+    floor = max(measured.minimum + MARGIN, max(measured.peak([t], b) for t in fetch))  # and no smaller batch
+    top = min(quick.peak(fetch), measured.peak(fetch, b))  # a bound at or above either gives one pass
+    forced = floor < top
+    bound = (prefer if floor <= prefer < top else floor + (top - floor) // 2) if forced else floor
+    reason = "" if forced else (f"one pass at batch {b} ({_mb(top)} MB) already fits under calib's minimum "
+                                f"({_mb(measured.minimum)} MB: batch 1, one tensor per pass) + {MARGIN >> 20} MB "
+                                f"or one tensor per pass at batch {b}")
+    fitted = groups.fit(dataclasses.replace(measured, max_memory=bound), fetch, b, fixed_batch) if forced else None
+    return {"bound_bytes": int(bound), "groups": len(fitted.groups) if fitted else 1,
+            "batch_size": fitted.batch_size if fitted else b, "forced": forced, "reason": reason,
+            "minimum_mb": _mb(measured.minimum), "one_pass_mb": _mb(measured.peak(fetch, b)),
+            "quick_one_pass_mb": _mb(quick.peak(fetch)), "baseline_mb": _mb(measured.baseline),
+            "tensors": len(fetch)}
 
 
 def main() -> None:
@@ -41,7 +71,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    ap.add_argument("--prefer", type=int, default=1 << 30, help="bound in bytes when one pass does not fit in it")
+    ap.add_argument("--prefer", type=int, default=1 << 30, help="bound in bytes when it forces grouping")
     args = ap.parse_args()
     print(json.dumps(plan(args.model, args.data, args.batch_size, args.prefer)))
 
