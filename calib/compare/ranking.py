@@ -90,7 +90,7 @@ def rank_nodes(fm: Model, tm: TensorMap, source, *, samples: int = 32, shortlist
     ev = Evaluator(fm, source, batch_size=batch_size, optimization=optimization, providers=providers, limit=samples)
     budget = nodes_per_session or max(4 * len(tm.qdq.proto.graph.node), 64)
     iso, current = _isolated(fm, tm, short, ev, budget, progress, deadline)
-    order = sorted(short, key=lambda n: (-_num(iso[n]["sqnr_db"]), _num(local.get(n, NAN)["sqnr_db"])))
+    order = sorted(iso, key=lambda n: (-_num(iso[n]["sqnr_db"]), _num(local.get(n, NAN)["sqnr_db"])))
     order += [n for n in by_local if n not in iso]
     depth = fm.depth
     rows = [{"node": n, "rank": k + 1, "op_type": fm.nodes[n].op_type, "depth": depth[n],
