@@ -194,11 +194,14 @@ class Evaluator:
                 self._cache = store
             if refs is not None:
                 refs.put(self, store)
-        if (pace := _PACE.get()) is not None:
-            nodes = sum(len(s.proto.graph.node) for s in sessions)
-            nodes += 0 if use_cache else len(self.fp32.proto.graph.node)
-            pace.add(nodes * done, time.perf_counter() - t0)
+        self._record_pace(sessions, use_cache, done, time.perf_counter() - t0)
         return metrics, done
+
+    def _record_pace(self, sessions: Sequence[Session], cached: bool, done: int, seconds: float) -> None:
+        """Tell the active pace (``recording``) the pass's work, graph nodes x samples, and its seconds."""
+        if (pace := _PACE.get()) is not None:
+            nodes = sum(len(s.proto.graph.node) for s in sessions) + (0 if cached else len(self.fp32.proto.graph.node))
+            pace.add(nodes * done, seconds)
 
     def score(self, models: dict[str, onnx.ModelProto], *, stage: str = "scoring",
               progress: Progress | None = None) -> dict[str, OutputMetrics]:
