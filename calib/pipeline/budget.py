@@ -8,7 +8,8 @@ is left and what the steps after it will need (``reserve``):
 
 - choose (``auto``): its search gets at most its own default and, with a target, ``AUTO_SHARE`` of what is
   left after the reserve (advise gets the rest); the single-method scoring always completes;
-- advise: what is left after the reserve; its ranking measures isolated sensitivity only while
+- advise: what is left after the reserve, and at least ``ADVISE_SHARE`` of what is left after verify's
+  (the transforms after it get what remains); its ranking measures isolated sensitivity only while
   ``calib.compare.ranking.RANK_SHARE`` of that lasts; it tries no node after its deadline (at least one);
 - equalize / smoothquant / bias correction: each runs only if its estimated cost fits in what is left
   after verify's reserve, else it is skipped; the held-out effect of a transform (a report figure, not a
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 RUN_BUDGET_S = 270.0  # seconds: a run with a target and no --time-budget
 AUTO_SHARE = 0.4  # with a target: auto's search gets this share of what is left before advise
-MIN_ADVISE_S = 15.0  # advise gets at least this much (it always tries one node)
+ADVISE_SHARE = 0.6  # with a target, advise gets at least this share of what is left after verify's reserve
+MIN_ADVISE_S = 15.0  # and at least this much when there is that much (it always tries one node)
 WRITE_S = 5.0  # writing the model and reports
 QDQ_NODES = 1.7  # a Q/DQ model's node count per FP32 node, before one is exported
 
@@ -186,18 +188,17 @@ def auto_seconds(ctx) -> float:
     if b.seconds is None:
         return DEFAULT_TIME_BUDGET_S
     avail = b.left() - reserve_after(ctx, "choose")
-    return max(0.0, min(DEFAULT_TIME_BUDGET_S, avail * (AUTO_SHARE if ctx.cfg.target else 1.0)))
+    return round(max(0.0, min(DEFAULT_TIME_BUDGET_S, avail * (AUTO_SHARE if ctx.cfg.target else 1.0))), 1)
 
 
 def advise_seconds(ctx) -> float | None:
-    """advise's budget: what the run has left after the steps that follow it; if that is under
-    ``MIN_ADVISE_S``, the transforms are given up first (they will be skipped), keeping verify's reserve.
-    None without a run budget (advise's own default)."""
+    """advise's budget: what the run has left after the steps that follow it, and at least ``ADVISE_SHARE``
+    of what is left after verify's reserve (or ``MIN_ADVISE_S``): the target is advise's, the transforms
+    after it run if time remains. None without a run budget (advise's own default)."""
     b = ctx.budget
     if b.seconds is None:
         return None
     left = b.left()
-    full = left - reserve_after(ctx, "advise")
-    if full >= MIN_ADVISE_S:
-        return full
-    return max(full, min(MIN_ADVISE_S, left - verify_cost(ctx)), 0.0)
+    after_verify = left - verify_cost(ctx)
+    floor = min(after_verify, max(MIN_ADVISE_S, ADVISE_SHARE * after_verify))
+    return round(max(left - reserve_after(ctx, "advise"), floor, 0.0), 1)
