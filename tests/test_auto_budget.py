@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import models
 import numpy as np
@@ -17,7 +18,7 @@ from calib.collect import collect
 from calib.collect_groups import MemoryPlan, default_max_memory, fit, rss_bytes
 from calib.compare import auto as auto_mod
 from calib.compare import evaluate as evaluate_mod
-from calib.compare.auto import choose_auto
+from calib.compare.auto import DEFAULT_TIME_BUDGET_S, choose_auto
 from calib.compare.evaluate import Evaluator, References, recording, sharing_references
 from calib.compare.mapping import map_models
 from calib.compare.ranking import rank_nodes
@@ -28,7 +29,8 @@ from calib.errors import TargetNotMet
 from calib.export import export_qdq
 from calib.model import load_model, model_from_proto
 from calib.pipeline import config_from_flags, quantize
-from calib.pipeline.budget import RUN_BUDGET_S, Budget, Pace, run_seconds
+from calib.pipeline.budget import (ADVISE_SHARE, AUTO_SHARE, RUN_BUDGET_S, Budget, Pace, advise_seconds,
+                                   auto_seconds, run_seconds, transform_cost, verify_cost)
 from tests.test_auto import two_branch_data, two_branch_model
 
 
@@ -163,3 +165,22 @@ def test_memory_plan_prefers_fewer_passes_at_a_smaller_batch():
     assert max(got.peak(g) for g in got.groups) <= 220 * mb
     fixed = fit(plan(), list(exposed), 8, fixed_batch=True)
     assert fixed.batch_size == 8 and len(fixed.groups) == 2
+
+
+def test_shares_of_the_run_budget():
+    fm = model_from_proto(models.cnn_residual(seed=1))
+    cfg = SimpleNamespace(target="cosine:0.99", primary="auto", auto_transforms=[], transforms=[], limit=0,
+                          high_precision="fp32", bias_samples=128)
+    ctx = SimpleNamespace(cfg=cfg, model=fm, qdq=None, base=None, sel=list(range(32)), ev=list(range(96)),
+                          source=list(range(128)), budget=Budget(100.0))
+    left = ctx.budget.left()  # nothing measured yet: only writing is reserved
+    assert auto_seconds(ctx) == pytest.approx(AUTO_SHARE * (left - 5.0), abs=0.2)
+    assert advise_seconds(ctx) == pytest.approx(left - 5.0, abs=0.2)
+    ctx.budget.pace.add(100.0, 1.0)  # 10 ms per node-sample: verify fits, bias correction leaves advise little
+    cfg.transforms = ["bias_correction"]
+    after_verify = ctx.budget.left() - verify_cost(ctx)
+    full = after_verify - transform_cost(ctx, "bias_correction")
+    assert 0 < full < ADVISE_SHARE * after_verify
+    assert advise_seconds(ctx) == pytest.approx(ADVISE_SHARE * after_verify, abs=0.2)
+    cfg.target, ctx.budget = "", Budget(None)
+    assert auto_seconds(ctx) == DEFAULT_TIME_BUDGET_S and advise_seconds(ctx) is None

@@ -34,7 +34,7 @@ from calib.compare.auto import DEFAULT_TIME_BUDGET_S
 from calib.compare.evaluate import Evaluator
 from calib.export.transforms import TRANSFORM_KINDS, find_sites
 
-__all__ = ["Budget", "Pace", "RUN_BUDGET_S", "AUTO_SHARE", "MIN_ADVISE_S", "run_seconds", "auto_seconds",
+__all__ = ["Budget", "Pace", "RUN_BUDGET_S", "AUTO_SHARE", "ADVISE_SHARE", "MIN_ADVISE_S", "run_seconds", "auto_seconds",
            "advise_seconds", "warm_reference", "reserve_after", "transform_cost", "heldout_cost", "verify_cost"]
 
 log = logging.getLogger(__name__)
