@@ -7,8 +7,8 @@
    SQNR: the current model with only that node in float, measured at the graph
    outputs on the same samples. Variants share sessions (``build_multi``), but
    sessions run one after another, so memory is bounded by one group. Past
-   ``deadline`` no further group starts (the first always runs); the nodes not
-   measured are ranked by local SQNR with the rest.
+   ``deadline`` no further group starts; the nodes not measured are ranked by
+   local SQNR with the rest.
 
 The order: shortlisted nodes by how much leaving each in float helps (output
 SQNR, highest first; ties by local SQNR), then the rest by local SQNR (worst
@@ -51,15 +51,15 @@ def _isolated(fm: Model, tm: TensorMap, nodes: list[str], ev: Evaluator, budget:
               progress: Progress | None, deadline: float = math.inf
               ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Output metrics with only each of ``nodes`` in float, one session group at a time (none starts after
-    ``deadline`` but the first); and the current model's."""
+    ``deadline``); and the current model's (NaN if no group ran)."""
     base = copy.deepcopy(tm.qdq.proto)
     outputs = list(fm.output_names)
     variants = [float_node_variant(tm, n, f"f{i}") for i, n in enumerate(nodes)]
     groups = group_variants(base, variants, budget) if variants else [[]]
     out: dict[str, dict[str, float]] = {}
-    current: dict[str, float] = {}
+    current: dict[str, float] = dict(NAN)
     for k, g in enumerate(groups):
-        if k and time.perf_counter() >= deadline:
+        if time.perf_counter() >= deadline:
             break
         if progress:
             progress("advise: isolated sensitivity", k, len(groups))
@@ -79,7 +79,7 @@ def rank_nodes(fm: Model, tm: TensorMap, source, *, samples: int = 32, shortlist
                nodes_per_session: int | None = None, progress: Progress | None = None,
                deadline: float = math.inf) -> Sensitivity:
     """Rank ``tm``'s quantized nodes (see the module docstring) on the first ``samples`` samples of ``source``;
-    no isolated-sensitivity group starts after ``deadline`` (``time.perf_counter()`` seconds) but the first."""
+    no isolated-sensitivity group starts after ``deadline`` (``time.perf_counter()`` seconds)."""
     t0 = time.perf_counter()
     lm = local_errors(fm, tm, source, batch_size=batch_size, limit=samples, optimization=optimization,
                       providers=providers, progress=progress)

@@ -7,7 +7,8 @@ search budget). The deadline counts from the start of the run, collection includ
 is left and what the steps after it will need (``reserve``):
 
 - choose (``auto``): its search gets at most its own default and, with a target, ``AUTO_SHARE`` of what is
-  left after the reserve (advise gets the rest); the single-method scoring always completes;
+  left after the reserve, or of ``ADVISE_SHARE`` of what verify leaves if that is more (advise gets the
+  rest); the single-method scoring always completes;
 - advise: what is left after the reserve, and at least ``ADVISE_SHARE`` of what is left after verify's
   (the transforms after it get what remains); its ranking measures isolated sensitivity only while
   ``calib.compare.ranking.RANK_SHARE`` of that lasts; it tries no node after its deadline (at least one);
@@ -182,23 +183,26 @@ def warm_reference(ctx) -> None:
 
 
 def auto_seconds(ctx) -> float:
-    """auto's search budget: its default, at most (with a target, ``AUTO_SHARE`` of) what the run has left
-    after the steps that follow it are reserved."""
-    b = ctx.budget
-    if b.seconds is None:
+    """auto's search budget: its default, at most (with a target, ``AUTO_SHARE`` of) what the searches have
+    (``_searches``)."""
+    if ctx.budget.seconds is None:
         return DEFAULT_TIME_BUDGET_S
-    avail = b.left() - reserve_after(ctx, "choose")
-    return round(max(0.0, min(DEFAULT_TIME_BUDGET_S, avail * (AUTO_SHARE if ctx.cfg.target else 1.0))), 1)
+    return round(min(DEFAULT_TIME_BUDGET_S, _searches(ctx, "choose") * (AUTO_SHARE if ctx.cfg.target else 1.0)), 1)
 
 
 def advise_seconds(ctx) -> float | None:
     """advise's budget: what the run has left after the steps that follow it, and at least ``ADVISE_SHARE``
     of what is left after verify's reserve (or ``MIN_ADVISE_S``): the target is advise's, the transforms
     after it run if time remains. None without a run budget (advise's own default)."""
-    b = ctx.budget
-    if b.seconds is None:
+    if ctx.budget.seconds is None:
         return None
-    left = b.left()
+    return round(_searches(ctx, "advise"), 1)
+
+
+def _searches(ctx, stage: str) -> float:
+    """What the searches (auto, advise) have from ``stage`` on: what is left after the later steps' reserve,
+    and at least ``ADVISE_SHARE`` of what is left after verify's (or ``MIN_ADVISE_S``)."""
+    left = ctx.budget.left()
     after_verify = left - verify_cost(ctx)
     floor = min(after_verify, max(MIN_ADVISE_S, ADVISE_SHARE * after_verify))
-    return round(max(left - reserve_after(ctx, "advise"), floor, 0.0), 1)
+    return max(left - reserve_after(ctx, stage), floor, 0.0)
