@@ -21,7 +21,7 @@ It chooses on ``eval_source``, the *selection* samples (``calib.data.split``): n
 
 Time: ``time_budget_s`` (default ``DEFAULT_TIME_BUDGET_S`` = 240 s; ``math.inf``: none) is checked before each
 node is tried (at least one is); the start completes, the ranking measures isolated sensitivity while
-``RANK_SHARE`` of the budget lasts (``calib.compare.ranking``). Progress: one bar per stage ("advise:
+``RANK_SHARE`` of the budget lasts (the first group while any lasts). Progress: one bar per stage ("advise:
 scoring methods", "advise: local error", "advise: isolated sensitivity", "advise step k": node j of N).
 """
 
@@ -336,7 +336,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     if not tgt.met(st.value):
         tm = map_models(fm, model_from_proto(st.q.model))
         sens = rank_nodes(fm, tm, eval_source, samples=sensitivity_samples, shortlist=shortlist, progress=progress,
-                          deadline=t0 + RANK_SHARE * budget_s, **run)
+                          deadline=t0 + RANK_SHARE * budget_s, first_deadline=t0 + budget_s, **run)
         _greedy(s, st, sens.ranking)
         _float_pass(s, st, sens.ranking)
     return _finish(s, st, sens, base_scores, auto, t0, output)

@@ -7,8 +7,8 @@
    SQNR: the current model with only that node in float, measured at the graph
    outputs on the same samples. Variants share sessions (``build_multi``), but
    sessions run one after another, so memory is bounded by one group. Past
-   ``deadline`` no further group starts; the nodes not measured are ranked by
-   local SQNR with the rest.
+   ``deadline`` no further group starts (the first one not past
+   ``first_deadline``); the nodes not measured are ranked by local SQNR.
 
 The order: shortlisted nodes by how much leaving each in float helps (output
 SQNR, highest first; ties by local SQNR), then the rest by local SQNR (worst
@@ -48,10 +48,10 @@ def _num(x: Any) -> float:
 
 
 def _isolated(fm: Model, tm: TensorMap, nodes: list[str], ev: Evaluator, budget: int,
-              progress: Progress | None, deadline: float = math.inf
+              progress: Progress | None, deadline: float = math.inf, first_deadline: float = math.inf
               ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Output metrics with only each of ``nodes`` in float, one session group at a time (none starts after
-    ``deadline``); and the current model's (NaN if no group ran)."""
+    ``deadline``, the first after ``first_deadline``); and the current model's (NaN if no group ran)."""
     base = copy.deepcopy(tm.qdq.proto)
     outputs = list(fm.output_names)
     variants = [float_node_variant(tm, n, f"f{i}") for i, n in enumerate(nodes)]
@@ -59,7 +59,7 @@ def _isolated(fm: Model, tm: TensorMap, nodes: list[str], ev: Evaluator, budget:
     out: dict[str, dict[str, float]] = {}
     current: dict[str, float] = dict(NAN)
     for k, g in enumerate(groups):
-        if time.perf_counter() >= deadline:
+        if time.perf_counter() >= (deadline if k else first_deadline):
             break
         if progress:
             progress("advise: isolated sensitivity", k, len(groups))
@@ -77,9 +77,10 @@ def _isolated(fm: Model, tm: TensorMap, nodes: list[str], ev: Evaluator, budget:
 def rank_nodes(fm: Model, tm: TensorMap, source, *, samples: int = 32, shortlist: int = 24, batch_size: int = 16,
                optimization: str = "disable", providers: Sequence[str] | None = None,
                nodes_per_session: int | None = None, progress: Progress | None = None,
-               deadline: float = math.inf) -> Sensitivity:
+               deadline: float = math.inf, first_deadline: float = math.inf) -> Sensitivity:
     """Rank ``tm``'s quantized nodes (see the module docstring) on the first ``samples`` samples of ``source``;
-    no isolated-sensitivity group starts after ``deadline`` (``time.perf_counter()`` seconds)."""
+    no isolated-sensitivity group starts after ``deadline`` (``time.perf_counter()`` seconds), the first one
+    after ``first_deadline``."""
     t0 = time.perf_counter()
     lm = local_errors(fm, tm, source, batch_size=batch_size, limit=samples, optimization=optimization,
                       providers=providers, progress=progress)
@@ -89,7 +90,7 @@ def rank_nodes(fm: Model, tm: TensorMap, source, *, samples: int = 32, shortlist
     short = by_local[:shortlist]
     ev = Evaluator(fm, source, batch_size=batch_size, optimization=optimization, providers=providers, limit=samples)
     budget = nodes_per_session or max(4 * len(tm.qdq.proto.graph.node), 64)
-    iso, current = _isolated(fm, tm, short, ev, budget, progress, deadline)
+    iso, current = _isolated(fm, tm, short, ev, budget, progress, deadline, first_deadline)
     order = sorted(iso, key=lambda n: (-_num(iso[n]["sqnr_db"]), _num(local.get(n, NAN)["sqnr_db"])))
     order += [n for n in by_local if n not in iso]
     depth = fm.depth
