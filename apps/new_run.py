@@ -13,11 +13,11 @@ import actions
 import state
 from calib.calibrate import METHODS
 from calib.compare import parse_target
-from calib.compare.advice import DEFAULT_TIME_BUDGET_S
 from calib.config import RunConfig
 from calib.data.preprocess import PreprocessSpec
 from calib.errors import CalibError, ConfigError
 from calib.export.precision import HIGH_PRECISION, TARGET_RUNTIMES, resolve_target
+from calib.pipeline.budget import RUN_BUDGET_S
 
 PRIMARIES = [*METHODS, "best", "auto"]
 RUNTIME_HELP = {"trt": "TensorRT 10/11: TensorRT's Q/DQ rules, FP16 remainder",
@@ -43,8 +43,8 @@ def _export_options() -> dict[str, Any]:
     v = {"target": c1.text_input("target (optional)", key="nr_target", placeholder="top1:0.99 or cosine:0.995",
                                  help="advise keeps nodes in float until the target holds on the evaluation data"),
          "max_float": c2.number_input("max float nodes (0 = no limit)", 0, 10000, 0, key="nr_max_float"),
-         "budget": c3.number_input(f"advise time budget, s (0 = the default, {DEFAULT_TIME_BUDGET_S:.0f})", 0.0, 1e6,
-                                   0.0, key="nr_budget"),
+         "budget": c3.number_input(f"run time budget, s (0 = {RUN_BUDGET_S:.0f} with a target, else none)", 0.0,
+                                   1e6, 0.0, key="nr_budget"),
          "runtime": c1.selectbox("target runtime", list(TARGET_RUNTIMES), key="nr_runtime",
                                  format_func=lambda r: f"{r}: {RUNTIME_HELP.get(r, '')}",
                                  help="sets the Q/DQ placement and the dtype of everything not INT8 together"),

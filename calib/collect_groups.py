@@ -19,7 +19,8 @@ group g of exposed tensors at batch b is costed as (``MemoryPlan``)::
 
 ONNX Runtime's CPU arena is off in these sessions, so freed tensors return to the system (with
 ``calib._memory.steady_malloc``, which the command line applies). Tensors are packed greedily in graph
-order; the batch size is halved until one tensor per pass fits; a bound below what batch 1 needs is
+order; the batch size is halved until one tensor per pass fits, and down to a quarter of that where it
+makes fewer passes (each pass runs the model over every sample); a bound below what batch 1 needs is
 refused (``InputDataError`` naming the minimum). bench/scale_out.py measures peak RSS against the bound.
 
 Exactness: ONNX Runtime fuses nodes differently when other tensors are graph outputs, which
@@ -301,9 +302,17 @@ def fit(plan: MemoryPlan, fetch: Sequence[str], batch_size: int, fixed_batch: bo
                              f"model needs at its fixed batch size {b} ({plan.describe()})")
     if b != batch_size:
         log.warning("max_memory %s: batch size lowered from %d to %d", _mib(plan.max_memory), batch_size, b)
-    budget = plan.max_memory - plan.fixed - b * plan.per_sample()
     plan.batch_size = b
-    plan.groups = plan_groups(fetch, plan.exposed, b, budget)
+    plan.groups = plan_groups(fetch, plan.exposed, b, plan.max_memory - plan.fixed - b * plan.per_sample())
+    # fewer, larger groups at a smaller batch: each pass runs the model over every sample, while ONNX Runtime's
+    # time per sample hardly depends on the batch size
+    for smaller in [x for x in (b // 2, b // 4) if x >= 1 and not fixed_batch]:
+        groups = plan_groups(fetch, plan.exposed, smaller, plan.max_memory - plan.fixed - smaller * plan.per_sample())
+        if len(groups) < len(plan.groups):
+            plan.batch_size, plan.groups = smaller, groups
+    if plan.batch_size != b:
+        log.info("max_memory %s: batch size %d for %d pass(es) instead of more", _mib(plan.max_memory),
+                 plan.batch_size, len(plan.groups))
     return plan
 
 

@@ -108,8 +108,9 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "target": {
         "metric": (str, "", "Accuracy target, e.g. 'cosine:0.99' or 'top1:0.99'; runs advise when set."),
         "max_float_nodes": (int, 0, "Give up after this many advise steps (0 = no limit)."),
-        "time_budget_s": (float, 0.0, "Start no advise step after this many seconds; keep the best model so far "
-                                      "(0 = what a 270 s run has left after collect and choose, at least 30 s)."),
+        "time_budget_s": (float, 0.0, "Seconds for the whole run, collection included (0 = 270 with a target, "
+                                      "else none): every step after collection plans for it (what it cut is "
+                                      "recorded); the best model found is always written."),
         "sensitivity_samples": (int, 32, "Evaluation samples used to rank nodes and pick each step's action "
                                           "(every step is verified on all of them)."),
     },

@@ -216,7 +216,7 @@ def test_new_run_with_a_target_progress_elsewhere_and_download(server, page, bro
     page.get_by_label("calibration data (image folder, manifest .csv/.jsonl, .npz)").fill(str(pages / "calib"))
     page.get_by_role("textbox", name="evaluation data (needed for compare, best and a target)").fill(str(pages / "eval"))
     page.get_by_role("textbox", name="target (optional)").fill("top1:0.9")
-    budget = page.get_by_label(re.compile(r"advise time budget, s"))  # bounded, like a user in a hurry
+    budget = page.get_by_label(re.compile(r"run time budget, s"))  # bounded, like a user in a hurry
     budget.fill("20")
     budget.press("Enter")
     before = {d.name for d in store.iterdir()}

@@ -79,15 +79,30 @@ def _degenerate(h: TensorHistogram) -> str | None:
     return None
 
 
+def _memo(stats: ActivationStats) -> dict:
+    """Each (method, tensor)'s amax computed from these statistics so far: a run calibrates the same tensors by
+    the same methods more than once (every method, then auto's candidates); emptied when the samples change."""
+    version = (stats.n_samples, stats.sample_digest, len(stats.tensors))
+    memo = stats.__dict__.get("_amax_memo")
+    if memo is None or memo[0] != version:
+        memo = (version, {})
+        stats.__dict__["_amax_memo"] = memo
+    return memo[1]
+
+
 def calibrate(stats: ActivationStats, method: Method | str, tensors: Iterable[str] | None = None) -> Ranges:
     """Per-tensor ranges of ``stats`` by ``method`` (no second pass over data)."""
     m = parse_method(method) if isinstance(method, str) else method
     names = list(stats.tensors) if tensors is None else list(tensors)
     out: dict[str, TensorRange] = {}
+    memo = _memo(stats)
     for name in names:
         h = stats[name]
         why = _degenerate(h)
-        amax = 0.0 if why else float(m.amax(h))
+        key = (m, name, id(h), h.n)
+        if not why and key not in memo:
+            memo[key] = float(m.amax(h))
+        amax = 0.0 if why else memo[key]
         if not why and not amax > 0:
             # e.g. percentile inside a spike at zero: keep the range of the data instead of 0
             amax, why = h.max_abs, f"{m.label} gave 0; used max|x|"

@@ -90,8 +90,8 @@ def quantize_cmd(
                                           "--eval-data."),
     max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
                                         "advise steps (0 = no limit); the best model so far is written."),
-    time_budget: float = typer.Option(0.0, "--time-budget", help="With --target: seconds after which advise starts "
-                                      "no new step (0 = what a 270 s run has left, >= 30 s); best model written."),
+    time_budget: float = typer.Option(0.0, "--time-budget", help="Seconds for the whole run (0: 270 with --target, "
+                                      "else none); the best model is written, the output says what was cut."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many calibration samples."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
@@ -151,7 +151,12 @@ def _print_quantized(res, target: str) -> None:
             echo(f"  {label:<12} " + _metrics_line(task))
         echo(f"best method on the evaluation data: {res.best}")
     if res.advice is not None:
-        echo(f"advise: {len(res.excluded)} node(s) in float, {target} met: {res.target_met}")
+        a = res.advice
+        close = "" if a.met else f", {a.gap:.3g} short"
+        echo(f"advise: {len(res.excluded)} node(s) in float, {target} met: {res.target_met} ({a.target.metric} "
+             f"{a.metric:.4g} on the selection samples{close}; stopped: {a.stopped})")
+    if res.budget_line:
+        echo(res.budget_line)
     if res.bias is not None:
         echo(f"bias correction: {res.bias['channels_corrected']} of {res.bias['channels']} channels in "
              f"{res.bias['nodes']} layer(s), measured on {res.bias['n_samples']} samples, "

@@ -19,10 +19,10 @@ It chooses on ``eval_source``, the *selection* samples (``calib.data.split``): n
    in float, in ranking order. If the target fails, keep the best model found,
    write it, and raise ``TargetNotMet`` (``advice.gap`` says how close it got).
 
-Time: ``time_budget_s`` (default ``DEFAULT_TIME_BUDGET_S`` = 240 s; ``math.inf``: none) is checked before
-each node is tried; the start and the ranking always complete, and at least one node is tried. Progress:
-one bar per stage ("advise: scoring methods", "advise: local error", "advise: isolated sensitivity",
-then "advise step k" counting candidate nodes j of N).
+Time: ``time_budget_s`` (default ``DEFAULT_TIME_BUDGET_S`` = 240 s; ``math.inf``: none) is checked before each
+node is tried (at least one is); the start completes, the ranking measures isolated sensitivity while
+``RANK_SHARE`` of the budget lasts (the first group while any lasts). Progress: one bar per stage ("advise:
+scoring methods", "advise: local error", "advise: isolated sensitivity", "advise step k": node j of N).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from calib.compare.evaluate import Evaluator, Session
 from calib.compare.mapping import TensorMap, map_models
 from calib.compare.metrics import safe_float
 from calib.compare.sensitivity import Sensitivity
-from calib.compare.ranking import rank_nodes
+from calib.compare.ranking import RANK_SHARE, rank_nodes
 from calib.compare.targets import Target, UserMetric, parse_target
 from calib.compare.variants import Variant, build_multi, float_node_variant, group_variants, prune, rescale_variant
 from calib.errors import ConfigError, RangesError, TargetNotMet
@@ -336,7 +336,7 @@ def advise(model: Model | str, stats_or_ranges, eval_source, *, target: str | Ta
     if not tgt.met(st.value):
         tm = map_models(fm, model_from_proto(st.q.model))
         sens = rank_nodes(fm, tm, eval_source, samples=sensitivity_samples, shortlist=shortlist, progress=progress,
-                          **run)
+                          deadline=t0 + RANK_SHARE * budget_s, first_deadline=t0 + budget_s, **run)
         _greedy(s, st, sens.ranking)
         _float_pass(s, st, sens.ranking)
     return _finish(s, st, sens, base_scores, auto, t0, output)

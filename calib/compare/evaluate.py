@@ -7,6 +7,11 @@ several sessions (``build_multi`` models, several variants each) on the same
 batch and folds every variant's outputs into its own ``OutputMetrics``. A
 ``stop(metrics, n_samples)`` callback can end a pass early.
 
+Within ``sharing_references(refs)`` (a run of the pipeline) every ``Evaluator`` on the same FP32 model,
+samples and settings reads one copy of the reference outputs (``References``), and within ``recording(pace)``
+each local pass reports its work (graph nodes x samples) and seconds (``pace.add``; the run's time budget,
+``calib.pipeline.budget``).
+
 Where the passes run: here, unless an evaluation backend is active (``using_backend``, e.g.
 ``calib.compare.ray_eval.RayEvaluation``), which then runs ``evaluate`` with the same meaning:
 the same metrics bit for bit (exact sums, ``calib.compare.metrics``) and the same early stop.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -27,13 +33,66 @@ from calib.compare.targets import OutputMetrics, UserMetric
 from calib.model import Model
 from calib.runtime import open_runner, run_batches
 
-__all__ = ["Session", "Evaluator", "using_backend", "current_backend", "metric_keys"]
+__all__ = ["Session", "Evaluator", "using_backend", "current_backend", "metric_keys", "References",
+           "sharing_references", "recording"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 
 _BACKEND: contextvars.ContextVar = contextvars.ContextVar("calib_evaluation_backend", default=None)
+_REFS: contextvars.ContextVar = contextvars.ContextVar("calib_fp32_references", default=None)
+_PACE: contextvars.ContextVar = contextvars.ContextVar("calib_evaluation_pace", default=None)
+
+
+class References:
+    """FP32 reference outputs shared by the evaluators of one run, at most ``max_bytes`` in all.
+
+    An entry is keyed by the identity of the FP32 proto and the source (both held, so the ids stay theirs)
+    and by the samples, batch size, optimisation and providers: the same batches, the same values."""
+
+    def __init__(self, max_bytes: int = 384 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._entries: dict[tuple, tuple[object, object, list[dict[str, np.ndarray]]]] = {}
+
+    @staticmethod
+    def key(ev: "Evaluator") -> tuple:
+        return (id(ev.fp32.proto), id(ev.source), ev.n_samples, ev.batch_size, ev.optimization,
+                tuple(ev.providers or ()))
+
+    def get(self, ev: "Evaluator") -> list[dict[str, np.ndarray]] | None:
+        hit = self._entries.get(self.key(ev))
+        if hit is None or hit[0] is not ev.fp32.proto or hit[1] is not ev.source:
+            return None
+        return hit[2]
+
+    def put(self, ev: "Evaluator", outputs: list[dict[str, np.ndarray]]) -> None:
+        size = sum(v.nbytes for b in outputs for v in b.values())
+        if self.key(ev) in self._entries or self.used + size > self.max_bytes:
+            return
+        self._entries[self.key(ev)] = (ev.fp32.proto, ev.source, outputs)
+        self.used += size
+
+
+@contextlib.contextmanager
+def sharing_references(refs: References | None):
+    """Every ``Evaluator`` inside the block reads and fills ``refs`` (None: each keeps its own)."""
+    token = _REFS.set(refs)
+    try:
+        yield refs
+    finally:
+        _REFS.reset(token)
+
+
+@contextlib.contextmanager
+def recording(pace):
+    """Every local evaluation pass inside the block calls ``pace.add(node_samples, seconds)``."""
+    token = _PACE.set(pace)
+    try:
+        yield pace
+    finally:
+        _PACE.reset(token)
 
 
 def current_backend():
@@ -95,8 +154,12 @@ class Evaluator:
         metrics: dict[str, OutputMetrics] = {}
         for _si, _v, key in metric_keys(sessions):
             metrics.setdefault(key, OutputMetrics(self.outputs, self.user))
+        refs = _REFS.get()
+        if self._cache is None and refs is not None:
+            self._cache = refs.get(self)
         use_cache = self._cache is not None
         store: list[dict[str, np.ndarray]] | None = [] if self._cache is None else None
+        t0 = time.perf_counter()
         stored = 0
         done = 0
         with contextlib.ExitStack() as stack:
@@ -119,7 +182,7 @@ class Evaluator:
                     ref, outs = outs[0], outs[1:]
                     if store is not None:
                         stored += sum(v.nbytes for v in ref.values())
-                        if stored <= self.cache_bytes:
+                        if stored <= max(self.cache_bytes, refs.max_bytes if refs is not None else 0):
                             store.append({k: ref[k] for k in self.outputs})
                         else:
                             store = None
@@ -133,8 +196,18 @@ class Evaluator:
                     store = None  # a partial pass cannot fill the cache
                     break
         if store is not None and not use_cache:
-            self._cache = store
+            if stored <= self.cache_bytes:
+                self._cache = store
+            if refs is not None:
+                refs.put(self, store)
+        self._record_pace(sessions, use_cache, done, time.perf_counter() - t0)
         return metrics, done
+
+    def _record_pace(self, sessions: Sequence[Session], cached: bool, done: int, seconds: float) -> None:
+        """Tell the active pace (``recording``) the pass's work, graph nodes x samples, and its seconds."""
+        if (pace := _PACE.get()) is not None:
+            nodes = sum(len(s.proto.graph.node) for s in sessions) + (0 if cached else len(self.fp32.proto.graph.node))
+            pace.add(nodes * done, seconds)
 
     def score(self, models: dict[str, onnx.ModelProto], *, stage: str = "scoring",
               progress: Progress | None = None) -> dict[str, OutputMetrics]:

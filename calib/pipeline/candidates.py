@@ -10,6 +10,9 @@ Each candidate, in ``RunConfig.auto_transforms`` order, is tried once on the who
    the transform is kept only if it improves ``best_key`` there (else undone: nothing of it remains);
 4. the effect on the held-out (or report) samples is measured too, for the report, never for the choice.
 
+Under the run's time budget (``calib.pipeline.budget``) a candidate whose estimated cost does not fit before
+verify's reserve is not tried, and a held-out effect that does not fit is not measured (both recorded).
+
 What happened is one entry of ``Context.transforms`` (``calib.pipeline.scoring.transform_record``).
 """
 
@@ -24,6 +27,7 @@ from calib.calibrate import Ranges, calibrate
 from calib.collect import collect
 from calib.export.transforms import TRANSFORM_KINDS, apply_sites, find_sites
 from calib.model import Model, model_from_proto
+from calib.pipeline.budget import heldout_cost, transform_cost, verify_cost
 from calib.pipeline.scoring import best_key, score_pair, transform_record
 from calib.pipeline.steps import Context, export_shipped, final_ranges
 from calib.runtime import open_runner, run_batches
@@ -53,6 +57,10 @@ def equalize_step(ctx: Context) -> None:
     if c.primary != "auto" or ctx.sel is None:
         return
     for kind in [k for k in c.auto_transforms if k in TRANSFORM_KINDS]:
+        if find_sites((ctx.base or ctx.model).proto, kind) and \
+                ctx.budget.skip(kind, transform_cost(ctx, kind), verify_cost(ctx)):
+            _unchanged(ctx, kind, "not tried: the run's time budget")
+            continue
         try_transform(ctx, kind)
 
 
@@ -98,7 +106,8 @@ def try_transform(ctx: Context, kind: str) -> None:
     sel = score_pair(ctx.model, ctx.qdq.model, cand.model, ctx.sel, stage=f"{kind}: scoring", **kw)
     keep = best_key(sel["with"], c.target) > best_key(sel["without"], c.target)
     held = score_pair(ctx.model, ctx.qdq.model, cand.model, ctx.ev, stage=f"{kind}: held-out effect", **kw) \
-        if ctx.ev is not None else None
+        if ctx.ev is not None and not ctx.budget.skip(f"{kind}: held-out effect", heldout_cost(ctx),
+                                                      verify_cost(ctx)) else None
     nodes = list(dict.fromkeys(n for s in done for n in [s.producer, *s.consumers]))
     why = "scored better on the selection samples" if keep else "did not score better on the selection samples: undone"
     ctx.transforms.append(transform_record(kind, nodes, keep, sel, held, target=c.target, why=why,

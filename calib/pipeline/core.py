@@ -31,6 +31,8 @@ from calib.compare.metrics import safe_float
 from calib.errors import CalibError, InputDataError, TargetNotMet
 from calib.io import write_json
 from calib.model import Model, load_model
+from calib.compare.evaluate import References, recording, sharing_references
+from calib.pipeline.budget import Budget, run_seconds, warm_reference
 from calib.pipeline.candidates import equalize_step
 from calib.pipeline.deployed import deployed_step
 from calib.pipeline.inputs import open_run_data, sample_subset, stats_key, subset_by_ids
@@ -68,6 +70,8 @@ class QuantizeResult:
     path: str = ""  # how it was made: method + transforms + float nodes
     deployed: dict[str, Any] | None = None  # the target runtime's check (calib.pipeline.deployed)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates, kept or not
+    budget: dict[str, Any] | None = None  # the run's time budget: seconds, used, what it cut (None: no budget)
+    budget_line: str = ""  # the same in one line
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -93,13 +97,16 @@ def run_plan(ctx: Context, sink) -> Context:
     split_step(ctx)
     if ctx.split is not None:
         sink.record(split=ctx.split, in_sample=ctx.in_sample)
-    with _evaluation(ctx.cfg):
+    ctx.budget = Budget(run_seconds(ctx.cfg), started=ctx.started)
+    with _evaluation(ctx.cfg), sharing_references(References()), recording(ctx.budget.pace):
+        warm_reference(ctx)
         for name, step in STEPS:
             with sink.timing(name):
                 step(ctx)
             if name == "choose":
                 sink.record(method=ctx.method, metrics_by_method=ctx.scores)
-    sink.record(deployed=safe_float(ctx.deployed), transforms=safe_float(ctx.transforms))
+    sink.record(deployed=safe_float(ctx.deployed), transforms=safe_float(ctx.transforms),
+                budget=ctx.budget.to_json())
     with sink.timing("write"):
         write_artifacts(ctx, sink)
     return ctx
@@ -125,7 +132,9 @@ def summary(ctx: Context) -> dict[str, Any]:
         out["deployed"] = ctx.deployed["line"]
     if ctx.advice is not None:
         out.update(target=ctx.cfg.target, target_met=bool(ctx.advice.met), float_nodes=len(ctx.advice.exclude),
-                   advised_metric=ctx.advice.metric, stopped=ctx.advice.stopped)
+                   advised_metric=ctx.advice.metric, stopped=ctx.advice.stopped, target_gap=ctx.advice.gap)
+    if ctx.budget.seconds is not None:
+        out["time_budget"] = ctx.budget.line()
     return out
 
 
@@ -192,7 +201,9 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
     res = QuantizeResult(Path(output), ctx.method, ctx.ranges, ctx.stats, metrics=ctx.scores, best=ctx.best,
                          bias=ctx.bias, shipped=ctx.shipped, remainder=ctx.remainder,
-                         path=shipped_path(ctx), deployed=ctx.deployed, transforms=ctx.transforms)
+                         path=shipped_path(ctx), deployed=ctx.deployed, transforms=ctx.transforms,
+                         budget=ctx.budget.to_json() if ctx.budget.seconds is not None else None,
+                         budget_line=ctx.budget.line())
     if ctx.advice is not None:
         res.advice, res.target_met, res.excluded = ctx.advice, bool(ctx.advice.met), list(ctx.advice.exclude)
         res.artifacts["advice"] = sink.path("advise", "")

@@ -27,6 +27,8 @@ from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
 from calib.export.precision import apply_high_precision
 from calib.model import Model
+from calib.pipeline.budget import (Budget, advise_seconds, auto_seconds, heldout_cost, transform_cost,
+                                   verify_cost)
 from calib.pipeline.inputs import mark_flagged
 from calib.pipeline.scoring import (BC_SUFFIX, best_key, bias_correct, bias_into_advice, methods_first,
                                     score_methods, score_outputs, score_pair, task_metrics, transform_record)
@@ -37,12 +39,6 @@ __all__ = ["Context", "CHOOSERS", "TRANSFORMS", "register_chooser", "register_tr
            "shipping_model", "export_shipped"]
 
 Progress = Callable[[str, int, "int | None"], None]
-# With a target and no --time-budget, the whole run aims at RUN_BUDGET_S seconds (the issue: 5 min on 2 cores):
-# advise gets what collect and choose left, minus AFTER_ADVISE_S for the steps after it (transforms, verify),
-# and at least MIN_ADVISE_S.
-RUN_BUDGET_S = 270.0
-AFTER_ADVISE_S = 60.0
-MIN_ADVISE_S = 30.0
 
 
 @dataclass
@@ -80,7 +76,8 @@ class Context:
     retuned: dict[str, Any] = field(default_factory=dict)  # tensor -> TensorRange re-calibrated after a transform
     transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates: kept or not
     deployed: dict[str, Any] | None = None  # the deployed-runtime check (calib.pipeline.deployed)
-    started: float = field(default_factory=time.perf_counter)  # when the run started (advise's default budget)
+    started: float = field(default_factory=time.perf_counter)  # when the run started (its budget counts from it)
+    budget: Budget = field(default_factory=lambda: Budget(None))  # the run's deadline (calib.pipeline.budget)
 
     def export(self, label: str, exclude=None) -> QdqModel:
         c = self.cfg
@@ -203,7 +200,10 @@ def choose_auto_step(ctx: Context) -> None:
     (``calib.compare.auto``), chosen on the selection samples."""
     c = ctx.cfg
     ctx.auto = choose_auto(ctx.model, ctx.stats, ctx.sel, placement=c.placement, exclude=c.exclude,
-                           batch_size=c.batch_size, providers=c.providers, progress=ctx.progress)
+                           batch_size=c.batch_size, providers=c.providers, progress=ctx.progress,
+                           time_budget=auto_seconds(ctx))
+    if ctx.auto.stopped.startswith("time budget"):
+        ctx.budget.cut("auto", f"search stopped in round {ctx.auto.rounds} ({ctx.auto.stopped})")
     ctx.ranges["auto"] = mark_flagged({"auto": ctx.auto.ranges}, ctx.flagged)["auto"]
     ctx.method = "auto"
     ctx.qdq = ctx.export("auto")
@@ -235,7 +235,7 @@ def advise_step(ctx: Context) -> None:
     if not c.target:
         return
     order = methods_first(ctx.method, list(ctx.ranges))
-    budget = c.time_budget_s or advise_budget(ctx)
+    budget = advise_seconds(ctx)
     try:
         adv = advise(ctx.model, {m: ctx.ranges[m] for m in order}, ctx.sel, target=c.target, methods=order,
                      placement=c.placement, batch_size=c.batch_size,
@@ -245,17 +245,16 @@ def advise_step(ctx: Context) -> None:
     except TargetNotMet as e:
         adv, ctx.missed = e.advice, e
     ctx.advice, ctx.qdq = adv, adv.qdq
-
-
-def advise_budget(ctx: Context) -> float:
-    """advise's seconds when none were given: what is left of ``RUN_BUDGET_S`` after the steps so far and
-    ``AFTER_ADVISE_S`` for the steps after it; at least ``MIN_ADVISE_S``."""
-    return max(MIN_ADVISE_S, RUN_BUDGET_S - AFTER_ADVISE_S - (time.perf_counter() - ctx.started))
+    if adv.stopped.startswith("time budget"):
+        ctx.budget.cut("advise", f"stopped after {len(adv.curve) - 1} step(s) ({adv.stopped})")
 
 
 def transforms_step(ctx: Context) -> None:
+    """Each transform in order, if its estimated cost fits what the budget leaves before verify."""
     for name in ctx.cfg.transforms:
         if name not in ctx.done:
+            if ctx.budget.skip(name.replace("_", " "), transform_cost(ctx, name), verify_cost(ctx)):
+                continue
             TRANSFORMS[name](ctx)
             ctx.done.append(name)
 
@@ -272,7 +271,8 @@ def bias_transform(ctx: Context) -> None:
     corrected = ctx.bias.pop("_corrected", None)
     nodes = ctx.bias.pop("_nodes", [])
     held = None
-    if ctx.ev is not None and corrected is not None and nodes:
+    if ctx.ev is not None and corrected is not None and nodes and \
+            not ctx.budget.skip("bias correction: held-out effect", heldout_cost(ctx), verify_cost(ctx)):
         held = score_pair(ctx.model, before.model, corrected.model,
                           ctx.ev, batch_size=c.batch_size, metric=c.compare_metric, providers=c.providers,
                           progress=ctx.progress, stage="bias correction: held-out effect")
