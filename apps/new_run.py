@@ -19,7 +19,7 @@ from calib.data.preprocess import PreprocessSpec
 from calib.errors import CalibError, ConfigError
 from calib.export.precision import HIGH_PRECISION, TARGET_RUNTIMES, resolve_target
 
-PRIMARIES = [*METHODS, "best", "auto"]
+PRIMARIES = ["auto", *METHODS, "best"]  # auto first: the default, as for calib quantize/run (issue 15)
 RUNTIME_HELP = {"trt": "TensorRT 10/11: TensorRT's Q/DQ rules, FP16 remainder",
                 "ort": "ONNX Runtime CPU: its int8 fusions, FP32 remainder"}
 PREPROCESS_MODES = ["guessed from the model (shown in the run)", "spec file (JSON)", "spec as JSON text"]
@@ -33,8 +33,10 @@ def _paths_and_methods() -> dict[str, Any]:
          "eval": c2.text_input("evaluation data (needed for compare, best and a target)", key="nr_eval")}
     v["methods"] = c1.multiselect("methods", list(METHODS), default=list(METHODS), key="nr_methods")
     v["primary"] = c2.selectbox("method of the exported model", PRIMARIES, key="nr_primary",
-                                index=PRIMARIES.index("entropy") if "entropy" in PRIMARIES else 0,
-                                help="best: the single method that scores best; auto: per tensor (both choose on the selection part of the calibration data)")
+                                index=PRIMARIES.index("auto"),
+                                help="auto (default): per tensor, the candidate range that measurably helps the "
+                                     "outputs; best: the single method that scores best (both choose on the "
+                                     "selection part of the calibration data)")
     return v
 
 

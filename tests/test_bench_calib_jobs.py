@@ -66,6 +66,8 @@ def md(tmp_path) -> str:
         rec("rec", "quantize:default", 128, metric=98.5),
         rec("det", "quantize:trt-fp16", 128, metric=70.0, check={**CHECK, "fp32_compute": ["/head/Softmax"], "flips": None}),
         rec("det", "quantize:trt-fp32", 128, metric=70.5),
+        rec("rec", "quantize:trt-fp16", 128, metric=85.39999999999999, check=CHECK),  # 854 vs 856 of 1000 samples
+        rec("rec", "quantize:trt-fp32", 128, metric=85.6, check=CHECK),
     ]
     for r, valid in ((recs[0], True), (recs[1], False), (recs[2], True), (recs[12], True)):
         r["metrics"]["zero_points"] = zp(valid)
@@ -108,6 +110,7 @@ def test_runtime_gaps_and_memory_bound(md):
                            "median 3.30); agree with FP32: 999 vs 998 | met |")
     det = line(md, "| det | ? | 70.00 |")  # within the gap, but an FP32 compute node outside the keep list
     assert det.endswith("| **1**: /head/Softmax | – | **missed** (gap) (checks) |")
+    assert line(md, "| rec | ? | 85.40 |").endswith("| met |")  # a gap of exactly 0.2 points is within the goal
     mem = line(md, "| cnn | 1024 |")
     assert mem == "| cnn | 1024 | 3 | 2500.0 | 1200 | 1.17 | **no** | 1.0 | 3000 | 1.0 |"
     assert "cnn: collect --max-memory 1024 MB peaked at 1200 MB." in md

@@ -129,6 +129,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     assert rid.split("-")[2] == "from" and (new / "COMPLETE").exists()
     m = json.loads((new / "run.json").read_text())
     assert m["command"] == ["calib", "dashboard"] and m["n_samples"] == 24
+    assert json.loads((new / "config.json").read_text())["primary"] == "auto"  # the form's default, as the CLI's
     assert rid in frame(at, "key metrics")["id"].tolist()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 N = 128
 TARGET_S, TARGET_MB = 300.0, 4096.0
 ORT_GAP, FP16_GAP = 0.5, 0.2
+EPS = 1e-9  # metrics are means of 0/1 per sample in float: 85.6 - 85.4 is 0.2000000000000028
 SINGLE = ["export:minmax", "export:percentile", "export:entropy", "export:mse"]
 DEFAULT, TARGET, ORT, FP16, FP32 = ("quantize:default", "quantize:target:cosine:0.99", "quantize:ort",
                                     "quantize:trt-fp16", "quantize:trt-fp32")
@@ -194,8 +195,8 @@ def runtime_table(res, notes) -> list[str]:
         cells = [f2(opt) if ok(ro) else "failed¹", f2(spec) if ok(ro) else "failed¹"]
         if opt is not None and spec is not None:
             gap = abs(opt - spec)
-            cells += [f"{gap:.2f}", "met" if gap <= ORT_GAP else "**missed**"]
-            if gap > ORT_GAP:
+            cells += [f"{gap:.2f}", "met" if gap <= ORT_GAP + EPS else "**missed**"]
+            if gap > ORT_GAP + EPS:
                 notes.append(f"{model}: ORT target scores {opt:.2f} optimised vs {spec:.2f} spec (gap ≤ {ORT_GAP}).")
         else:
             cells += ["–", "**missed** (failed¹)"]
@@ -247,9 +248,9 @@ def fp16_table(res, notes) -> list[str]:
         checks, good = check_cells(r16.get("check") if ok(r16) else None)
         if a is not None and b is not None:
             cells.append(f"{b - a:+.2f}")
-            close = b - a <= FP16_GAP
+            close = b - a <= FP16_GAP + EPS
             verdict = "met" if close and good else "**missed**" + ("" if close else " (gap)") + ("" if good else " (checks)")
-            if b - a > FP16_GAP:
+            if not close:
                 notes.append(f"{model}: TensorRT target loses {b - a:.2f} points with an FP16 remainder (goal ≤ {FP16_GAP}).")
         else:
             cells.append("–")
