@@ -14,7 +14,7 @@ import state
 from calib.calibrate import METHODS
 from calib.compare import parse_target
 from calib.compare.advice import DEFAULT_TIME_BUDGET_S
-from calib.config import RunConfig
+from calib.config import CHOOSER_NAMES, RunConfig
 from calib.data.preprocess import PreprocessSpec
 from calib.errors import CalibError, ConfigError
 from calib.export.precision import HIGH_PRECISION, TARGET_RUNTIMES, resolve_target
@@ -124,7 +124,8 @@ def build_config(v: dict[str, Any]) -> RunConfig:
         name=v["name"] or mp.stem, store=state.store_root(), model=mp,
         calib_data=Path(v["calib"]).expanduser().resolve(),
         eval_data=Path(v["eval"]).expanduser().resolve() if v["eval"] else None,
-        methods=list(dict.fromkeys([*v["methods"], *([primary] if primary != "best" else [])])), primary=primary,
+        methods=list(dict.fromkeys([*v["methods"], *([primary] if primary not in CHOOSER_NAMES else [])])),
+        primary=primary,
         skip_bad=True, sampling_strategy=v["strategy"], sampling_n=int(v["size"]) if v["strategy"] else 0,
         target=v["target"].strip(), max_float_nodes=int(v["max_float"]), time_budget_s=float(v["budget"]),
         placement=placement, high_precision=high_precision, exclude=[x.strip() for x in v["exclude"].split(",") if x.strip()],
