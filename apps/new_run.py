@@ -13,13 +13,13 @@ import actions
 import state
 from calib.calibrate import METHODS
 from calib.compare import parse_target
-from calib.config import RunConfig
+from calib.config import CHOOSER_NAMES, RunConfig
 from calib.data.preprocess import PreprocessSpec
 from calib.errors import CalibError, ConfigError
 from calib.export.precision import HIGH_PRECISION, TARGET_RUNTIMES, resolve_target
 from calib.pipeline.budget import RUN_BUDGET_S
 
-PRIMARIES = [*METHODS, "best", "auto"]
+PRIMARIES = ["auto", *METHODS, "best"]  # auto first: the default, as for calib quantize/run (issue 15)
 RUNTIME_HELP = {"trt": "TensorRT 10/11: TensorRT's Q/DQ rules, FP16 remainder",
                 "ort": "ONNX Runtime CPU: its int8 fusions, FP32 remainder"}
 PREPROCESS_MODES = ["guessed from the model (shown in the run)", "spec file (JSON)", "spec as JSON text"]
@@ -33,8 +33,10 @@ def _paths_and_methods() -> dict[str, Any]:
          "eval": c2.text_input("evaluation data (needed for compare, best and a target)", key="nr_eval")}
     v["methods"] = c1.multiselect("methods", list(METHODS), default=list(METHODS), key="nr_methods")
     v["primary"] = c2.selectbox("method of the exported model", PRIMARIES, key="nr_primary",
-                                index=PRIMARIES.index("entropy") if "entropy" in PRIMARIES else 0,
-                                help="best: the single method that scores best; auto: per tensor (both choose on the selection part of the calibration data)")
+                                index=PRIMARIES.index("auto"),
+                                help="auto (default): per tensor, the candidate range that measurably helps the "
+                                     "outputs; best: the single method that scores best (both choose on the "
+                                     "selection part of the calibration data)")
     return v
 
 
@@ -122,7 +124,8 @@ def build_config(v: dict[str, Any]) -> RunConfig:
         name=v["name"] or mp.stem, store=state.store_root(), model=mp,
         calib_data=Path(v["calib"]).expanduser().resolve(),
         eval_data=Path(v["eval"]).expanduser().resolve() if v["eval"] else None,
-        methods=list(dict.fromkeys([*v["methods"], *([primary] if primary != "best" else [])])), primary=primary,
+        methods=list(dict.fromkeys([*v["methods"], *([primary] if primary not in CHOOSER_NAMES else [])])),
+        primary=primary,
         skip_bad=True, sampling_strategy=v["strategy"], sampling_n=int(v["size"]) if v["strategy"] else 0,
         target=v["target"].strip(), max_float_nodes=int(v["max_float"]), time_budget_s=float(v["budget"]),
         placement=placement, high_precision=high_precision, exclude=[x.strip() for x in v["exclude"].split(",") if x.strip()],

@@ -29,6 +29,11 @@ def rec(model, variant, n, *, tool="calib", metric=None, wall=1.0, rss=100.0, st
     return r
 
 
+CHECK = {"checker": "ok", "ort_cpu": "ok", "io_kept": True, "io_diff": [], "kept_fp32": 1, "fp32_compute": [],
+         "undocumented": {}, "flips": {"n": 1, "of": 1000, "samples": [{"sample": 108, "fp32_rem_margin": 0.002}],
+                                       "median_margin": 3.3, "fp16_agrees_fp32": 999, "fp32_rem_agrees_fp32": 998}}
+
+
 def zp(valid: bool) -> dict:
     return {"dtypes": ["int32", "int8"] if valid else ["int8", "uint8"], "all_zero": True}
 
@@ -42,11 +47,15 @@ def md(tmp_path) -> str:
         rec("cnn", "export:mse", 100, metric=88.7),
         rec("cnn", "export:entropy", 100, metric=87.0),
         rec("cnn", "quantize:default", 128, metric=88.6, wall=12.0, rss=800.0,
-            transforms=[{"name": "bias_correction", "kept": True, "held_out_delta": 0.4}, {"name": "smoothquant", "kept": False}]),
+            transforms=[{"name": "bias_correction", "kept": True, "metric": "sqnr_db", "held_out_delta": 0.4,
+                         "selection_delta": 0.9, "nodes": 3},
+                        {"name": "equalize", "kept": False, "metric": "sqnr_db", "held_out_delta": -1.01,
+                         "held_out_in_sample": True, "selection_delta": -2.6, "nodes": 14},
+                        {"name": "smoothquant", "kept": False, "nodes": 0}]),
         rec("cnn", "quantize:target:cosine:0.99", 128, metric=89.0, wall=400.0, rss=1000.0, target_met=False,
             target_error="target cosine:0.99 not met: best cosine = 0.985"),
         rec("cnn", "quantize:ort", 128, metric=87.0, metrics_spec={"primary": 88.0}),
-        rec("cnn", "quantize:trt-fp16", 128, metric=88.5),
+        rec("cnn", "quantize:trt-fp16", 128, metric=88.5, check=CHECK),
         rec("cnn", "quantize:trt-fp32", 128, metric=88.6),
         rec("cnn", "collect:max-memory", 128, rss=1200.0, max_memory=str(1 << 30), groups=3,
             plan={"one_pass_mb": 2500.0, "minimum_mb": 300.0, "forced": True, "reason": ""}),
@@ -57,6 +66,10 @@ def md(tmp_path) -> str:
         rec("det", "quantize:target:cosine:0.99", 128, metric=82.0, wall=100.0, rss=2000.0, target_met=True),
         rec("rec", "minmax", 100, tool="ort", metric=2.0),  # a peer, but no calib single method at N=100
         rec("rec", "quantize:default", 128, metric=98.5),
+        rec("det", "quantize:trt-fp16", 128, metric=70.0, check={**CHECK, "fp32_compute": ["/head/Softmax"], "flips": None}),
+        rec("det", "quantize:trt-fp32", 128, metric=70.5),
+        rec("rec", "quantize:trt-fp16", 128, metric=85.39999999999999, check=CHECK),  # 854 vs 856 of 1000 samples
+        rec("rec", "quantize:trt-fp32", 128, metric=85.6, check=CHECK),
     ]
     for r, valid in ((recs[0], True), (recs[1], False), (recs[2], True), (recs[12], True)):
         r["metrics"]["zero_points"] = zp(valid)
@@ -74,7 +87,8 @@ def test_default_against_symmetric_peer_and_single_method(md):
     # NNCF's 89.5 is uint8 (not TensorRT-valid): the best symmetric peer is ModelOpt's 88.5; mse is 88.7
     assert "88.50 (ModelOpt entropy, N=100)" in cnn and "88.70 (mse, N=100)" in cnn
     assert "**no**: below mse 88.70" in cnn and "| 12.0 | 800 |" in cnn
-    assert "bias_correction (+0.40); smoothquant (not kept)" in cnn
+    assert ("bias_correction: kept, held out sqnr_db +0.40 (selection +0.90); equalize: not kept, held out (report "
+            "split) sqnr_db -1.01 (selection -2.60); smoothquant: not kept (no node to change) |") in cnn
     det = line(md, "| det | 81.00 |")
     assert "| yes |" in det and "| bias correction |" in det
     assert "cnn: calib default 88.60 below mse 88.70 (N=100)." in md
@@ -92,8 +106,13 @@ def test_target_time_memory_and_how_close(md):
 
 
 def test_runtime_gaps_and_memory_bound(md):
-    rt = line(md, "| cnn | 87.00 |")
-    assert "| 87.00 | 88.00 | 1.00 | **missed** | 88.50 | 88.60 | +0.10 | met |" in rt
+    assert line(md, "| cnn | 87.00 |") == "| cnn | 87.00 | 88.00 | 1.00 | **missed** |"
+    fp16 = line(md, "| cnn | ? | 88.50 |")
+    assert fp16.startswith("| cnn | ? | 88.50 | 88.60 | +0.10 | ok | ok | yes | 1 | none | 1 of 1000 (#108 0.002; "
+                           "median 3.30); agree with FP32: 999 vs 998 | met |")
+    det = line(md, "| det | ? | 70.00 |")  # within the gap, but an FP32 compute node outside the keep list
+    assert det.endswith("| **1**: /head/Softmax | – | **missed** (gap) (checks) |")
+    assert line(md, "| rec | ? | 85.40 |").endswith("| met |")  # a gap of exactly 0.2 points is within the goal
     mem = line(md, "| cnn | 1024 |")
     assert mem == "| cnn | 1024 | 300.0 | 2500.0 | 3 | 1200 | 1.17 | **no** | 1.0 | 3000 | 1.0 |"
     assert "cnn: collect --max-memory 1024 MB peaked at 1200 MB." in md
@@ -127,6 +146,13 @@ def test_what_the_jobs_read_from_calib_output(tmp_path):
     assert calib_jobs.transforms_of(tmp_path, facts) == [{"name": "bias correction", "kept": False}]
     (tmp_path / "model.int8.report.json").write_text(json.dumps({"transforms": [{"name": "cle", "kept": True}]}))
     assert calib_jobs.transforms_of(tmp_path, facts) == [{"name": "cle", "kept": True}]
+    scales = {"activations": {}, "transforms": [{"name": "equalize", "kept": False, "nodes": ["a", "b"], "metric": "sqnr_db",
+                                                 "selection_delta": -2.6, "held_out_delta": -1.0, "why": "undone"}]}
+    (tmp_path / "model.int8.report.json").unlink()
+    (tmp_path / "scales.json").write_text(json.dumps(scales))  # the scale report (--report): node lists counted
+    assert calib_jobs.transforms_of(tmp_path, facts) == [{"name": "equalize", "kept": False, "metric": "sqnr_db",
+                                                          "selection_delta": -2.6, "held_out_delta": -1.0,
+                                                          "why": "undone", "nodes": 2}]
     assert calib_jobs.transforms_of(tmp_path / "nothing", {}) is None
 
 

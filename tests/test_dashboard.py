@@ -122,6 +122,8 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     at.text_input(key="nr_calib").set_value(str(demo["pages"] / "calib"))
     at.text_input(key="nr_name").set_value("from-the-page")
     at.multiselect(key="nr_methods").set_value(["entropy"])
+    assert at.selectbox(key="nr_primary").value == "auto"  # the form's default, as calib quantize's and run's
+    at.selectbox(key="nr_primary").set_value("entropy")  # one method: the background machinery, quickly
     at.button[-1].click()
     wait_for(at, lambda a: any(s.value.endswith("finished") for s in a.success))
     rid = next(s.value for s in at.success if s.value.endswith("finished")).split()[1]
@@ -129,6 +131,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     assert rid.split("-")[2] == "from" and (new / "COMPLETE").exists()
     m = json.loads((new / "run.json").read_text())
     assert m["command"] == ["calib", "dashboard"] and m["n_samples"] == 24
+    assert json.loads((new / "config.json").read_text())["primary"] == "entropy"
     assert rid in frame(at, "key metrics")["id"].tolist()
 
 

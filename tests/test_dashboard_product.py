@@ -87,7 +87,8 @@ def test_new_run_form_target_runtime_and_remainder_follow_the_cli_rule(tmp_path,
          "strategy": "", "size": 0, "pp_mode": new_run.PREPROCESS_MODES[0], "pp": ""}
     cfg = new_run.build_config(v)
     assert (cfg.placement, cfg.high_precision) == want
-    assert "auto" in new_run.PRIMARIES and new_run.build_config({**v, "primary": "auto"}).primary == "auto"
+    auto = new_run.build_config({**v, "primary": "auto"})  # the form's default (PRIMARIES[0]), as the CLI's
+    assert new_run.PRIMARIES[0] == "auto" and auto.primary == "auto" and auto.methods == ["minmax"]  # a chooser, not a method
 
 
 def test_a_bad_target_is_refused_before_anything_starts(demo, monkeypatch):

@@ -147,6 +147,11 @@ def eval_file(model: str, k: int | None) -> Path:
     return DATA_DIR / model / f"eval_{k}.npz"
 
 
+def eval_set(ctx: Ctx, model: str, whole: bool = False) -> Path:
+    """The evaluation file a job scores on: the suite's prefix, or the whole set (some models always)."""
+    return eval_file(model, None if whole or MODELS[model].eval_all else ctx.suite.eval_k)
+
+
 class EvalServer:
     """``tools/evaluate.py --serve`` in the ort venv, started once: it keeps the evaluation set and FP32
     outputs in memory, so scoring an INT8 model costs only its own run (unmeasured: not part of any job)."""
@@ -182,16 +187,17 @@ class EvalServer:
             self.proc.wait(timeout=60)
 
 
-def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path, optimization: str | None = None) -> dict:
+def evaluate(ctx: Ctx, model: str, int8: Path, log_dir: Path, optimization: str | None = None,
+             whole: bool = False) -> dict:
     """Task metrics of an INT8 model (the unmeasured evaluator, in the ort venv). ``optimization``: ONNX
     Runtime's graph optimisation for the INT8 model (``tools/evaluate.py --optimization``; None = its
-    default, ORT_ENABLE_ALL, as for every peer); ``disable`` is the spec evaluation (Q/DQ as ONNX defines)."""
+    default, ORT_ENABLE_ALL, as for every peer); ``disable`` is the spec evaluation (Q/DQ as ONNX defines).
+    ``whole``: the model's whole evaluation set, whatever the suite's prefix (``eval_set``)."""
     if "ort" in ctx.venv_errors:
         return {"eval_error": ctx.venv_errors["ort"]}
     if ctx.evaluator is None:
         ctx.evaluator = EvalServer(VENVS / "evaluate.log")
-    k = None if MODELS[model].eval_all else ctx.suite.eval_k  # some models are scored on their whole set
-    req = {"fp32": str(model_path(model)), "int8": str(int8), "eval": str(eval_file(model, k)),
+    req = {"fp32": str(model_path(model)), "int8": str(int8), "eval": str(eval_set(ctx, model, whole)),
            "task": MODELS[model].task, "cache": str(WORK / "fp32_outputs")}
     out = ctx.evaluator.request({**req, "optimization": optimization} if optimization else req)
     name = f"evaluate-{optimization}.txt" if optimization else "evaluate.txt"

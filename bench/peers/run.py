@@ -193,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
                     "calib's pipeline at N (calib@100) "
                     "and/or calib's N=128 jobs (" + ",".join(calib_jobs.JOBS) + ")")
     ap.add_argument("--compare-sizes", default=None, help="override the suite's compare sample counts, e.g. 20,100")
+    ap.add_argument("--timeout-s", type=float, default=None, help="override the suite's per-job time limit (a "
+                    "machine shared with other work; the record keeps wall and CPU time and the load)")
     ap.add_argument("--append", action="store_true", help="append to the results file instead of starting it anew")
     ap.add_argument("--table-only", action="store_true", help="only regenerate the tables from the results file")
     args = ap.parse_args(argv)
     suite = SUITES[args.suite]
     if args.compare_sizes:
         suite = replace(suite, compare_sizes=tuple(int(k) for k in args.compare_sizes.split(",")))
+    if args.timeout_s:
+        suite = replace(suite, timeout_s=args.timeout_s)
     out = RESULTS / f"peers-{suite.name}.jsonl"
     from table import update_readmes
 

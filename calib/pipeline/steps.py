@@ -25,7 +25,7 @@ from calib.distributed import collect_sharded, resolve_max_memory
 from calib.errors import ConfigError, TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
-from calib.export.precision import apply_high_precision
+from calib.export.precision import RANGE_OPS, apply_high_precision
 from calib.model import Model
 from calib.pipeline.budget import (Budget, advise_seconds, auto_seconds, heldout_cost, transform_cost,
                                    verify_cost)
@@ -65,6 +65,7 @@ class Context:
     done: list[str] = field(default_factory=list)  # transforms applied
     shipped: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model
     precision: str = ""  # what the fp16/bf16 remainder cast did (empty for fp32)
+    kept_fp32: dict[str, Any] = field(default_factory=dict)  # the cast's keep-FP32 list: dtype, nodes and why
     remainder: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model, fp32 remainder
     ship: tuple[QdqModel, QdqModel] | None = None  # (ctx.qdq, its fp16/bf16 cast) once cast
     sel: Any | None = None  # selection samples: what auto, best, advise and bias correction choose on
@@ -293,6 +294,8 @@ def shipping_model(ctx: Context) -> QdqModel:
         cast, prec = apply_high_precision(ctx.qdq, ctx.cfg.high_precision, stats=ctx.stats,
                                           keep_fp32=ctx.cfg.keep_fp32)
         ctx.precision, ctx.ship = prec.summary(), (ctx.qdq, cast)
+        ctx.kept_fp32 = {"dtype": prec.dtype, "nodes": dict(prec.kept_fp32), "casts": len(prec.casts),
+                         "range_ops": list(RANGE_OPS), "user_list": list(ctx.cfg.keep_fp32)}
     return ctx.ship[1]
 
 
