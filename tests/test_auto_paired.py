@@ -53,10 +53,10 @@ def test_gain_matches_the_reference_and_a_consistent_gain_is_accepted(arrays):
     g = paired_gain(metrics_of(fp32, cur, ids).samples, metrics_of(fp32, cand, ids).samples)
     m, se = reference(fp32, cur, cand)
     assert g.mean == pytest.approx(m, rel=1e-9) and g.se == pytest.approx(se, rel=1e-9)
-    assert g.n == 32 and g.wins == 32 and g.significant()
+    assert g.n == 32 and g.wins == 32 and g.significant(MIN_T) and g.t > 10
 
 
-def test_a_gain_carried_by_one_sample_is_refused_though_the_pooled_sqnr_improves(arrays):
+def test_a_gain_carried_by_one_sample_is_refused_by_the_strict_rule_though_the_pooled_sqnr_improves(arrays):
     ids, fp32, cur, rng = arrays
     cur = cur.copy()
     cur[7] = fp32[7] + 0.6 * rng.normal(0, 1, 16).astype(np.float32)  # one sample badly quantized ...
@@ -66,13 +66,14 @@ def test_a_gain_carried_by_one_sample_is_refused_though_the_pooled_sqnr_improves
     g = paired_gain(metrics_of(fp32, cur, ids).samples, metrics_of(fp32, cand, ids).samples)
     m, se = reference(fp32, cur, cand)
     assert g.mean == pytest.approx(m, rel=1e-9) and g.mean > 0 and g.wins == 1
-    assert g.mean < MIN_T * g.se and not g.significant()
+    assert g.mean < MIN_T * g.se and not g.significant(MIN_T)  # the strict rule refuses it ...
+    assert g.significant(0.0)  # ... a plain "mean gain > 0" (the default path's threshold) takes it
 
 
 def test_a_tie_never_changes_anything(arrays):
     ids, fp32, cur, _ = arrays
     g = paired_gain(metrics_of(fp32, cur, ids).samples, metrics_of(fp32, cur.copy(), ids).samples)
-    assert g.mean == 0 and not g.significant()
+    assert g.mean == 0 and not g.significant(0.0) and not g.significant(MIN_T)
 
 
 def test_only_shared_samples_are_compared(arrays):
@@ -102,5 +103,6 @@ def test_every_auto_decision_is_paired_on_the_selection_samples_only(monkeypatch
     assert seen and all(set(ids) == set(sp.select.ids) for ids in seen)
     assert set(sp.select.ids).isdisjoint(sp.report.ids)
     kept = [h for h in choice.history if h["kept"]]
-    assert kept and all(h["paired"]["t"] is None or h["paired"]["t"] > MIN_T for h in kept)
+    assert kept and all(h["paired"]["t"] is None or h["paired"]["t"] > auto_mod.TENSOR_MIN_T for h in kept)
+    assert all(h["paired"]["mean_gain"] > 0 for h in kept)
     assert all(h["paired"]["n"] == len(sp.select) for h in choice.history)

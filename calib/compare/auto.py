@@ -21,17 +21,20 @@ On the *selection* samples (never the ones figures are reported on, see
    A change is kept only if it beats the current model, so the result never
    scores below the best single method on the selection samples.
 
-"Beats" (steps 3 and 4) is a paired per-sample test for the default metric
+"Beats" (steps 3 and 4) is a paired per-sample comparison for the default metric
 ``sqnr`` (``PAIRED_METRICS``, ``calib.compare.paired``): the per-sample output
-error of the two models on the same selection samples, accepted only if the mean
-gain exceeds ``MIN_T`` (2) standard errors of the per-sample differences. The
-selection split is small (32 of 128 samples by default), and a rule that took
-any gain in the pooled SQNR (the old one: 1e-6 relative) accepted changes that
-one or two samples carried, gains that did not hold on other data. The paired
-test keeps a change that helps a few outlier samples a lot (a range that must
-keep rare large values) and refuses one that is noise. Other metrics (``top1``,
-``cosine``, ...: no per-sample loss) keep the tolerance rule. Each history entry
-records the test (``paired``: mean gain, standard error, t, n, wins).
+error of the two models on the same selection samples; the mean gain must be
+positive (beyond a 1e-6 relative tolerance) and exceed ``TENSOR_MIN_T`` standard
+errors of the per-sample differences. For one output this is "the pooled output
+SQNR improves"; for several, the sum of the outputs' noise-to-signal ratios
+falls. Each history entry records the test (``paired``: mean gain, standard
+error, t, n, wins), so a change that one or two samples carried can be seen.
+``TENSOR_MIN_T`` is 0: thresholds of 0.5, 1 and 2 standard errors (meant to stop
+over-fitting the 32 selection samples of 128) were measured on the peers suite's
+fmnist_cnn, resnet_fmnist and magika and never did better on held-out data
+(held-out output cosine lower or equal on all three, top-1 agreement within one
+sample): the small changes they refused helped on average. Other metrics
+(``top1``, ``cosine``, ...: no per-sample loss) keep the tolerance rule.
 
 Per tensor the result records the chosen candidate, the runner-up (the best
 candidate with a different range) and the margin between them in the metric's
@@ -67,6 +70,7 @@ Progress = Callable[[str, int, "int | None"], None]
 CANDIDATES = ("minmax", "percentile:99.9", "percentile:99.99", "percentile:99.999", "entropy", "mse")
 DEFAULT_TIME_BUDGET_S = 120.0  # seconds; None: no limit
 TOLERANCE = 1e-6  # a change must improve the metric by more than this (relative to |metric|, at least absolute)
+TENSOR_MIN_T = 0.0  # standard errors a tensor change must gain by (calib.compare.paired; measured: 0 is best)
 PAIRED_METRICS = ("sqnr",)  # metrics whose changes are accepted by the paired per-sample test (calib.compare.paired)
 
 
@@ -143,7 +147,7 @@ def _accept(metric: str, cand, cur) -> tuple[bool, Gain | None]:
     the samples have ids), else the metric by more than the tolerance. Also the paired gain, if measured."""
     if metric in PAIRED_METRICS and cand.samples.err2 and cur.samples.err2:
         g = paired_gain(cur.samples, cand.samples)
-        return g.significant(), g
+        return g.significant(TENSOR_MIN_T), g
     return _better(cand.value(metric), cur.value(metric)), None
 
 

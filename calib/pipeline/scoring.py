@@ -17,6 +17,7 @@ __all__ = ["BC_SUFFIX", "task_metrics", "score_outputs", "score_methods", "best_
            "keep_change"]
 
 Progress = Callable[[str, int, "int | None"], None]
+TRANSFORM_MIN_T = 0.0  # standard errors a transform (bias correction included) must gain by (keep_change)
 BC_SUFFIX = "+bc"  # a method's label with bias correction, as scored by the 'best' chooser
 
 
@@ -122,14 +123,14 @@ def score_pair(model: Model, without, with_, source, *, batch_size: int, metric:
 def keep_change(outs: dict[str, Any], target: str) -> tuple[bool, dict[str, Any] | None]:
     """Whether the ``with`` model of a transform beats the ``without`` one on the selection samples.
 
-    Without a target (the default path): the paired per-sample test of ``calib.compare.paired`` (better by
-    more than ``MIN_T`` standard errors of the per-sample loss differences; a tie or a gain one sample
-    carries keeps the model as it was). With a target, or samples without ids: ``best_key`` strictly better.
-    Also the paired gain (JSON), when it decided."""
+    Without a target (the default path): the paired per-sample comparison of ``calib.compare.paired`` (a
+    positive mean gain in per-sample output error, by more than ``TRANSFORM_MIN_T`` standard errors: 0, as
+    measured best, see ``calib.compare.auto``; a tie keeps the model as it was). With a target, or samples
+    without ids: ``best_key`` strictly better. Also the paired gain (JSON: mean, se, t, n, wins)."""
     without, with_ = outs["without"], outs["with"]
     if not target and without.samples.err2 and with_.samples.err2:
         g = paired_gain(without.samples, with_.samples)
-        return g.significant(), g.to_json()
+        return g.significant(TRANSFORM_MIN_T), g.to_json()
     return best_key(task_metrics(with_.result()), target) > best_key(task_metrics(without.result()), target), None
 
 
