@@ -47,14 +47,11 @@ class SampleErrors:
     err2: dict[str, np.ndarray] = field(default_factory=dict)  # sample id -> [n_outputs]
     energy: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def update(self, output: str, a: np.ndarray, b: np.ndarray, ids: Sequence[str]) -> None:
-        """Fold one output's batch (``a`` FP32, ``b`` INT8, first axis = ``ids``); non-finite values count 0."""
+    def add(self, output: str, ids: Sequence[str], err2: np.ndarray, energy: np.ndarray) -> None:
+        """One output's per-sample sums for a batch (``TensorAccumulator.update`` computes them: non-finite
+        values left out)."""
         k = self.outputs.index(output)
-        a2 = np.asarray(a, np.float64).reshape(len(ids), -1)
-        b2 = np.asarray(b, np.float64).reshape(len(ids), -1)
-        ok = np.isfinite(a2) & np.isfinite(b2)
-        e = np.where(ok, (b2 - a2) ** 2, 0.0).sum(axis=1)
-        en = np.where(ok, a2 ** 2, 0.0).sum(axis=1)
+        e, en = np.asarray(err2, np.float64), np.asarray(energy, np.float64)
         for i, sid in enumerate(ids):
             self.err2.setdefault(sid, np.zeros(len(self.outputs)))[k] = e[i]
             self.energy.setdefault(sid, np.zeros(len(self.outputs)))[k] = en[i]

@@ -191,9 +191,9 @@ class OutputMetrics:
                labels: Sequence[int | None] | None) -> None:
         for o in self.outputs:
             a, b = fp32[o], int8[o]
-            self.tensors[o].update(a, b, ids)
-            if ids is not None and a.ndim >= 1 and a.shape[0] == len(ids):
-                self.samples.update(o, a, b, ids)
+            s = self.tensors[o].update(a, b, ids)
+            if ids is not None and a.ndim >= 1 and a.shape[0] == len(ids) and s.shape[0] == len(ids):
+                self.samples.add(o, ids, s[:, 3], s[:, 1])
             if ids is not None and a.ndim == 2 and a.shape[0] == len(ids) and TaskAccumulator.applies(a.shape):
                 self.tasks.setdefault(o, TaskAccumulator()).update(a, b, labels)
         if self._user_state is not None:
