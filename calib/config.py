@@ -89,7 +89,7 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "cache": (bool, True, "Also write a TensorRT calibration cache (TensorRT <= 10)."),
         "all_methods": (bool, True, "Export a Q/DQ model for every method (needed to compare them)."),
         "bias_correction": (bool, False, "Correct the final model's biases on the calibration data (robust; with "
-                                         "eval data kept only if it scores at least as well)."),
+                                         "eval data kept only if it scores better)."),
         "bias_samples": (int, 128, "Calibration samples used by bias correction (0 = all)."),
         "target_runtime": (str, "", "trt (TensorRT placement + fp16 remainder) or ort (ort placement + fp32); "
                                     "'' = the profile of export.placement (trt -> fp16, ort -> fp32)."),

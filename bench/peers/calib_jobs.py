@@ -1,11 +1,14 @@
 """calib's own paths on the peers suite's models, each a measured job at N = 128 calibration samples.
 
-Selectable with ``run.py --jobs default,target,ort,fp16,mem`` (any subset); a whole suite run includes them.
+Selectable with ``run.py --jobs default,methods,target,ort,fp16,mem`` (any subset); a whole suite run includes them.
 Every model is scored on the suite's evaluation samples (``eval.npz`` or its prefix), which no job sees:
 calib chooses on its own ~25 % selection split of the 128 calibration samples.
 
 - ``default``: ``calib quantize MODEL --data calib_128.npz -o OUT`` and no other option (issue 15): wall
   time, peak RSS, held-out metric, and the transforms the default path applied (from its output).
+- ``methods``: ``calib quantize MODEL --data calib_128.npz -o OUT --method X`` for each single method X of
+  ``METHODS`` (minmax, percentile, entropy, mse): the default path's "best single method" at the same N and
+  code (the suite's ``export:X`` jobs run at other sizes and on whatever code ran them).
 - ``target``: the same with ``--target cosine:0.99`` and no ``--eval-data``; a 6-minute limit (goal: 5 min,
   < 4 GB). Exit 1 = target not met, the best model is still written and scored.
 - ``ort``: ``--target-runtime ort``; the model is scored twice: ONNX Runtime's default graph optimisation
@@ -35,7 +38,8 @@ from harness import (RUNS, TOOLS_DIR, Ctx, base, calib_cmd, calib_env, eval_set,
 from models import MODELS, calib_path, model_path  # noqa: E402
 
 N = 128
-JOBS = ("default", "target", "ort", "fp16", "mem")
+JOBS = ("default", "methods", "target", "ort", "fp16", "mem")
+METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGET = "cosine:0.99"
 TARGET_TIMEOUT_S = 360.0
 MEM_PREFER = 1 << 30
@@ -181,6 +185,9 @@ def run(ctx: Ctx, model: str, jobs) -> None:
         return
     if "default" in jobs:
         quantize_job(ctx, model, "quantize:default", [])
+    if "methods" in jobs:
+        for m in METHODS:
+            quantize_job(ctx, model, f"quantize:method:{m}", ["--method", m])
     if "target" in jobs:
         quantize_job(ctx, model, f"quantize:target:{TARGET}", ["--target", TARGET], target=True,
                      timeout_s=TARGET_TIMEOUT_S)

@@ -16,10 +16,11 @@ TARGET_S, TARGET_MB = 300.0, 4096.0
 ORT_GAP, FP16_GAP = 0.5, 0.2
 EPS = 1e-9  # metrics are means of 0/1 per sample in float: 85.6 - 85.4 is 0.2000000000000028
 SINGLE = ["export:minmax", "export:percentile", "export:entropy", "export:mse"]
+METHODS = ["quantize:method:minmax", "quantize:method:percentile", "quantize:method:entropy", "quantize:method:mse"]
 DEFAULT, TARGET, ORT, FP16, FP32 = ("quantize:default", "quantize:target:cosine:0.99", "quantize:ort",
                                     "quantize:trt-fp16", "quantize:trt-fp32")
 BOUNDED, UNBOUNDED = "collect:max-memory", "collect:unbounded"
-OURS = (DEFAULT, TARGET, ORT, FP16, FP32, BOUNDED, UNBOUNDED)
+OURS = (DEFAULT, TARGET, ORT, FP16, FP32, BOUNDED, UNBOUNDED, *METHODS)
 
 
 def ok(r: dict | None) -> bool:
@@ -64,10 +65,17 @@ def best_symmetric_peer(res, model, n, peer_cols, label) -> tuple[float, str] | 
     return best
 
 
-def best_single(res, model, n) -> tuple[float, str] | None:
-    cands = [(primary(res.get(model, "calib", v, n)), v.split(":")[1]) for v in SINGLE]
-    cands = [c for c in cands if c[0] is not None]
-    return max(cands) if cands else None
+def best_single(res, model, n) -> tuple[float, str, int] | None:
+    """calib's best single method: the ``methods`` job's (N = 128, same code as the default job) when it ran,
+    else the suite's ``export:X`` jobs at ``n``. ``(value, method, N)``."""
+    for variants, size in ((METHODS, N), (SINGLE, n)):
+        if size is None:
+            continue
+        cands = [(primary(res.get(model, "calib", v, size)), v.rsplit(":", 1)[1], size) for v in variants]
+        cands = [c for c in cands if c[0] is not None]
+        if cands:
+            return max(cands)
+    return None
 
 
 def num(x) -> bool:
@@ -119,6 +127,7 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
     out = head("calib's default path: `calib quantize MODEL --data calib_128.npz -o OUT` (no other option)",
                "Held out: the suite's evaluation samples, which no job sees (calib chooses on ~25 % of its 128 "
                "calibration samples). Peers and calib's single methods at the suite's size nearest 128 (N below); "
+               "calib's single methods from the `methods` job (N = 128, `--method X`, same code) where it ran; "
                "a peer counts only with every zero point 0 and signed (int8; int32 for ORT's biases), TensorRT's symmetric "
                "int8: NNCF's uint8 activations do not. Transforms: each one the default path tried (from its scale report, "
                "`--report`), kept or not, and what it gave, with minus without, on data not used to choose: the "
@@ -133,18 +142,18 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
         n = ref_size(res, model)
         d = primary(r)
         bp = best_symmetric_peer(res, model, n, peer_cols, lab) if n else None
-        bs = best_single(res, model, n) if n else None
+        bs = best_single(res, model, n)
         if d is None:
             verdict = "**failed¹**"
         elif bp is None and bs is None:
             verdict = "n/a (no peer or single-method result)"
         else:
-            lost = [f"{name} {v:.2f}" for v, name in (x for x in (bp, bs) if x) if d < v - 1e-9]
+            lost = [f"{x[1]} {x[0]:.2f}" for x in (bp, bs) if x and d < x[0] - 1e-9]
             verdict = "yes" if not lost else "**no**: below " + ", ".join(lost)
             if lost:
                 notes.append(f"{model}: calib default {d:.2f} below " + ", ".join(lost) + f" (N={n}).")
         cells = [f2(d), f"{f2(bp[0])} ({bp[1]}, N={n})" if bp else "–",
-                 f"{f2(bs[0])} ({bs[1]}, N={n})" if bs else "–", verdict,
+                 f"{f2(bs[0])} ({bs[1]}, N={bs[2]})" if bs else "–", verdict,
                  f"{r['wall_s']:.1f}" if ok(r) else "–", f"{r['peak_rss_mb']:.0f}" if ok(r) else "–",
                  transforms_cell(r) if ok(r) else "–"]
         out.append(f"| {model} | " + " | ".join(cells) + " |")

@@ -98,7 +98,7 @@ def quantize_cmd(
     metric: str = typer.Option("", "--metric", help="Your metric as module:function (see README)."),
     bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct each quantized layer's bias "
                                          "for the mean error INT8 adds (measured on the calibration data; with "
-                                         "--eval-data kept only if it scores at least as well)."),
+                                         "--eval-data kept only if it scores better)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Calibration samples used by --bias-correction."),
     preprocess: Optional[Path] = preprocess_option(),
     deploy_cpu: str = typer.Option("", "--deploy-cpu", callback=lambda v: _deploy_cpu(v), help="ORT target's CPU: "

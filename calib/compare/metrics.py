@@ -94,8 +94,9 @@ class TensorAccumulator:
     worst_sample: str | None = None
     shape: tuple[int, ...] | None = None
 
-    def update(self, a: np.ndarray, b: np.ndarray, sample_ids: Sequence[str] | None = None) -> None:
-        """Fold one batch; ``sample_ids`` names the batch axis (None: the whole array is one sample)."""
+    def update(self, a: np.ndarray, b: np.ndarray, sample_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Fold one batch; ``sample_ids`` names the batch axis (None: the whole array is one sample). Returns
+        the per-sample sums (rows: samples; columns a.b, |a|^2, |b|^2, |e|^2, sum |e|, max |e|, non-finite)."""
         if a.shape != b.shape:
             raise ValueError(f"shapes differ: FP32 {a.shape}, INT8 {b.shape}")
         if self.shape is None:
@@ -125,6 +126,7 @@ class TensorAccumulator:
         if cos.size and float(cos[k]) < self.min_cos:
             self.min_cos = float(cos[k])
             self.worst_sample = ids[k] if k < len(ids) else None
+        return s
 
     def merge(self, other: "TensorAccumulator") -> "TensorAccumulator":
         """A new accumulator equal to folding both shards' batches (order does not matter)."""

@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from calib.compare.metrics import TaskAccumulator, TensorAccumulator
+from calib.compare.paired import SampleErrors
 from calib.errors import ConfigError
 
 __all__ = ["Target", "parse_target", "TARGET_METRICS", "StreamingMetric", "UserMetric", "load_metric",
@@ -177,10 +178,12 @@ class OutputMetrics:
     user: UserMetric | None = None
     tensors: dict[str, TensorAccumulator] = field(default_factory=dict)
     tasks: dict[str, TaskAccumulator] = field(default_factory=dict)
+    samples: SampleErrors | None = None  # per-sample errors (``calib.compare.paired``), when samples have ids
     _user_state: Any = None
 
     def __post_init__(self) -> None:
         self.tensors = {o: TensorAccumulator() for o in self.outputs}
+        self.samples = SampleErrors(list(self.outputs))
         if self.user is not None:
             self._user_state = self.user.factory()
 
@@ -188,7 +191,9 @@ class OutputMetrics:
                labels: Sequence[int | None] | None) -> None:
         for o in self.outputs:
             a, b = fp32[o], int8[o]
-            self.tensors[o].update(a, b, ids)
+            s = self.tensors[o].update(a, b, ids)
+            if ids is not None and a.ndim >= 1 and a.shape[0] == len(ids) and s.shape[0] == len(ids):
+                self.samples.add(o, ids, s[:, 3], s[:, 1])
             if ids is not None and a.ndim == 2 and a.shape[0] == len(ids) and TaskAccumulator.applies(a.shape):
                 self.tasks.setdefault(o, TaskAccumulator()).update(a, b, labels)
         if self._user_state is not None:
@@ -200,6 +205,7 @@ class OutputMetrics:
         ``merge(other)`` returning the merged state."""
         out = OutputMetrics(self.outputs, self.user)
         out.tensors = {o: self.tensors[o].merge(other.tensors[o]) for o in self.outputs}
+        out.samples = self.samples.merge(other.samples)
         for o in self.outputs:
             mine, theirs = self.tasks.get(o), other.tasks.get(o)
             if mine is not None or theirs is not None:

@@ -7,7 +7,8 @@ Each candidate, in ``RunConfig.auto_transforms`` order, is tried once on the who
 2. the tensors whose values changed are collected again on the calibration samples and re-calibrated
    with the method each had (the other tensors keep their ranges);
 3. the edited model is exported like the shipped one and both are scored on the *selection* samples;
-   the transform is kept only if it improves ``best_key`` there (else undone: nothing of it remains);
+   the transform is kept only if it improves the output error there by more than the noise of the
+   per-sample differences (``calib.pipeline.scoring.keep_change``; else undone: nothing of it remains);
 4. the effect on the held-out (or report) samples is measured too, for the report, never for the choice.
 
 Under the run's time budget (``calib.pipeline.budget``) a candidate whose estimated cost does not fit before
@@ -28,7 +29,7 @@ from calib.collect import collect
 from calib.export.transforms import TRANSFORM_KINDS, apply_sites, find_sites
 from calib.model import Model, model_from_proto
 from calib.pipeline.budget import heldout_cost, transform_cost, verify_cost
-from calib.pipeline.scoring import best_key, score_pair, transform_record
+from calib.pipeline.scoring import keep_change, score_pair, transform_record
 from calib.pipeline.steps import Context, export_shipped, final_ranges
 from calib.runtime import open_runner, run_batches
 
@@ -103,15 +104,15 @@ def try_transform(ctx: Context, kind: str) -> None:
     cand = export_shipped(ctx, Ranges(ranges.method, {**ranges.tensors, **retuned}, ""), new)
     kw: dict[str, Any] = dict(batch_size=c.batch_size, metric=c.compare_metric, providers=c.providers,
                               progress=ctx.progress)
-    sel = score_pair(ctx.model, ctx.qdq.model, cand.model, ctx.sel, stage=f"{kind}: scoring", **kw)
-    keep = best_key(sel["with"], c.target) > best_key(sel["without"], c.target)
+    sel, outs = score_pair(ctx.model, ctx.qdq.model, cand.model, ctx.sel, stage=f"{kind}: scoring", outputs=True, **kw)
+    keep, gain = keep_change(outs, c.target)
     held = score_pair(ctx.model, ctx.qdq.model, cand.model, ctx.ev, stage=f"{kind}: held-out effect", **kw) \
         if ctx.ev is not None and not ctx.budget.skip(f"{kind}: held-out effect", heldout_cost(ctx),
                                                       verify_cost(ctx)) else None
     nodes = list(dict.fromkeys(n for s in done for n in [s.producer, *s.consumers]))
     why = "scored better on the selection samples" if keep else "did not score better on the selection samples: undone"
     ctx.transforms.append(transform_record(kind, nodes, keep, sel, held, target=c.target, why=why,
-                                           in_sample=ctx.in_sample))
+                                           in_sample=ctx.in_sample, paired=gain))
     log.info("%s: %d site(s), %s", kind, len(done), "kept" if keep else "undone")
     if keep:
         ctx.base, ctx.qdq = new, cand

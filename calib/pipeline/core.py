@@ -181,7 +181,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
-    samples; with evaluation data kept only if it scores at least as well. ``stats_out``: also write the
+    samples; with evaluation data kept only if it scores better. ``stats_out``: also write the
     statistics (``calib advise --stats`` reads them). A missed target writes everything for the best model
     found, then raises ``TargetNotMet`` (its ``result`` says what was written).
     """

@@ -7,14 +7,17 @@ from typing import Any, Callable, Sequence
 
 from calib.compare import compare, load_metric, write_html
 from calib.compare.evaluate import Evaluator
+from calib.compare.paired import paired_gain
 from calib.compare.targets import UserMetric
 from calib.export.bias import correct_bias
 from calib.model import Model
 
 __all__ = ["BC_SUFFIX", "task_metrics", "score_outputs", "score_methods", "best_key", "methods_first",
-           "compare_model", "bias_correct", "bias_into_advice", "key_metric", "transform_record", "score_pair"]
+           "compare_model", "bias_correct", "bias_into_advice", "key_metric", "transform_record", "score_pair",
+           "keep_change"]
 
 Progress = Callable[[str, int, "int | None"], None]
+TRANSFORM_MIN_T = 0.0  # standard errors a transform (bias correction included) must gain by (keep_change)
 BC_SUFFIX = "+bc"  # a method's label with bias correction, as scored by the 'best' chooser
 
 
@@ -87,7 +90,7 @@ def key_metric(target: str) -> str:
 
 
 def transform_record(name: str, nodes: Sequence[str], kept: bool, sel: dict | None, held: dict | None, *,
-                     target: str, why: str, in_sample: bool = False) -> dict[str, Any]:
+                     target: str, why: str, in_sample: bool = False, paired: dict | None = None) -> dict[str, Any]:
     """One entry of the run's ``transforms`` list: what a transform changed, whether it was kept, and what it
     gave (with minus without, in ``metric``) on the selection samples and on the held-out/report samples
     (``sel``/``held``: ``{"with": task metrics, "without": task metrics}``; None: not measured)."""
@@ -100,16 +103,35 @@ def transform_record(name: str, nodes: Sequence[str], kept: bool, sel: dict | No
         ok = all(isinstance(v, (int, float)) and v == v for v in (a, b))
         return float(a - b) if ok else None
 
-    return {"name": name, "kept": bool(kept), "nodes": list(nodes), "metric": k, "selection_delta": delta(sel),
-            "held_out_delta": delta(held), "held_out_in_sample": bool(in_sample and held), "why": why}
+    out = {"name": name, "kept": bool(kept), "nodes": list(nodes), "metric": k, "selection_delta": delta(sel),
+           "held_out_delta": delta(held), "held_out_in_sample": bool(in_sample and held), "why": why}
+    if paired is not None:
+        out["selection_paired"] = paired  # the paired per-sample test that decided (calib.compare.paired)
+    return out
 
 
 def score_pair(model: Model, without, with_, source, *, batch_size: int, metric: str, providers,
-               progress: Progress | None, stage: str) -> dict[str, dict]:
-    """Task metrics of two Q/DQ protos (``without`` / ``with`` a transform) on ``source`` in one pass."""
+               progress: Progress | None, stage: str, outputs: bool = False):
+    """Task metrics of two Q/DQ protos (``without`` / ``with`` a transform) on ``source`` in one pass (with
+    ``outputs``: also their ``OutputMetrics``, for ``keep_change``)."""
     outs = score_outputs(model, {"without": without, "with": with_}, source, batch_size=batch_size, metric=metric,
                          providers=providers, progress=progress, stage=stage)
-    return {k: task_metrics(m.result()) for k, m in outs.items()}
+    ms = {k: task_metrics(m.result()) for k, m in outs.items()}
+    return (ms, outs) if outputs else ms
+
+
+def keep_change(outs: dict[str, Any], target: str) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the ``with`` model of a transform beats the ``without`` one on the selection samples.
+
+    Without a target (the default path): the paired per-sample comparison of ``calib.compare.paired`` (a
+    positive mean gain in per-sample output error, by more than ``TRANSFORM_MIN_T`` standard errors: 0, as
+    measured best, see ``calib.compare.auto``; a tie keeps the model as it was). With a target, or samples
+    without ids: ``best_key`` strictly better. Also the paired gain (JSON: mean, se, t, n, wins)."""
+    without, with_ = outs["without"], outs["with"]
+    if not target and without.samples.err2 and with_.samples.err2:
+        g = paired_gain(without.samples, with_.samples)
+        return g.significant(TRANSFORM_MIN_T), g.to_json()
+    return best_key(task_metrics(with_.result()), target) > best_key(task_metrics(without.result()), target), None
 
 
 def methods_first(primary: str, labels: Sequence[str]) -> list[str]:
@@ -144,9 +166,11 @@ def bias_correct(model: Model, qdq, source, ev, *, batch_size: int, limit: int |
     outs = score_outputs(model, {"without": qdq.model, "with": bc.qdq.model}, ev, batch_size=batch_size,
                          metric=metric, providers=providers, progress=progress, stage="bias correction: scoring")
     ms = {k: task_metrics(m.result()) for k, m in outs.items()}
-    keep = best_key(ms["with"], target) >= best_key(ms["without"], target)
-    info.update(kept=keep, scores=ms, why="scored at least as well on the selection samples" if keep
-                else "the uncorrected model scored better on the selection samples")
+    keep, gain = keep_change(outs, target)
+    info.update(kept=keep, scores=ms, why="scored better on the selection samples" if keep
+                else "the corrected model did not score better on the selection samples")
+    if gain is not None:
+        info["paired"] = gain
     info["_nodes"] = sorted(n for n, v in bc.shifts.items() if v.any())
     info["_corrected"] = bc.qdq  # the corrected model even when not kept (its held-out effect); not JSON
     return (bc.qdq if keep else qdq), info, outs

@@ -278,7 +278,8 @@ def bias_transform(ctx: Context) -> None:
                           ctx.ev, batch_size=c.batch_size, metric=c.compare_metric, providers=c.providers,
                           progress=ctx.progress, stage="bias correction: held-out effect")
     ctx.transforms.append(transform_record("bias_correction", nodes, ctx.bias["kept"], ctx.bias.get("scores"), held,
-                                           target=c.target, why=ctx.bias["why"], in_sample=ctx.in_sample))
+                                           target=c.target, why=ctx.bias["why"], in_sample=ctx.in_sample,
+                                           paired=ctx.bias.get("paired")))
     if ctx.advice is not None:
         bias_into_advice(ctx.advice, qdq, ctx.bias, outs)
         if ctx.missed is not None and ctx.advice.met:
