@@ -184,15 +184,19 @@ def test_evaluator_zero_points_and_spec_evaluation(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def _conv_relu_conv(tmp_path: Path, side: int) -> Path:
-    m = onnx.load(qdq_conv(tmp_path / "m.onnx", 0))  # for its weight; the float model: x -> Conv -> Relu -> Conv
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["r"]),
-                           helper.make_node("Conv", ["r", "w"], ["z"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, side, side])],
-                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 1, side, side])],
+def _conv_relu_conv(tmp_path: Path, side: int, depth: int = 1, batch: int | None = None, n: int = 16) -> Path:
+    """x -> (Conv -> Relu) x depth -> Conv -> z, each tensor 1 x side x side per sample (``batch``: fixed)."""
+    m = onnx.load(qdq_conv(tmp_path / "m.onnx", 0))  # for its weight
+    nodes, prev = [], "x"
+    for k in range(depth):
+        nodes += [helper.make_node("Conv", [prev, "w"], [f"y{k}"]), helper.make_node("Relu", [f"y{k}"], [f"r{k}"])]
+        prev = f"r{k}"
+    g = helper.make_graph([*nodes, helper.make_node("Conv", [prev, "w"], ["z"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, side, side])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 1, side, side])],
                           [i for i in m.graph.initializer if i.name == "w"])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(16, 1, side, side)).astype(np.float32))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(n, 1, side, side)).astype(np.float32))
     return tmp_path / "f.onnx"
 
 
@@ -205,14 +209,16 @@ def test_memory_bound_forces_groups_and_calib_accepts_it(tmp_path, caplog):
     model = load_model(_conv_relu_conv(tmp_path, 512))  # 1 MiB per sample and tensor: one pass at batch 8 is
     p = calib_groups.plan(str(tmp_path / "f.onnx"), str(tmp_path / "d.npz"), 8, 1 << 30)  # ~72 MiB exposed
     fetch = [t for t in model.activation_tensors() if t != "x"]
-    assert p["tensors"] == len(fetch) >= 2 and p["forced"] and p["groups"] >= 2
+    # calib must adapt: several passes, or fewer at a smaller batch size (it prefers the latter)
+    assert p["tensors"] == len(fetch) >= 2 and p["forced"] and (p["groups"] >= 2 or p["batch_size"] < 8)
     assert p["minimum_mb"] * 2**20 < p["bound_bytes"] < min(p["one_pass_mb"], p["quick_one_pass_mb"]) * 2**20
     # calib itself (not the tool's arithmetic) accepts the bound and groups as planned, with the same statistics
     src = open_data_uri(str(tmp_path / "d.npz"), model)
     with caplog.at_level("INFO", logger="calib.collect"):
         bounded = collect(model, src, max_memory=p["bound_bytes"])
     said = [int(g) for g in re.findall(r"(\d+) tensor group\(s\)", caplog.text)]
-    assert said and said[-1] >= 2  # grouped (the exact count moves with this process's resident memory)
+    lowered = re.findall(r"tensor group\(s\), batch (\d+)", caplog.text)
+    assert (said and said[-1] >= 2) or (lowered and int(lowered[-1]) < 8), caplog.text[-500:]
     assert bounded.equals(collect(model, open_data_uri(str(tmp_path / "d.npz"), model)))
 
 

@@ -9,12 +9,11 @@ the command line) and reads from calib's memory model:
   sized on the first sample), and calib's cheaper shape-based estimate of it, which decides first.
 
 The bound is never below ``minimum`` + ``MARGIN`` (the command line's own imports and Progress bar may take
-a little more than this process) nor below one tensor per pass at the run's batch size (else calib would
-lower the batch size instead of grouping). Grouping is forced when a bound in [that, both one-pass costs)
-exists: then
-``--prefer`` (1 GiB) if it lies in that range, else the middle of it. Where one pass already fits under the
-minimum, grouping cannot be forced: the bound is the minimum (+ margin), ``forced`` is false and ``reason``
-says why. Prints one JSON object (``bound_bytes``, ``groups`` and ``batch_size`` calib's plan at that bound,
+a little more than this process) and below both one-pass costs, so calib must adapt: its own plan
+(``collect_groups.fit``) groups the tensors into several passes or lowers the batch size (it prefers fewer
+passes at a smaller batch). ``--prefer`` (1 GiB) if calib adapts there, else the largest such bound on a
+geometric grid. Where none exists, one pass already fits: the bound is the minimum (+ margin), ``forced`` is
+false and ``reason`` says why. Prints one JSON object (``bound_bytes``, ``groups`` and ``batch_size`` calib's plan at that bound,
 ``minimum_mb``, ``one_pass_mb``, ``quick_one_pass_mb``, ``baseline_mb``, ``forced``, ``reason``).
 
     calib-venv/bin/python bench/peers/tools/calib_groups.py --model M.onnx --data calib_128.npz
@@ -51,13 +50,22 @@ def plan(model_path: str, data: str, batch: int, prefer: int) -> dict:
     quick.max_memory = max(quick.peak(fetch), prefer)  # measuring in large chunks: this process is not bounded
     measured, _, fixed_batch = measured_plan(model, first, fetch, layout, quick, est, None)
     b = measured.batch_size
-    floor = max(measured.minimum + MARGIN, max(measured.peak([t], b) for t in fetch))  # and no smaller batch
+    low = measured.minimum + MARGIN
     top = min(quick.peak(fetch), measured.peak(fetch, b))  # a bound at or above either gives one pass
-    forced = floor < top
-    bound = (prefer if floor <= prefer < top else floor + (top - floor) // 2) if forced else floor
-    reason = "" if forced else (f"one pass at batch {b} ({_mb(top)} MB) already fits under calib's minimum "
-                                f"({_mb(measured.minimum)} MB: batch 1, one tensor per pass) + {MARGIN >> 20} MB "
-                                f"or one tensor per pass at batch {b}")
+
+    def adapts(bound: int) -> bool:  # calib's own plan at this bound groups or lowers the batch size
+        try:
+            f = groups.fit(dataclasses.replace(measured, max_memory=bound), fetch, b, fixed_batch)
+        except Exception:  # below what calib accepts
+            return False
+        return len(f.groups) >= 2 or f.batch_size < b
+    # the largest such bound (prefer first): --prefer, else a geometric grid over [low, top)
+    grid = [int(low * (top / low) ** (k / 24)) for k in range(24, -1, -1)] if top > low else []
+    bound = next((x for x in [prefer, *grid] if low <= x < top and adapts(x)), None)
+    forced = bound is not None
+    bound = bound if forced else low
+    reason = "" if forced else (f"one pass ({_mb(top)} MB at batch {b}) already fits under calib's minimum "
+                                f"({_mb(measured.minimum)} MB: batch 1, one tensor per pass) + {MARGIN >> 20} MB")
     fitted = groups.fit(dataclasses.replace(measured, max_memory=bound), fetch, b, fixed_batch) if forced else None
     return {"bound_bytes": int(bound), "groups": len(fitted.groups) if fitted else 1,
             "batch_size": fitted.batch_size if fitted else b, "forced": forced, "reason": reason,
