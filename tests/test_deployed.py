@@ -113,6 +113,7 @@ def _needs_int16_saturation():
     c = cpu_features()
     if not c.int16_pair_saturation:
         pytest.skip(f"this CPU cannot show ORT's int16 pair saturation ({c.describe()}); "
+                    "tests/test_deployed_qemu.py reproduces it under an emulated AVX2-only CPU; "
                     "the detection and fix logic is covered by test_fix_targets")
     return c
 
