@@ -9,7 +9,7 @@ such bias the way ONNX Runtime's own quantizer does, ``DQ(round(b / (s_x s_w)), 
 0)``: the fused kernel computes what it computed before, bit for bit, and the spec evaluation now adds the
 same integer (what still differs is the spec's own float32 accumulation; resnet_fmnist's logits: relative
 error 1e-2 -> 8e-4; tests/test_int32_bias.py). The rounding moves each bias by at most ``s_x s_w / 2``.
-``calib.export.qdq.bias_floors`` already keeps ``|b| / (s_x s_w)`` below 2^31. TensorRT takes float
+``calib.export.qdq.bias_floors`` already keeps ``|b| / (s_x s_w)`` below 2^30. TensorRT takes float
 biases, so this is for the ORT target only (``placement = "ort"``).
 """
 
