@@ -64,7 +64,8 @@ def _line(doc: dict[str, Any]) -> str:
         return head + f"relative error {before:.2g}, no fused node differs alone (the fused kernels' rounding " \
                       "adds up) and 7-bit weights did not lower it: written as is"
     fused = f"fused node(s) {', '.join(doc['fused_nodes'])} " if doc["fused_nodes"] else ""
-    return head + f"{fused}relative error {before:.2g} -> fixed with {fix}; now {after:.2g}"
+    verb = "lowered" if doc["after"]["differs"] else "fixed"
+    return head + f"{fused}relative error {before:.2g} -> {verb} with {fix}; now {after:.2g}"
 
 
 def deployed_step(ctx: Context) -> None:
