@@ -32,15 +32,15 @@ def _scale(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray
 
 
 def _bias_scale(node: onnx.NodeProto, producers, inits) -> np.ndarray | None:
-    """``s_x * s_w`` (float32, one per output channel) when both inputs come from DQ, else None."""
+    """``s_x * s_w`` (float32; one per output channel, or one) when both inputs come from DQ, else None.
+    Per-channel weight scales are per output channel for Conv (axis 0), ConvTranspose (axis 1) and Gemm
+    (the axis of B's output dimension), so they line up with the bias."""
     dqs = [producers.get(t) for t in node.input[:2]]
     if any(d is None or d.op_type != "DequantizeLinear" for d in dqs):
         return None
     sx, sw = _scale(dqs[0], inits), _scale(dqs[1], inits)
     if sx is None or sw is None or sx.size != 1:
         return None
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute) and sw.size > 1:
-        return None  # per-column scales of an untransposed B: axis 1, still one per output; keep it simple
     return (sx.reshape(()) * sw.reshape(-1)).astype(np.float32)
 
 
