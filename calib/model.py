@@ -50,7 +50,10 @@ MAX_IR_VERSION = 10
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Ops whose float inputs either placement (TensorRT's rules or ONNX Runtime's
-# fusions) may quantize; statistics are collected for their activation inputs.
+# fusions) may quantize; statistics are collected for their activation inputs and outputs.
+# It holds every op of the ort placement (calib.export.placement.ORT_INT8_OPS; a test checks),
+# Squeeze/Unsqueeze/Slice included: without them the ort placement asked for ranges of tensors
+# never collected (magika: LayerNorm -> Unsqueeze -> Slice -> Conv -> Slice -> Squeeze).
 QUANTIZABLE_OPS = WEIGHTED_OPS | frozenset(
     {
         "Add",
@@ -74,6 +77,9 @@ QUANTIZABLE_OPS = WEIGHTED_OPS | frozenset(
         "Reshape",
         "Flatten",
         "Split",
+        "Slice",
+        "Squeeze",
+        "Unsqueeze",
         "Pad",
         "Tanh",
         "Gelu",

@@ -7,6 +7,8 @@ then the plain ``_compute_amax_entropy`` loop (tests/reference/linear_hist.py).
 from __future__ import annotations
 
 import functools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -91,3 +93,22 @@ def test_the_power_of_two_grid_alone_was_not_equivariant():
     shifts = [abs(grid_amax((data(k) * np.float32(f))) / (f * grid_amax(data(k))) - 1)
               for k in ("relu", "laplace", "student_t3") for f in (1.3, 0.77, 3.1)]
     assert max(shifts) > 0.01
+
+
+@pytest.mark.parametrize("p", [99.99, 99.9, 99.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_percentile_against_the_raw_values(kind, p):
+    """From the raw values, not calib's histogram: at least p % of |x| lies within amax (calib returns the
+    upper edge of the fine bin where the count crosses p %), amax exceeds the exact quantile by at most one
+    fine bin (max|x| / 16,384), and it is within one linear bin (max|x| / 2,048) of pytorch-quantization's
+    ``_compute_amax_percentile`` (lower edge of the 2,048-bin crossing) on the same raw values."""
+    a = np.abs(data(kind).astype(np.float64))
+    top = float(a.max())
+    ours = Percentile(p).amax(histogram(data(kind)))
+    need = math.ceil(Fraction(repr(p)) * a.size / 100)  # values p % of them is, in exact arithmetic
+    assert int((a <= ours).sum()) >= need
+    exact = float(np.sort(a)[need - 1])  # the smallest t with at least p % of |x| <= t
+    assert exact <= ours <= exact + top / 16384 + 1e-12 * top
+    counts, edges = np.histogram(a, 2048, (0.0, top))
+    pq = float(edges[np.searchsorted(np.cumsum(counts / counts.sum()), p / 100)])
+    assert abs(ours - pq) <= top / 2048 * 1.0001, (ours, pq)

@@ -135,3 +135,29 @@ def test_activation_scale_never_below_the_smallest_normal_float32():
     inits = {t.name: numpy_helper.to_array(t) for t in q.model.graph.initializer}
     dq = next(n for n in q.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("x"))
     assert float(inits[dq.input[1]]) == np.finfo(np.float32).tiny
+
+
+def test_dead_channel_bias_survives_onnx_runtimes_float32_int32_conversion():
+    """ORT target, a dead channel fused into an integer kernel: ONNX Runtime turns the float bias into int32
+    in float32 (b / (s_x s_w)); at the old bound 2^31 - 1 that rounded to 2^31 and wrapped negative (the
+    ReLU then gave 0 instead of the bias). The floor keeps it below 2^30: deployed equals spec."""
+    from calib.compare.deployed import run_outputs
+
+    w = RNG.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    w[1] = 1e-9  # dead
+    b = np.array([0.5, 0.95, -0.25], np.float32)
+    eye = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "I"], ["y"], name="identity")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 2, 4, 4])],
+               [helper.make_tensor_value_info("y", F, [1, 3, 4, 4])],
+               [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "B"), (eye, "I"))])
+    q = export_qdq(m, _ranges(m, amax=2.0), placement="ort")
+    (wq,) = [x for x in q.weights if x.initializer == "W"]
+    s_x = float(np.float32(2.0 / 127))
+    ratio = np.float32(b[1]) / (np.float32(s_x) * np.float32(wq.scales[1]))  # in float32, as ONNX Runtime does
+    assert ratio < 2**31 and ratio <= 2**30 * 1.001
+    x = RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    dep, spec = run_outputs(q.model, [{"x": x}], "all")[0]["y"], run_outputs(q.model, [{"x": x}], "disable")[0]["y"]
+    np.testing.assert_allclose(dep[:, 1], 0.95, atol=2.0 / 127)  # the dead channel outputs its bias, deployed too
+    np.testing.assert_allclose(dep, spec, atol=2.0 / 127 * 1.01)

@@ -218,3 +218,37 @@ def test_trt_placement_keeps_batchnorm_and_all_names():
 @pytest.mark.parametrize("placement", ["trt", "ort"])
 def test_exported_models_pass_checker(placement):
     onnx.checker.check_model(export(_residual(), placement=placement).model, full_check=True)
+
+
+def test_ort_placement_quantizes_only_collected_tensors():
+    """Regression (magika, --target-runtime ort): LayerNorm output -> Unsqueeze -> strided Slice -> Conv -> Slice
+    -> Squeeze. The ort placement quantizes the inputs and outputs of Unsqueeze/Slice/Squeeze; collection must
+    collect them (it did not: 'no range for 2 tensor(s) the ort placement quantizes')."""
+    from calib.calibrate import calibrate
+    from calib.collect import collect
+    from calib.data import ListSource, Sample
+    from calib.export.placement import ORT_INT8_OPS
+    from calib.model import QUANTIZABLE_OPS
+
+    assert ORT_INT8_OPS <= QUANTIZABLE_OPS  # every tensor the ort placement can quantize is collected
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Add", ["x", "b"], ["ln"], name="ln"),
+             helper.make_node("Unsqueeze", ["ln", "ax2"], ["u"], name="unsq"),
+             helper.make_node("Slice", ["u", "st", "en", "ax3", "step2"], ["s"], name="slice"),
+             conv("conv", "s", "W", "c"),
+             helper.make_node("Slice", ["c", "st", "en4", "ax3"], ["s2"], name="slice2"),
+             helper.make_node("Squeeze", ["s2", "ax2"], ["y"], name="sq")]
+    inits = [w("b", [16]), w("W", [4, 8, 1, 1]), ints("ax2", [2]), ints("ax3", [3]), ints("st", [0]),
+             ints("en", [16]), ints("en4", [4]), ints("step2", [2])]
+    proto = make_model(nodes, [vi("x", [1, 8, 16])], [vi("y", [1, 4, 4])], inits)
+    model = model_from_proto(proto)
+    feeds = [{"x": RNG.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(8)]  # batch of 1
+    stats = collect(model, ListSource([Sample(f"s{i}", f) for i, f in enumerate(feeds)], layout="feed"))
+    assert {"u", "s", "s2", "y"} <= set(stats.tensors)
+    q = export_qdq(model, calibrate(stats, "minmax"), placement="ort")
+    for node, index in (("slice", 0), ("conv", 0), ("slice2", 0), ("sq", 0)):
+        assert_quantized(q, node, index, "ort placement")
+    sess = ort.InferenceSession(q.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = sess.run(None, feeds[0])[0], ref.run(None, feeds[0])[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

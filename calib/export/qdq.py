@@ -43,6 +43,10 @@ WEIGHT_MODES = ("per_channel", "per_tensor")
 # Weights use the symmetric range [-127, 127] (TensorRT's and ONNX Runtime's symmetric int8 weights).
 WEIGHT_QMIN, WEIGHT_QMAX = -INT8_MAX, INT8_MAX
 INT32_MAX = 2**31 - 1
+# |b| / (s_x s_w) is kept below 2^30, not 2^31: ONNX Runtime's fused kernels compute it in float32, where
+# 2^31 - 1 rounds up to 2^31 and wraps to -2^31 (effnet_lite: a dead depthwise channel's ReLU6 output 0.94
+# became 0), and the accumulated products need room beside the bias
+BIAS_INT32_BOUND = 2**30
 
 
 @dataclass
@@ -160,7 +164,8 @@ def activation_scale(amax: float) -> np.ndarray:
 
 def bias_floors(model: Model, plan: Plan, amax: Mapping[str, float]) -> dict[str, np.ndarray]:
     """Per weighted node with a float bias: the smallest weight scale per output channel that keeps
-    ``|b| / (s_x * s_w)`` below 2^31 - 1, so the int32 bias ONNX Runtime and TensorRT make of it fits.
+    ``|b| / (s_x * s_w)`` below ``BIAS_INT32_BOUND`` (2^30), so the int32 bias ONNX Runtime and TensorRT make
+    of it fits, with room for float32 rounding and the accumulated products.
 
     ``s_x`` is the scale of the node's quantized activation input 0. A dead channel (weights about 0)
     would otherwise get a scale so small that its bias overflows int32.
@@ -175,7 +180,7 @@ def bias_floors(model: Model, plan: Plan, amax: Mapping[str, float]) -> dict[str
         if b is None or t not in amax or b.dtype.kind != "f":
             continue
         s_x = float(activation_scale(amax[t]))
-        out[node.name] = np.abs(b.astype(np.float64)).reshape(-1) / (s_x * INT32_MAX)
+        out[node.name] = np.abs(b.astype(np.float64)).reshape(-1) / (s_x * BIAS_INT32_BOUND)
     return out
 
 

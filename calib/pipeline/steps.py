@@ -25,6 +25,7 @@ from calib.distributed import collect_sharded, resolve_max_memory
 from calib.errors import ConfigError, TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
+from calib.export.int32_bias import with_int32_biases
 from calib.export.precision import RANGE_OPS, apply_high_precision
 from calib.model import Model
 from calib.pipeline.budget import (Budget, advise_seconds, auto_seconds, heldout_cost, transform_cost,
@@ -288,9 +289,14 @@ def bias_transform(ctx: Context) -> None:
 
 def shipping_model(ctx: Context) -> QdqModel:
     """``ctx.qdq`` with the non-INT8 remainder cast to ``cfg.high_precision`` (``calib.export.precision``):
-    the model written. Cast last, after advise and transforms, which measure the FP32-remainder model."""
+    the model written. Cast last, after advise and transforms, which measure the FP32-remainder model. For
+    the ORT target the biases are written as int32 (the fused kernels then add what the spec evaluation adds)."""
     if ctx.cfg.high_precision == "fp32":
-        return ctx.qdq
+        if ctx.cfg.placement != "ort":
+            return ctx.qdq
+        if ctx.ship is None or ctx.ship[0] is not ctx.qdq:  # ORT target: int32 biases (calib.export.int32_bias)
+            ctx.ship = (ctx.qdq, with_int32_biases(ctx.qdq))
+        return ctx.ship[1]
     if ctx.ship is None or ctx.ship[0] is not ctx.qdq:
         cast, prec = apply_high_precision(ctx.qdq, ctx.cfg.high_precision, stats=ctx.stats,
                                           keep_fp32=ctx.cfg.keep_fp32)
