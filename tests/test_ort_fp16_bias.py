@@ -24,10 +24,11 @@ from calib.export.ort_bias import ORT_TRANSFORMER, ort_bias_overflow, ort_bias_r
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _conv_chain(big_bias: float) -> onnx.ModelProto:
+def _conv_chain(big_bias: float, branch: bool = False) -> onnx.ModelProto:
     """x -> conv_a -> Relu -> conv_b (small weights, channel 0's bias ``big_bias``) -> Relu -> conv_c -> y.
     conv_b's input is quantized per tensor, its weight per channel, its output reaches conv_c's
-    QuantizeLinear through a Relu: the pattern ONNX Runtime rewrites."""
+    QuantizeLinear through a Relu: the pattern ONNX Runtime rewrites. ``branch``: conv_b's output also
+    feeds a second Relu (graph output z), which the rewrite does not match."""
     rng = np.random.default_rng(7)
     b_b = np.full(4, 0.01, np.float32)
     b_b[0] = big_bias
@@ -43,18 +44,22 @@ def _conv_chain(big_bias: float) -> onnx.ModelProto:
              helper.make_node("Conv", ["ra", "w_b", "b_b"], ["b"], name="conv_b"),
              helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
              helper.make_node("Conv", ["rb", "w_c", "b_c"], ["y"], name="conv_c")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])]
+    if branch:
+        nodes.append(helper.make_node("Relu", ["b"], ["z"], name="relu_z"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4, 8, 8]))
     g = helper.make_graph(nodes, "conv_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+                          outputs, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 10
     onnx.checker.check_model(m)
     return m
 
 
-def _export(tmp: Path, big_bias: float, capsys) -> tuple[onnx.ModelProto, dict, str, np.ndarray]:
+def _export(tmp: Path, big_bias: float, capsys, branch: bool = False) -> tuple[onnx.ModelProto, dict, str, np.ndarray]:
     """calib's default export (TensorRT placement, fp16 remainder): model, scale report, printed text, data."""
     x = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    onnx.save(_conv_chain(big_bias), tmp / "m.onnx")
+    onnx.save(_conv_chain(big_bias, branch), tmp / "m.onnx")
     np.savez(tmp / "calib.npz", x=x[:16])
     assert main(["-q", "collect", str(tmp / "m.onnx"), "--data", str(tmp / "calib.npz"), "-o", str(tmp / "s.npz")]) == 0
     capsys.readouterr()
@@ -149,3 +154,12 @@ def test_calib_quantize_records_and_prints_it(tmp_path, capsys):
     assert [n["node"] for n in doc["onnxruntime_fp16_bias"]["nodes"]] == ["conv_b"]
     assert [f["node"] for f in ort_bias_overflow(onnx.load(tmp_path / "q.onnx"))] == ["conv_b"]
     assert sum(s.startswith("ONNX Runtime:") and "conv_b" in s for s in out.splitlines()) == 1
+
+
+def test_branching_output_is_not_rewritten_and_not_flagged(tmp_path, capsys):
+    """The rewrite's conditions, not only the ratio: conv_b's output feeding two nodes is left alone."""
+    q, doc, _, x = _export(tmp_path, 2.0, capsys, branch=True)
+    assert ort_bias_overflow(q) == [] and "onnxruntime_fp16_bias" not in doc
+    path = tmp_path / "q.onnx"
+    assert _rel(_run(path, x), _run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)) < 0.02
+    assert "conv_b" not in _biases_ort_feeds(path, tmp_path)
