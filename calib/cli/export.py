@@ -19,6 +19,7 @@ from calib.pipeline import open_run_data
 from calib.stats import ActivationStats
 from calib.export.precision import resolve_target
 from calib.export.precision import apply_high_precision
+from calib.export.ort_bias import ort_bias_line, ort_bias_report
 from calib.export.trt_cache import model_cache
 from calib.cli._preprocess import load_spec, preprocess_option, show_spec
 from calib.data.preprocess import stamp_model
@@ -152,9 +153,10 @@ def export_cmd(
     qdq = export_qdq(m, chosen, weights=weights, placement=placement, exclude=exclude, flagged=flagged)
     if bias_source is not None:
         qdq = _bias_correct(m, qdq, bias_source, bias_samples, bias_mode)
-    if dtype != "fp32":
-        qdq = _high_precision(qdq, dtype, stats_obj, keep_fp32)
+    qdq, ort_bias = _high_precision(qdq, dtype, stats_obj, keep_fp32)
     doc = scale_report(qdq, all_ranges, chosen=chosen.method, stats=stats_obj) if report is not None else None
+    if doc is not None and ort_bias:  # biases ONNX Runtime's default optimisation overflows (export.ort_bias)
+        doc["onnxruntime_fp16_bias"] = ort_bias
     stamp_model(qdq.model, getattr(bias_source, "spec", None) or load_spec(preprocess))
     _write_outputs(qdq, m, chosen, output, cache, trt_version, report, doc)
 
@@ -209,12 +211,17 @@ def _bias_correct(m, qdq, source, samples: int, mode: str):
 
 
 def _high_precision(qdq, dtype: str, stats, keep_fp32):
-
+    """The cast model, printed; and what ONNX Runtime's default optimisation breaks in it (None: nothing)."""
+    if dtype == "fp32":
+        return qdq, None
     qdq, prec = apply_high_precision(qdq, dtype, stats=stats, keep_fp32=keep_fp32)
     echo(prec.summary())
     for node, why in list(prec.kept_fp32.items())[:5]:
         echo(f"  FP32 {node}: {why}")
-    return qdq
+    ort_bias = ort_bias_report(qdq.model)
+    if ort_bias:
+        echo(ort_bias_line(ort_bias))
+    return qdq, ort_bias
 
 
 def _write_model_cache(path: Path, qdq, m, chosen, trt_version: Optional[int]) -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from calib.cli._common import Progress, echo, is_quiet
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.export.ort_bias import ort_bias_line
 from calib.export.precision import resolve_target
 from calib.export.trt_cache import DEFAULT_TRT_VERSION
 from calib.errors import TargetNotMet
@@ -157,6 +158,8 @@ def _print_quantized(res, target: str) -> None:
              f"{a.metric:.4g} on the selection samples{close}; stopped: {a.stopped})")
     if res.budget_line:
         echo(res.budget_line)
+    if res.ort_bias:  # the TensorRT model's biases ONNX Runtime's default optimisation overflows
+        echo(ort_bias_line(res.ort_bias))
     if res.bias is not None:
         echo(f"bias correction: {res.bias['channels_corrected']} of {res.bias['channels']} channels in "
              f"{res.bias['nodes']} layer(s), measured on {res.bias['n_samples']} samples, "

@@ -72,6 +72,7 @@ class QuantizeResult:
     transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates, kept or not
     budget: dict[str, Any] | None = None  # the run's time budget: seconds, used, what it cut (None: no budget)
     budget_line: str = ""  # the same in one line
+    ort_bias: dict[str, Any] | None = None  # biases ONNX Runtime's default optimisation overflows (export.ort_bias)
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -203,7 +204,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
                          bias=ctx.bias, shipped=ctx.shipped, remainder=ctx.remainder,
                          path=shipped_path(ctx), deployed=ctx.deployed, transforms=ctx.transforms,
                          budget=ctx.budget.to_json() if ctx.budget.seconds is not None else None,
-                         budget_line=ctx.budget.line())
+                         budget_line=ctx.budget.line(), ort_bias=ctx.ort_bias)
     if ctx.advice is not None:
         res.advice, res.target_met, res.excluded = ctx.advice, bool(ctx.advice.met), list(ctx.advice.exclude)
         res.artifacts["advice"] = sink.path("advise", "")

@@ -183,6 +183,8 @@ def write_artifacts(ctx: Context, sink) -> None:
         doc.update(transforms=safe_float(ctx.transforms), deployed=safe_float(ctx.deployed))
         if ctx.kept_fp32:  # the written model's FP32 nodes and why (its keep-FP32 list, calib.export.precision)
             doc["high_precision"] = ctx.kept_fp32
+        if ctx.ort_bias:  # Conv/Gemm biases ONNX Runtime's default optimisation overflows (calib.export.ort_bias)
+            doc["onnxruntime_fp16_bias"] = ctx.ort_bias
         write_scale_report(p, ctx.auto.annotate_scales(doc) if ctx.auto is not None else doc)
     if ctx.auto is not None and (p := sink.path("auto", "auto.json")) is not None:
         write_json(p, ctx.auto.to_json())  # per tensor: chosen candidate, runner-up, margin, scores

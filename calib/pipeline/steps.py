@@ -26,6 +26,7 @@ from calib.errors import ConfigError, TargetNotMet
 from calib.export import QdqModel, export_qdq, flagged_tensors
 from calib.export.bias import correct_bias
 from calib.export.int32_bias import with_int32_biases
+from calib.export.ort_bias import ort_bias_report
 from calib.export.precision import RANGE_OPS, apply_high_precision
 from calib.model import Model
 from calib.pipeline.budget import (Budget, advise_seconds, auto_seconds, heldout_cost, transform_cost,
@@ -68,6 +69,7 @@ class Context:
     precision: str = ""  # what the fp16/bf16 remainder cast did (empty for fp32)
     kept_fp32: dict[str, Any] = field(default_factory=dict)  # the cast's keep-FP32 list: dtype, nodes and why
     remainder: dict[str, Any] = field(default_factory=dict)  # output metrics of the shipped model, fp32 remainder
+    ort_bias: dict[str, Any] | None = None  # biases ONNX Runtime's default optimisation overflows (ort_bias)
     ship: tuple[QdqModel, QdqModel] | None = None  # (ctx.qdq, its fp16/bf16 cast) once cast
     sel: Any | None = None  # selection samples: what auto, best, advise and bias correction choose on
     split: dict[str, Any] | None = None  # how the calibration data was split (calib.data.split)
@@ -303,6 +305,7 @@ def shipping_model(ctx: Context) -> QdqModel:
         ctx.precision, ctx.ship = prec.summary(), (ctx.qdq, cast)
         ctx.kept_fp32 = {"dtype": prec.dtype, "nodes": dict(prec.kept_fp32), "casts": len(prec.casts),
                          "range_ops": list(RANGE_OPS), "user_list": list(ctx.cfg.keep_fp32)}
+        ctx.ort_bias = ort_bias_report(cast.model)  # what ONNX Runtime's default optimisation breaks in it
     return ctx.ship[1]
 
 
