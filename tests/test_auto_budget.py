@@ -165,11 +165,11 @@ def test_memory_plan_prefers_fewer_passes_at_a_smaller_batch():
     exposed = {f"t{i}": mb for i in range(10)}
 
     def plan():
-        return MemoryPlan(220 * mb, 8, [], 100 * mb, 0, 0, 0, dict(exposed))
+        return MemoryPlan(240 * mb, 8, [], 100 * mb, 0, 0, 0, dict(exposed))
 
     got = fit(plan(), list(exposed), 8, fixed_batch=False)  # batch 8: 24 MiB per tensor, 5 per pass
     assert got.batch_size == 4 and len(got.groups) == 1  # batch 4: 12 MiB per tensor, all in one pass
-    assert max(got.peak(g) for g in got.groups) <= 220 * mb
+    assert max(got.peak(g) for g in got.groups) <= 240 * mb
     fixed = fit(plan(), list(exposed), 8, fixed_batch=True)
     assert fixed.batch_size == 8 and len(fixed.groups) == 2
 

@@ -174,7 +174,7 @@ def test_grouped_collection_equals_one_pass_on_demo_model(demo_npz, demo_local, 
     src = open_data(demo_npz, m)
     caplog.set_level("INFO", logger="calib.collect")
     grouped = collect(m, src, batch_size=4, max_memory=_minimum(m, src) + (40 << 20))
-    assert _passes(caplog) >= 3
+    assert _passes(caplog) >= 2  # grouped (calib may also lower the batch size for fewer passes)
     assert grouped.equals(demo_local)
 
 
