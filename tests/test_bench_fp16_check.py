@@ -130,3 +130,14 @@ def test_flips_are_the_near_ties_a_shift_crosses(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"high_precision": {"nodes": {}, "range_ops": []}}))
     got = fp16_check.check(fp32, fp16, str(tmp_path / "r.json"), rem, str(tmp_path / "eval.npz"), "classify")
     assert got["flips"]["n"] == 3 and got["ort_cpu"] == "ok"
+
+
+@pytest.mark.parametrize("dtype,counted", [(TensorProto.FLOAT16, False), (TensorProto.FLOAT, True)])
+def test_resize_scales_are_a_float_parameter_not_fp32_compute(dtype, counted):
+    """Resize's ``scales`` input is tensor(float) by the ONNX spec whatever X's dtype: an FP16 Resize is FP16."""
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    g = helper.make_graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="nearest")], "g",
+                          [helper.make_tensor_value_info("x", dtype, [1, 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", dtype, [1, 2, 8, 8])], [scales])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert (fp16_check.float32_nodes(m) == ["up"]) is counted
