@@ -210,6 +210,7 @@ def _worst_node(run: Path) -> str:
 def test_new_run_with_a_target_progress_elsewhere_and_download(server, page, browser, tmp_path):
     url, store, run, pages = server["url"], server["store"], server["run"], server["pages"]
     _open(page, url, "", "Runs")
+    before = {d.name for d in store.iterdir()}
     model = json.loads((run / "run.json").read_text())["model"]["path"]
     page.get_by_label("FP32 ONNX model (path)").fill(model)
     page.get_by_label("run name (default: the model's file name)").fill("browser-target")
@@ -218,8 +219,7 @@ def test_new_run_with_a_target_progress_elsewhere_and_download(server, page, bro
     page.get_by_role("textbox", name="target (optional)").fill("top1:0.9")
     budget = page.get_by_label(re.compile(r"run time budget, s"))  # bounded, like a user in a hurry
     budget.fill("20")
-    budget.press("Enter")
-    before = {d.name for d in store.iterdir()}
+    budget.press("Tab")  # commits the value; Enter would submit the form (start the run before `before` is read)
     page.get_by_role("button", name="Start run").click()
 
     other = browser.new_page()  # a second session, opened after the job started
@@ -230,8 +230,13 @@ def test_new_run_with_a_target_progress_elsewhere_and_download(server, page, bro
     _shot(other, "09-progress-second-session", full=False)
     other.close()
 
-    page.get_by_text(re.compile(r"run .*browser-target.* finished")).wait_for(timeout=300000)
-    (new,) = [store / d for d in {d.name for d in store.iterdir()} - before if not d.startswith(".")]
+    done = page.locator('[data-testid="stAlertContentSuccess"]').filter(has_text=re.compile(r"run .*browser-target.* finished"))
+    failed = page.locator('[data-testid="stAlertContentError"]')
+    done.or_(failed).first.wait_for(timeout=300000)
+    assert failed.count() == 0, failed.first.inner_text()
+    made = [store / d for d in {d.name for d in store.iterdir()} - before if not d.startswith(".")]
+    assert len(made) == 1, (sorted(d.name for d in store.iterdir()), page.inner_text("body")[-2000:])
+    (new,) = made
     cfg = json.loads((new / "config.json").read_text())
     assert cfg["target"] == "top1:0.9" and (new / "advise.json").exists() and (new / "COMPLETE").exists()
 
