@@ -272,9 +272,10 @@ def memory_table(res, notes) -> list[str]:
     out = head("`calib collect --max-memory` (bound forcing grouping) vs no bound",
                "The bound (`tools/calib_groups.py`) is planned with calib's own memory model: never below the "
                "minimum calib accepts (batch 1, one tensor per pass; less is refused with exit 2) plus 32 MB, and "
-               "below the cost of one pass at the run's batch size, so that collection must group (1 GiB where "
-               "that lies in between, else the middle). Where one pass already fits under that minimum, grouping "
-               "cannot be forced (groups n/a, the bound is the minimum). Peak RSS is the whole process tree "
+               "below the cost of one pass at the run's batch size, so that collection must adapt: several passes, or "
+               "fewer at a smaller batch size, which calib prefers (then 1 group here); 1 GiB where calib adapts "
+               "there, else the largest such bound. Where one pass already fits under that minimum, nothing can be "
+               "forced (groups n/a, the bound is the minimum). Peak RSS is the whole process tree "
                "(Python, ONNX Runtime and all); a peak over the bound is a fault of calib's memory model.",
                ["model", "bound MB", "minimum MB", "one pass MB", "groups", "peak MB", "peak / bound", "under?",
                 "s", "no bound: peak MB", "s"])
