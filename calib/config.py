@@ -240,6 +240,15 @@ def _check_methods(methods: list, primary: str, source: str) -> tuple[list, str]
     return methods, primary
 
 
+def _check_limits(get, source: str) -> None:
+    """The compute backend and the run's time budget."""
+    if get("compute", "backend") not in ("local", "ray") or get("compute", "num_workers") < 1:
+        raise ConfigError(f"{source}: compute.backend must be 'local' or 'ray' and compute.num_workers >= 1")
+    if not get("target", "time_budget_s") >= 0:  # NaN too
+        raise ConfigError(f"{source}: target.time_budget_s must be >= 0 seconds (0 = the default), "
+                          f"got {get('target', 'time_budget_s')!r}")
+
+
 def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -> RunConfig:
     vals = _check_types(doc, source)
 
@@ -270,8 +279,7 @@ def parse_config(doc: dict, *, base: Path = Path("."), source: str = "config") -
     if strategy and strategy not in ("random", "stratified", "kmeans", "kcenter"):
         raise ConfigError(f"{source}: sampling.strategy {strategy!r} is not one of random, stratified, kmeans, "
                           "kcenter", hint=_suggest(strategy, ["random", "stratified", "kmeans", "kcenter"]))
-    if get("compute", "backend") not in ("local", "ray") or get("compute", "num_workers") < 1:
-        raise ConfigError(f"{source}: compute.backend must be 'local' or 'ray' and compute.num_workers >= 1")
+    _check_limits(get, source)
     model = path("model", "path")
     eval_data = path("data", "eval")
     if (primary == "best" or target) and eval_data is None:

@@ -154,3 +154,23 @@ def test_console_script(tmp_path, cnn):
                             capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 2
     assert failed.stderr.splitlines()[0] == f"calib: error: {tmp_path / 'nope.onnx'}: no such file"
+
+
+def test_negative_time_budget_is_refused_and_writes_nothing(tmp_path, cnn, capsys):
+    model, data = cnn
+    for argv in (["quantize", model, "--data", data, "-o", tmp_path / "q.onnx"],
+                 ["advise", model, "--data", data, "--target", "cosine:0.9", "-o", tmp_path / "q.onnx"]):
+        code, _, err = run(capsys, *map(str, argv), "--time-budget", "-5")
+        assert code == 2 and "--time-budget" in err and "greater than or equal to 0" in err, err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_negative_time_budget_in_a_config_is_refused(tmp_path, cnn):
+    from calib.config import load_config
+    from calib.errors import ConfigError
+
+    model, data = cnn
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\n[data]\ncalib = "{data}"\n[target]\ntime_budget_s = -1.0\n')
+    with pytest.raises(ConfigError, match="time_budget_s must be >= 0"):
+        load_config(cfg)

@@ -193,7 +193,7 @@ def advise_cmd(
                                           "chosen step is verified on all)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many greedy steps."),
     time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", help="Seconds (default 240): try no new node after this (at least one is tried); keep the best model."),
+        None, "--time-budget", min=0.0, help="Seconds (default 240): try no new node after this (at least one is tried); keep the best model."),
     optimization: str = typer.Option("disable", "--ort-optimization", help="ONNX Runtime level."),
     provider: List[str] = typer.Option(["cpu"], "--provider", help="ONNX Runtime execution provider(s)."),
     backend: str = typer.Option("local", "--backend", help="local (this process) or ray (batches scored by Ray "

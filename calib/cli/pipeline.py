@@ -91,7 +91,7 @@ def quantize_cmd(
                                           "--eval-data."),
     max_float_nodes: int = typer.Option(0, "--max-float-nodes", help="With --target: give up after this many "
                                         "advise steps (0 = no limit); the best model so far is written."),
-    time_budget: float = typer.Option(0.0, "--time-budget", help="Seconds for the whole run (0: 270 with --target, "
+    time_budget: float = typer.Option(0.0, "--time-budget", min=0.0, help="Seconds for the whole run (0: 270 with --target, "
                                       "else none); the best model is written, the output says what was cut."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Samples per ONNX Runtime run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many calibration samples."),
