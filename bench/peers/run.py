@@ -56,7 +56,7 @@ SUITES = {
     # takes 66 s for 10 and needs 10.1 GB for 20), advise on a budget (rank on 16 samples, compare each
     # step's candidates on 16, no step after 30 s): under 15 minutes on 2 cores. (MiniLM on 10 samples
     # saved 24 s but fell to 7.4x against Polygraphy, whose fixed start-up then weighs more.)
-    "quick": Suite("quick", sizes=(100,), goal_sizes=(500,), compare_sizes=(20,), timeout_s=600,
+    "quick": Suite("quick", sizes=(128,), goal_sizes=(500,), compare_sizes=(20,), timeout_s=600,
                    goal_models=("resnet_fmnist",), eval_k=200,
                    advise_args=("--sensitivity-samples", "16", "--candidate-samples", "16", "--time-budget", "30"),
                    compare_override=(("ppocr_det", (5,)),)),

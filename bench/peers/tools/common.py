@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-BATCH = 20  # calibration batch size, the same for every tool; divides 100, 500 and 2000 (ONNX Runtime's
-# histogram calibrators np.asarray() the list of per-batch outputs and fail when the last batch is shorter)
+BATCH = 20  # calibration batch size, the same for every tool at N = 100, 500 and 2000 (it divides them): ONNX
+# Runtime's histogram calibrators np.asarray() the list of per-batch outputs and fail when the last batch is
+# shorter, so at other N every tool takes the largest batch up to BATCH that divides N (16 at N = 128)
+
+
+def batch_for(n: int, batch: int = BATCH) -> int:
+    """The largest batch size up to ``batch`` that divides ``n`` (every batch the same shape)."""
+    return next(b for b in range(min(batch, max(n, 1)), 0, -1) if n % b == 0) if n else batch
 
 
 def load_npz(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -26,6 +32,7 @@ def load_npz(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray | None
 
 def batches(arrays: dict[str, np.ndarray], batch: int = BATCH) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(arrays.values())))
+    batch = batch_for(n, batch)
     return [{k: v[i : i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
 
 
