@@ -8,7 +8,8 @@ FP32 outputs in memory between requests (the driver starts it once per suite run
 
 Metrics by task:
 - classify: top-1 agreement with FP32 (%), accuracy of FP32 and INT8 with labels (%), mean per-sample
-  cosine of the output vectors;
+  cosine of the output vectors; with labels also ``correct_bits`` (which samples INT8 got right, packed bits in
+  base64) for paired tests between models on the same samples;
 - dense (detector probability map): IoU of the maps thresholded at 0.3 (DBNet's default) between FP32 and
   INT8 (%), mean per-sample cosine, mean absolute error;
 - embed: mean and minimum per-sample cosine of the embeddings;
@@ -30,6 +31,7 @@ them, unfused. The FP32 reference always runs with the default.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import sys
@@ -170,6 +172,8 @@ def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels) -> dict:
         if labels is not None:
             m["accuracy_fp32"] = float((a == labels).mean() * 100)
             m["accuracy_int8"] = float((b == labels).mean() * 100)
+            # per sample, for paired tests between two models on the same samples (calib_tables: McNemar)
+            m["correct_bits"] = base64.b64encode(np.packbits(b == labels).tobytes()).decode("ascii")
             m["primary"], m["primary_name"] = m["accuracy_int8"], "accuracy %"
             m["primary_fp32"] = m["accuracy_fp32"]
         else:
