@@ -4,12 +4,21 @@ path's time and memory, the ORT target under ONNX Runtime's optimisation vs the 
 FP32 remainder of the TensorRT target with the FP16 model's checks, and the memory bound of ``calib collect``. Every table is labelled with the commit, machine and
 command of the records it reads (they may come from a later ``--append --jobs`` run than the rest).
 
+Labelled classifiers: two models' accuracies on the same samples are compared by a paired test (the
+evaluator's per-sample ``correct_bits``): the difference with its 95 % interval and the exact McNemar p-value
+on the samples where exactly one of them is right. A default below a peer or single method by a difference that
+test cannot tell from zero (p >= 0.05), while agreeing with FP32 at least as often, is a *tie*, said so with the
+figures; a significant shortfall is a miss.
+
 Read tolerantly: a record without ``zero_points`` (older evaluator) counts as a symmetric peer, flagged;
 ``transforms`` is a list of names or of ``{name, kept, metric, selection_delta, held_out_delta, ...}`` objects,
 or missing; ``check`` (the FP16 job's ``tools/fp16_check.py`` facts) may be missing.
 """
 
 from __future__ import annotations
+
+import base64
+from math import comb, sqrt
 
 N = 128
 TARGET_S, TARGET_MB = 300.0, 4096.0
@@ -45,10 +54,50 @@ def trt_valid(m: dict) -> bool | None:
 
 
 def ref_size(res, model) -> int | None:
-    """The suite's calibration size nearest N at which peers ran (ORT's histogram calibrators need batches
-    of 20, so 128 itself is not a peer size)."""
-    ns = res.sizes(model, "ort", "minmax") or res.sizes(model, "calib", "export:entropy")
+    """The suite's calibration size nearest N at which peers ran (N itself since the quick suite runs at N)."""
+    ns = (sorted({n for t in ("ort", "modelopt", "nncf") for n in res.sizes(model, t)})
+          or res.sizes(model, "calib", "export:entropy"))
     return min(ns, key=lambda n: (abs(n - N), n)) if ns else None
+
+
+def correct(r: dict | None) -> tuple[int, int] | None:
+    """(bits as one integer, sample count) of which evaluation samples the model got right, if recorded."""
+    m = (r or {}).get("metrics") or {}
+    if "correct_bits" not in m or "eval_samples" not in m:
+        return None
+    return int.from_bytes(base64.b64decode(m["correct_bits"]), "big"), m["eval_samples"]
+
+
+def mcnemar(ours: tuple[int, int], theirs: tuple[int, int]) -> tuple[int, int, float, float, float] | None:
+    """Paired comparison of two models on the same samples: (b, c, difference in points, its 95 % half-width,
+    exact McNemar p), b = samples only ours got right, c = only theirs; None if the sample sets differ."""
+    (x, n), (y, k) = ours, theirs
+    if n != k or not n:
+        return None
+    b, c = (x & ~y).bit_count(), (y & ~x).bit_count()
+    d = (b - c) / n
+    half = 1.96 * sqrt(max((b + c) / n - d * d, 0.0) / n)
+    p = min(1.0, 2 * sum(comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
+    return b, c, d * 100, half * 100, p
+
+
+def compare_cell(r: dict, other: dict | None, name: str, value: float) -> tuple[str, bool]:
+    """How the default stands against one model: ("", True) at or above it; a tie (not significant, at least
+    as close to FP32) or a miss, said with the paired figures. Returns (text, counts as met)."""
+    d = primary(r)
+    if d >= value - EPS:
+        return "", True
+    test = mcnemar(correct(r), correct(other)) if correct(r) and correct(other) else None
+    agree = lambda x: (x or {}).get("metrics", {}).get("top1_agreement")  # noqa: E731
+    if test:
+        b, c, diff, half, p = test
+        closer = (agree(r) or 0) >= (agree(other) or 0) - EPS
+        fig = (f"{diff:+.2f} ± {half:.2f} pts vs {name} ({c - b} of {correct(r)[1]:,} samples, McNemar p = {p:.2f}; "
+               f"agreement with FP32 {agree(r):.2f} vs {agree(other):.2f} %)")
+        if p >= 0.05 and closer:
+            return f"tie: {fig}", True
+        return f"**no**: {fig}", False
+    return f"**no**: below {name} {value:.2f}", False
 
 
 def best_symmetric_peer(res, model, n, peer_cols, label) -> tuple[float, str] | None:
@@ -60,21 +109,22 @@ def best_symmetric_peer(res, model, n, peer_cols, label) -> tuple[float, str] | 
         valid = trt_valid(r["metrics"])
         if valid is False:
             continue
-        cand = (r["metrics"]["primary"], label[(t, v)] + ("" if valid else " (zero points not checked)"))
+        cand = (r["metrics"]["primary"], label[(t, v)] + ("" if valid else " (zero points not checked)"), r)
         best = cand if best is None or cand[0] > best[0] else best
     return best
 
 
-def best_single(res, model, n) -> tuple[float, str, int] | None:
+def best_single(res, model, n) -> tuple[float, str, int, dict] | None:
     """calib's best single method: the ``methods`` job's (N = 128, same code as the default job) when it ran,
-    else the suite's ``export:X`` jobs at ``n``. ``(value, method, N)``."""
+    else the suite's ``export:X`` jobs at ``n``. ``(value, method, N, record)``."""
     for variants, size in ((METHODS, N), (SINGLE, n)):
         if size is None:
             continue
-        cands = [(primary(res.get(model, "calib", v, size)), v.rsplit(":", 1)[1], size) for v in variants]
+        cands = [(primary(res.get(model, "calib", v, size)), v.rsplit(":", 1)[1], size, res.get(model, "calib", v, size))
+                 for v in variants]
         cands = [c for c in cands if c[0] is not None]
         if cands:
-            return max(cands)
+            return max(cands, key=lambda c: c[0])
     return None
 
 
@@ -126,15 +176,17 @@ def jobs_label(res) -> list[str]:
 def default_table(res, notes, peer_cols, lab) -> list[str]:
     out = head("calib's default path: `calib quantize MODEL --data calib_128.npz -o OUT` (no other option)",
                "Held out: the suite's evaluation samples, which no job sees (calib chooses on ~25 % of its 128 "
-               "calibration samples). Peers and calib's single methods at the suite's size nearest 128 (N below); "
-               "calib's single methods from the `methods` job (N = 128, `--method X`, same code) where it ran; "
+               "calibration samples). Peers and calib's single methods (`--method X`, same code) at the same N; "
                "a peer counts only with every zero point 0 and signed (int8; int32 for ORT's biases), TensorRT's symmetric "
-               "int8: NNCF's uint8 activations do not. Transforms: each one the default path tried (from its scale report, "
-               "`--report`), kept or not, and what it gave, with minus without, on data not used to choose: the "
-               "evaluation data, or calib's report split of the calibration samples where marked; in parentheses "
-               "the selection-split figure that decided it.",
+               "int8: NNCF's uint8 activations do not. Time (s, wall) and peak memory (MB, process tree) of the default "
+               "job and of the best peer's job beside it. On labelled classifiers a shortfall is tested on the same "
+               "samples (difference with its 95 % interval, exact McNemar p; agreement with FP32 beside): *tie* = "
+               "not significant (p ≥ 0.05) and calib at least as close to FP32. Transforms: each one the default path "
+               "tried (from its scale report, `--report`), kept or not, and what it gave, with minus without, on data "
+               "not used to choose: the evaluation data, or calib's report split of the calibration samples where "
+               "marked; in parentheses the selection-split figure that decided it.",
                ["model", "calib default", "best symmetric peer", "best single method", "≥ peer and ≥ single?", "s",
-                "MB", "transforms"])
+                "MB", "peer s", "peer MB", "transforms"])
     for model in res.models:
         r = res.get(model, "calib", DEFAULT, N)
         if r is None:
@@ -148,13 +200,19 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
         elif bp is None and bs is None:
             verdict = "n/a (no peer or single-method result)"
         else:
-            lost = [f"{x[1]} {x[0]:.2f}" for x in (bp, bs) if x and d < x[0] - 1e-9]
-            verdict = "yes" if not lost else "**no**: below " + ", ".join(lost)
-            if lost:
-                notes.append(f"{model}: calib default {d:.2f} below " + ", ".join(lost) + f" (N={n}).")
+            said = [compare_cell(r, x[-1], x[1], x[0]) for x in (bp, bs) if x]
+            said = [t for t in said if t[0]]
+            verdict = "; ".join(t for t, _ in said) if said else "yes"
+            if all(met for _, met in said) and said:
+                verdict = "yes (" + verdict + ")"
+            for t, met in said:
+                if not met:
+                    notes.append(f"{model}: calib default {d:.2f} {t.removeprefix('**no**: ')} (N={n}).")
+        pr = bp[-1] if bp else None
         cells = [f2(d), f"{f2(bp[0])} ({bp[1]}, N={n})" if bp else "–",
                  f"{f2(bs[0])} ({bs[1]}, N={bs[2]})" if bs else "–", verdict,
                  f"{r['wall_s']:.1f}" if ok(r) else "–", f"{r['peak_rss_mb']:.0f}" if ok(r) else "–",
+                 f"{pr['wall_s']:.1f}" if ok(pr) else "–", f"{pr['peak_rss_mb']:.0f}" if ok(pr) else "–",
                  transforms_cell(r) if ok(r) else "–"]
         out.append(f"| {model} | " + " | ".join(cells) + " |")
     return out
