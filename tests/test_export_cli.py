@@ -185,3 +185,68 @@ def test_export_help_has_examples():
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert "--placement" in r.stdout and "calib export model.onnx --stats stats.npz" in r.stdout
+
+
+# ---- --method auto: the default with --data --------------------------------------------------------------
+
+
+@pytest.fixture
+def auto_setup(tmp_path):
+    model = _model(tmp_path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((24, 3, 8, 8)).astype(np.float32))
+    stats = tmp_path / "stats.npz"
+    assert main(["-q", "collect", str(model), "--data", str(data), "-o", str(stats)]) == 0
+    return model, data, stats, tmp_path
+
+
+def test_export_with_data_is_auto_and_equals_quantize(auto_setup):
+    """`export --stats S --data D` (no --method) is auto: the same model, byte for byte, as `quantize --data D`
+    (which collects S itself), with the per-tensor choice in the scale report."""
+    model, data, stats, tmp = auto_setup
+    out, report, q = tmp / "auto.onnx", tmp / "scales.json", tmp / "q.onnx"
+    assert main(["-q", "export", str(model), "--stats", str(stats), "--data", str(data), "-o", str(out),
+                 "--report", str(report)]) == 0
+    assert main(["-q", "quantize", str(model), "--data", str(data), "-o", str(q)]) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(q.read_bytes()).hexdigest()
+    doc = json.loads(report.read_text())
+    assert doc["chosen_method"] == "auto"
+
+
+def test_export_without_data_keeps_entropy(auto_setup):
+    model, _, stats, tmp = auto_setup
+    report = tmp / "scales.json"
+    assert main(["-q", "export", str(model), "--stats", str(stats), "-o", str(tmp / "e.onnx"),
+                 "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["chosen_method"] == "entropy"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--method", "auto"], "--method auto needs --data"),
+    (["--method", "auto", "--data", "{data}", "--weights", "per_tensor"], "--weights per_tensor with --method auto"),
+    (["--data", "{data}", "--bias-data", "{data}"], "--bias-data with --method auto"),
+])
+def test_export_auto_refuses_what_it_cannot_take(auto_setup, capsys, extra, says):
+    model, data, stats, tmp = auto_setup
+    out = tmp / "never.onnx"
+    argv = ["export", str(model), "--stats", str(stats), "-o", str(out)] + [a.format(data=data) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) <= 2, err
+    assert not out.exists()
+
+
+def test_export_auto_with_ranges_is_refused(auto_setup, capsys):
+    model, data, stats, tmp = auto_setup
+    ranges = tmp / "ranges.json"
+    assert main(["-q", "calibrate", str(stats), "-o", str(ranges)]) == 0
+    assert main(["export", str(model), "--ranges", str(ranges), "--method", "auto", "--data", str(data),
+                 "-o", str(tmp / "never.onnx")]) == 2
+    assert "give --stats" in capsys.readouterr().err
+
+
+def test_export_auto_never_writes_over_its_data(auto_setup, capsys):
+    model, data, stats, _ = auto_setup
+    before = data.read_bytes()
+    assert main(["export", str(model), "--stats", str(stats), "--data", str(data), "-o", str(data)]) == 2
+    assert "refusing to write over an input" in capsys.readouterr().err and data.read_bytes() == before

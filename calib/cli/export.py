@@ -21,12 +21,16 @@ from calib.export.precision import resolve_target
 from calib.export.precision import apply_high_precision
 from calib.export.ort_bias import ort_bias_line, ort_bias_report
 from calib.export.trt_cache import model_cache
-from calib.cli._preprocess import load_spec, preprocess_option, show_spec
+from calib.cli._preprocess import load_spec, preprocess_option, resolve_spec, show_spec
+from calib.cli.pipeline import print_quantized
+from calib.pipeline import quantize
 from calib.data.preprocess import stamp_model
 
 __all__ = ["register"]
 
 _EXPORT_EPILOG = """Examples:
+
+  calib export model.onnx --stats stats.npz --data calib/ -o model.int8.onnx   (auto: per tensor, measured)
 
   calib export model.onnx --stats stats.npz --method entropy -o model.int8.onnx
 
@@ -99,14 +103,23 @@ def _check_outputs(*paths: Optional[Path]) -> None:
                 break
 
 
+_METHOD_HELP = ("auto (per tensor, chosen by measured output effect; needs --data) | entropy | minmax | "
+                "percentile[:P] | mse. Default: auto with --data, else entropy with --stats; with --ranges the "
+                "file's only method.")
+_DATA_HELP = ("Samples --method auto measures on (the calibration data the statistics came from: it chooses on "
+              "a selection split by sample id, reports on the rest); --preprocess applies.")
+_BIAS_MODE_HELP = ("robust: take a channel's mean shift off only where that lowers its mean absolute error "
+                   "(default); mean: always (NNCF's fast bias correction; harmful where ranges clip outliers).")
+
+
 def export_cmd(
     model: Path = typer.Argument(..., help="FP32 ONNX model (never modified)."),
     output: Path = typer.Option(..., "--output", "-o", help="Q/DQ ONNX model to write."),
     stats: Optional[Path] = typer.Option(None, "--stats", "-s", help="Statistics from 'calib collect' (.npz)."),
     ranges: Optional[Path] = typer.Option(None, "--ranges", "-r", help="ranges.json from 'calib calibrate' "
                                           "(instead of --stats)."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="entropy | minmax | percentile[:P] | mse "
-                                         "(default entropy with --stats; with --ranges the file's only method)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=_DATA_HELP),
     placement: Optional[str] = typer.Option(None, "--placement", "-p", help="trt: TensorRT's Q/DQ rules "
                                             "(default, fp16 remainder); ort: ONNX Runtime's CPU int8 kernels "
                                             "(QLinearConv chains, fp32 remainder)."),
@@ -130,9 +143,7 @@ def export_cmd(
                                              "data)."),
     bias_samples: int = typer.Option(128, "--bias-samples", help="Samples of --bias-data to use."),
     preprocess: Optional[Path] = preprocess_option(),
-    bias_mode: str = typer.Option("robust", "--bias-mode", help="robust: take a channel's mean shift off only "
-                                  "where that lowers its mean absolute error (default); mean: always (NNCF's "
-                                  "fast bias correction; harmful where ranges clip outliers)."),
+    bias_mode: str = typer.Option("robust", "--bias-mode", help=_BIAS_MODE_HELP),
 ) -> None:
     """Insert Q/DQ nodes into a copy of MODEL (explicit INT8 for TensorRT 10/11 and ONNX Runtime)."""
     if (stats is None) == (ranges is None):
@@ -141,6 +152,65 @@ def export_cmd(
     if bias_mode not in ("robust", "mean"):
         raise ConfigError(f"--bias-mode {bias_mode}: expected robust or mean")
     _check_outputs(output, cache, report)
+    if _export_method(method, stats, data) == "auto":
+        _check_auto(ranges, data, weights, bias_data)
+        return _export_auto(model, output, stats, data, cache=cache, report=report, placement=placement,
+                            target_runtime=target_runtime, high_precision=high_precision, keep_fp32=keep_fp32,
+                            exclude=exclude, trt_version=trt_version, preprocess=preprocess)
+    _export_named(model, output, stats, ranges, method, placement=placement, target_runtime=target_runtime,
+                  high_precision=high_precision, keep_fp32=keep_fp32, exclude=exclude, weights=weights, cache=cache,
+                  trt_version=trt_version, report=report, bias_data=bias_data, bias_samples=bias_samples,
+                  preprocess=preprocess, bias_mode=bias_mode)
+
+
+def _export_method(method: Optional[str], stats: Optional[Path], data: Optional[Path]) -> Optional[str]:
+    """The method asked, else auto where it can measure (statistics and samples), else None (entropy with
+    --stats; the ranges file's only method with --ranges)."""
+    if method is not None:
+        return method
+    return "auto" if stats is not None and data is not None else None
+
+
+def _check_auto(ranges: Optional[Path], data: Optional[Path], weights: str, bias_data: Optional[Path]) -> None:
+    """What --method auto cannot take, refused before any work."""
+    if ranges is not None:
+        raise ConfigError("--method auto chooses among every candidate range of each tensor, which the statistics "
+                          "hold: give --stats (from 'calib collect'), not --ranges")
+    if data is None:
+        raise ConfigError("--method auto needs --data: the samples it measures each tensor's candidates on",
+                          hint="calib export model.onnx --stats stats.npz --data calib/ -o model.int8.onnx")
+    if weights != "per_channel":
+        raise ConfigError(f"--weights {weights} with --method auto: auto exports per-channel weights",
+                          hint="give a named method (e.g. --method mse) for per-tensor weights")
+    if bias_data is not None:
+        raise ConfigError("--bias-data with --method auto: auto tries bias correction itself on --data and keeps "
+                          "it only where it helps", hint="drop --bias-data, or give a named method")
+
+
+def _export_auto(model: Path, output: Path, stats: Path, data: Path, *, cache, report, placement, target_runtime,
+                 high_precision, keep_fp32, exclude, trt_version, preprocess) -> None:
+    """``--method auto``: the default path of 'calib quantize' on statistics already collected (no second
+    collection pass): choose per tensor on the selection split of --data, transforms kept where they help."""
+    m = load_model(model)
+    stats_obj = ActivationStats.load(stats)
+    stats_obj.check_model(m)
+    placement, dtype = resolve_target(target_runtime, placement, high_precision)
+    spec = resolve_spec(model, data, preprocess)
+    prog = Progress()
+    try:
+        res = quantize(model, data, output, method="auto", cache=cache, report=report, placement=placement,
+                       exclude=exclude, high_precision=dtype, keep_fp32=keep_fp32,
+                       trt_version=trt_version or DEFAULT_TRT_VERSION, preprocess=spec and spec.to_dict(),
+                       stats=stats_obj, progress=prog)
+    finally:
+        prog.close()
+    print_quantized(res, "")
+
+
+def _export_named(model: Path, output: Path, stats: Optional[Path], ranges: Optional[Path], method: Optional[str],
+                  *, placement, target_runtime, high_precision, keep_fp32, exclude, weights, cache, trt_version,
+                  report, bias_data, bias_samples, preprocess, bias_mode) -> None:
+    """One named method's ranges (from the statistics or a ranges file) exported as they are."""
     m = _load_noted(model)
     bias_source = _open_bias_data(bias_data, m, preprocess)
     stats_obj, flagged = None, {}

@@ -119,11 +119,11 @@ def quantize_cmd(
                        select_fraction=select_fraction, preprocess=spec and spec.to_dict())
     except TargetNotMet as e:
         prog.close()
-        _print_quantized(e.result, target) if getattr(e, "result", None) is not None else None
+        print_quantized(e.result, target) if getattr(e, "result", None) is not None else None
         raise
     finally:
         prog.close()
-    _print_quantized(res, target)
+    print_quantized(res, target)
 
 
 def _deploy_cpu(value: str) -> str:
@@ -132,7 +132,7 @@ def _deploy_cpu(value: str) -> str:
     return value
 
 
-def _print_quantized(res, target: str) -> None:
+def print_quantized(res, target: str) -> None:
     """The shipped model's numbers first, then the path that got there, then the files."""
     if res.shipped:
         echo("shipped model: " + _metrics_line(res.shipped))

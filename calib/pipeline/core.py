@@ -178,8 +178,11 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
              max_float_nodes: int = 0, time_budget_s: float = 0.0, progress: Progress | None = None,
              preprocess: dict | None = None, high_precision: str | None = None, keep_fp32: Sequence[str] = (),
              trt_version: int = DEFAULT_TRT_VERSION, select_fraction: float = DEFAULT_SELECT_FRACTION,
-             deploy_cpu: str = "", auto_transforms: Sequence[str] | None = None) -> QuantizeResult:
+             deploy_cpu: str = "", auto_transforms: Sequence[str] | None = None,
+             stats: ActivationStats | None = None) -> QuantizeResult:
     """Collect, calibrate, choose, (advise toward ``target``), transform, verify and write to files.
+
+    ``stats``: statistics already collected on ``data`` (``calib export --method auto``): no collection pass.
 
     ``bias_correction``: correct each quantized layer's bias on the first ``bias_samples`` calibration
     samples; with evaluation data kept only if it scores better. ``stats_out``: also write the
@@ -198,7 +201,7 @@ def quantize(model_path: str | os.PathLike, data: str | os.PathLike, output: str
     source = open_run_data(Path(data), model, preprocess=cfg.preprocess)
     ev = open_run_data(Path(eval_data), model, preprocess=cfg.preprocess) if eval_data is not None else None
     sink = FileSink(Path(output), cache=Path(cache) if cache else None, report=Path(report) if report else None,
-                    stats_out=Path(stats_out) if stats_out else None)
+                    stats_out=Path(stats_out) if stats_out else None, stats=stats)
     ctx = run_plan(Context(cfg, model, source, ev, progress), sink)
     res = QuantizeResult(Path(output), ctx.method, ctx.ranges, ctx.stats, metrics=ctx.scores, best=ctx.best,
                          bias=ctx.bias, shipped=ctx.shipped, remainder=ctx.remainder,

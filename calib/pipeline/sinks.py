@@ -39,9 +39,10 @@ class FileSink:
     reports = False  # no per-layer comparison
 
     def __init__(self, output: Path, *, cache: Path | None = None, report: Path | None = None,
-                 stats_out: Path | None = None) -> None:
+                 stats_out: Path | None = None, stats: ActivationStats | None = None) -> None:
         self._paths = {"model": Path(output), "advise": advice_json_path(output), "cache": cache,
                        "scales": report, "stats": stats_out}
+        self._stats = stats  # already collected on the run's data ('calib export --method auto'): no pass
 
     def path(self, key: str, name: str) -> Path | None:
         p = self._paths.get(key)
@@ -54,7 +55,7 @@ class FileSink:
         pass
 
     def reuse_stats(self) -> ActivationStats | None:
-        return None
+        return self._stats
 
     def collector(self):
         return None  # plain ``collect``
