@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -78,7 +79,11 @@ def run_peer(ctx: Ctx, model: str, tool: str, variant: str, n: int) -> dict:
         return ctx.record({**rec, "status": "failed", "error": ctx.venv_errors[tool]})
     d = RUNS / ctx.suite.name / model / f"{tool}-{variant}-{n}"
     d.mkdir(parents=True, exist_ok=True)
-    argv = [str(venv_python(tool)), str(TOOLS_DIR / f"{tool}_job.py"), "--model", str(model_path(model)),
+    # a private copy of the FP32 model: ModelOpt 0.47 writes its input file back in place (with shape
+    # inference's value_info added: same outputs, other bytes), which no other tool should then read
+    fp32 = d / "fp32_input.onnx"
+    shutil.copyfile(model_path(model), fp32)
+    argv = [str(venv_python(tool)), str(TOOLS_DIR / f"{tool}_job.py"), "--model", str(fp32),
             "--calib", str(calib_path(model, n)), "--out", str(d), "--method", variant]
     m, ok = measure(ctx, tool, argv, d)
     rec.update(m)
