@@ -30,7 +30,7 @@ __all__ = ["RunConfig", "load_config", "parse_config", "KEYS", "keys_help", "DEF
            "DEPLOY_CPUS"]
 
 DEFAULT_BATCH_SIZE = 8  # samples per ONNX Runtime run: one default for quantize, collect, compare, advise, run
-AUTO_TRANSFORMS = ("equalize", "smoothquant", "bias_correction")  # auto's transform candidates, in order
+AUTO_TRANSFORMS = ("equalize", "smoothquant", "float_regions", "bias_correction")  # auto's candidates, in order
 DEPLOY_CPUS = ("", "no-vnni", "vnni")  # the ORT target's CPU: '' = this machine (detected)
 
 
@@ -81,7 +81,9 @@ KEYS: dict[str, dict[str, tuple[Any, Any, str]]] = {
                                                             "are measured on the rest or on the eval data."),
         "auto_transforms": (list, list(AUTO_TRANSFORMS), "Transforms 'auto' tries, each kept only if it improves "
                                                          "the selection samples' output metric: equalize (cross-"
-                                                         "layer equalization), smoothquant, bias_correction."),
+                                                         "layer equalization), smoothquant, float_regions (ORT "
+                                                         "target: elementwise regions left float), "
+                                                         "bias_correction."),
     },
     "export": {
         "placement": (str, "trt", "Q/DQ placement: trt (TensorRT's rules) or ort (ONNX Runtime CPU fusions)."),

@@ -158,6 +158,12 @@ def transform_cost(ctx, kind: str) -> float:
     return ctx.budget.pace.seconds(data + _n(ctx.sel) * (f + 2 * q))
 
 
+def region_cost(ctx) -> float:
+    """One float-region candidate (``calib.pipeline.float_regions``): the current and the candidate model on
+    the selection samples (the FP32 reference is cached)."""
+    return ctx.budget.pace.seconds(_n(ctx.sel) * 2 * qdq_nodes(ctx))
+
+
 def reserve_after(ctx, stage: str) -> float:
     """Seconds the steps after ``stage`` are expected to need: the transforms still to come that fit, then
     verify and write (always)."""

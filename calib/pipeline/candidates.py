@@ -29,6 +29,7 @@ from calib.collect import collect
 from calib.export.transforms import TRANSFORM_KINDS, apply_sites, find_sites
 from calib.model import Model, model_from_proto
 from calib.pipeline.budget import heldout_cost, transform_cost, verify_cost
+from calib.pipeline.float_regions import float_regions_step
 from calib.pipeline.scoring import keep_change, score_pair, transform_record
 from calib.pipeline.steps import Context, export_shipped, final_ranges
 from calib.runtime import open_runner, run_batches
@@ -63,6 +64,7 @@ def equalize_step(ctx: Context) -> None:
             _unchanged(ctx, kind, "not tried: the run's time budget")
             continue
         try_transform(ctx, kind)
+    float_regions_step(ctx)  # the ORT target's elementwise regions (calib.pipeline.float_regions)
 
 
 def _retune(ctx: Context, new: Model, tensors: list[str]) -> dict[str, Any]:

@@ -78,6 +78,7 @@ class Context:
     subset: bool = False  # the calibration source is an edited subset (the dashboard's calib_ids)
     base: Model | None = None  # the FP32 model the shipped one is exported from, when a kept transform edited it
     retuned: dict[str, Any] = field(default_factory=dict)  # tensor -> TensorRange re-calibrated after a transform
+    floats: list[str] = field(default_factory=list)  # nodes/tensors a kept float region leaves float (ORT target)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # auto's transform candidates: kept or not
     deployed: dict[str, Any] | None = None  # the deployed-runtime check (calib.pipeline.deployed)
     started: float = field(default_factory=time.perf_counter)  # when the run started (its budget counts from it)
@@ -347,5 +348,6 @@ def export_shipped(ctx: Context, ranges: Ranges | None = None, base: Model | Non
     r = ranges if ranges is not None else final_ranges(ctx)
     if base is not None or ctx.base is not None:  # ranges of the original model, for an edited copy of it
         r = Ranges(r.method, dict(r.tensors), "")
-    return export_qdq(base or ctx.base or ctx.model, r, placement=c.placement, exclude=exclude + list(floats),
+    return export_qdq(base or ctx.base or ctx.model, r, placement=c.placement,
+                      exclude=exclude + list(ctx.floats) + list(floats),
                       flagged=ctx.flagged, weight_bits=weight_bits or None)
