@@ -162,3 +162,19 @@ def test_branching_output_is_not_rewritten_and_not_flagged(tmp_path, capsys):
     path = tmp_path / "q.onnx"
     assert _rel(_run(path, x), _run(path, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)) < 0.02
     assert "conv_b" not in _biases_ort_feeds(path, tmp_path)
+
+
+def test_calib_advise_prints_it_for_the_model_it_writes(tmp_path, capsys):
+    """`calib advise` writes its model with the fp16 remainder too: the same one line names the node."""
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    onnx.save(_conv_chain(2.0), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    assert main(["-q", "collect", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "calib.npz"),
+                 "-o", str(tmp_path / "s.npz")]) == 0
+    capsys.readouterr()
+    rc = main(["advise", str(tmp_path / "m.onnx"), "--stats", str(tmp_path / "s.npz"), "--data",
+               str(tmp_path / "calib.npz"), "--method", "minmax", "--target", "cosine:0.5", "-o", str(tmp_path / "a.onnx")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert [f["node"] for f in ort_bias_overflow(onnx.load(tmp_path / "a.onnx"))] == ["conv_b"]
+    assert sum(s.startswith("ONNX Runtime:") and "conv_b" in s for s in out.splitlines()) == 1

@@ -22,6 +22,7 @@ from calib.io import npy_header
 from calib.model import load_model
 from calib.stats import ActivationStats
 from calib.config import DEFAULT_BATCH_SIZE
+from calib.export.ort_bias import ort_bias_line, ort_bias_report
 from calib.export.precision import apply_high_precision, resolve_target
 from calib.io import save_onnx
 from calib.compare.deployed import deployed_json, verify_deployed
@@ -235,6 +236,8 @@ def _ship_advice(adv, output: Path, dtype: str, st, html_path: Optional[Path], f
         shipped, prec = apply_high_precision(adv.qdq, dtype, stats=st)
         save_onnx(shipped.model, output)
         echo(f"{prec.summary()} -> {output}")
+        if ort_bias := ort_bias_report(shipped.model):  # what ONNX Runtime's default optimisation breaks in it
+            echo(ort_bias_line(ort_bias))
     if html_path is not None:  # the report describes the written model
         _advice_html(html_path, fm, adv, shipped, source, st, labs, name, batch_size=batch_size,
                      optimization=optimization, providers=providers)
