@@ -178,3 +178,20 @@ def test_calib_advise_prints_it_for_the_model_it_writes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert [f["node"] for f in ort_bias_overflow(onnx.load(tmp_path / "a.onnx"))] == ["conv_b"]
     assert sum(s.startswith("ONNX Runtime:") and "conv_b" in s for s in out.splitlines()) == 1
+
+
+def test_calib_import_cache_prints_and_reports_it(tmp_path, capsys):
+    """A TensorRT cache imported into an fp16-remainder Q/DQ model: the same node named, line and report."""
+    x = np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    onnx.save(_conv_chain(2.0), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    assert main(["-q", "quantize", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "calib.npz"), "-m", "minmax",
+                 "-o", str(tmp_path / "q.onnx"), "--cache", str(tmp_path / "m.cache")]) == 0
+    capsys.readouterr()
+    assert main(["import-cache", str(tmp_path / "m.onnx"), str(tmp_path / "m.cache"), "-o", str(tmp_path / "i.onnx"),
+                 "--report", str(tmp_path / "import.json")]) == 0
+    out = capsys.readouterr().out
+    assert [f["node"] for f in ort_bias_overflow(onnx.load(tmp_path / "i.onnx"))] == ["conv_b"]
+    assert sum(s.startswith("ONNX Runtime:") and "conv_b" in s for s in out.splitlines()) == 1
+    doc = json.loads((tmp_path / "import.json").read_text())
+    assert [n["node"] for n in doc["onnxruntime_fp16_bias"]["nodes"]] == ["conv_b"]

@@ -11,6 +11,7 @@ import typer
 from calib.cli._common import echo
 from calib.errors import ConfigError
 from calib.export.cache_import import cache_vs_stats, import_cache
+from calib.export.ort_bias import ort_bias_line, ort_bias_report
 from calib.export.precision import apply_high_precision, resolve_target
 from calib.export.trt_cache import read_any_cache
 from calib.io import write_json
@@ -72,15 +73,18 @@ def import_cache_cmd(
         st.check_model(m)
     imp = import_cache(m, ranges, placement=placement, exclude=exclude)
     qdq = imp.qdq
+    ort_bias = None
     if dtype != "fp32":
         qdq, prec = apply_high_precision(qdq, dtype, stats=st)
         echo(prec.summary())
+        if ort_bias := ort_bias_report(qdq.model):  # what ONNX Runtime's default optimisation breaks in it
+            echo(ort_bias_line(ort_bias))
     qdq.save(output)
     echo(f"{len(ranges)} cache entries ({ranges.method}); {qdq.summary()} -> {output}")
     for label, names in (("the cache lacks", imp.cache_lacks), ("the model lacks", imp.model_lacks)):
         if names:
             echo(f"  {label} {len(names)} tensor(s): {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
-    doc = imp.to_json()
+    doc = imp.to_json() | ({"onnxruntime_fp16_bias": ort_bias} if ort_bias else {})
     if st is not None:
         rows = cache_vs_stats(ranges, st)
         doc["vs_stats"] = rows
