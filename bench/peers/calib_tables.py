@@ -373,7 +373,7 @@ def section(res, notes: list[str], peer_cols, lab) -> list[str]:
 
 
 def summary_cells(res, model) -> list[str]:
-    """For the main README: calib default (N=128) and the --target job's time."""
+    """For the main README: calib default (N=128) with its time and memory, and the --target job's."""
     d = res.get(model, "calib", DEFAULT, N)
     t = res.get(model, "calib", TARGET, N)
     tc = "–"
@@ -381,4 +381,7 @@ def summary_cells(res, model) -> list[str]:
         tc = f"{t['wall_s']:.0f} s, {t['peak_rss_mb'] / 1024:.1f} GB, " + ("met" if t.get("target_met") else "not met")
     elif t is not None:
         tc = "failed"
-    return [f2(primary(d)) if d is None or ok(d) else "failed", tc]
+    dc = "failed" if d is not None and not ok(d) else f2(primary(d))
+    if ok(d):
+        dc += f" ({d['wall_s']:.0f} s, {d['peak_rss_mb'] / 1024:.1f} GB)"
+    return [dc, tc]

@@ -288,8 +288,9 @@ def render(path: Path) -> tuple[str, str]:
         ns = res.sizes(model, "ort", "minmax") or [None]
         n = ns[-1]
         cal = [x for x in (res.metric(model, "calib", v, n) for v in CALIB_INT8) if x is not None]
-        peers = [(res.metric(model, t, v, n), LABEL[(t, v)]) for t, v in PEER_COLS]
+        peers = [(res.metric(model, t, v, n), LABEL[(t, v)], res.get(model, t, v, n)) for t, v in PEER_COLS]
         peers = [p for p in peers if p[0] is not None]
+        bp = max(peers, key=lambda p: p[0]) if peers else None
         t500 = calib_pipeline_s(res, model, 500)
         ref = res.get(model, "ort", "entropy2048", 500)
         tr = f"{ref['wall_s'] / t500:.1f}× faster (N=500)" if t500 and ref and ref["status"] == "ok" else "–"
@@ -298,9 +299,17 @@ def render(path: Path) -> tuple[str, str]:
         cmp_ = [(p, c) for p, c in cmp_ if p and c and p["status"] == "ok" and c["status"] == "ok"]
         cs = f"{cmp_[-1][0]['wall_s'] / cmp_[-1][1]['wall_s']:.1f}× faster" if cmp_ else "–"
         summary.append(f"| {model} | {f'{max(cal):.2f}' if cal else 'failed'} | "
-                       f"{f'{max(peers)[0]:.2f} ({max(peers)[1]})' if peers else 'failed'} | {tr} | {cs} | "
+                       f"{peer_cell(bp)} | {tr} | {cs} | "
                        + " | ".join(calib_tables.summary_cells(res, model)) + " |")
     return "\n".join(body), "\n".join(summary)
+
+
+def peer_cell(bp) -> str:
+    """The best peer's metric, name, time and memory (main README summary)."""
+    if bp is None:
+        return "failed"
+    value, label, r = bp
+    return f"{value:.2f} ({label}; {r['wall_s']:.0f} s, {r['peak_rss_mb'] / 1024:.1f} GB)"
 
 
 def replace_between(text: str, begin: str, end: str, content: str) -> str | None:
