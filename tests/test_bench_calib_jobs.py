@@ -143,6 +143,18 @@ def test_a_tie_needs_calib_at_least_as_close_to_fp32(tmp_path):
     path = tmp_path / "peers-quick.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert "**no**: -0.20" in line(table.render(path)[0], "| cnn | 88.00 |")
+    # with per-sample agreement: 20 samples fewer agree (0 vs 20 discordant, p < 0.05): still a miss; 3 fewer
+    # (1 vs 4): not significant, a tie
+    for ours_only, theirs_only, verdict in ((0, 20, "**no**"), (1, 4, "tie")):
+        a_ours, a_peer = np.ones(1000, bool), np.ones(1000, bool)
+        a_ours[:theirs_only] = False
+        a_peer[500:500 + ours_only] = False
+        recs[0]["metrics"]["agree_bits"], recs[1]["metrics"]["agree_bits"] = bits(a_ours), bits(a_peer)
+        recs[0]["metrics"]["top1_agreement"] = float(a_ours.mean() * 100)
+        recs[1]["metrics"]["top1_agreement"] = float(a_peer.mean() * 100)
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        cell = line(table.render(path)[0], "| cnn | 88.00 |")
+        assert f"{verdict}: -0.20" in cell, cell
 
 
 def test_target_time_memory_and_how_close(md):

@@ -7,8 +7,9 @@ command of the records it reads (they may come from a later ``--append --jobs`` 
 Labelled classifiers: two models' accuracies on the same samples are compared by a paired test (the
 evaluator's per-sample ``correct_bits``): the difference with its 95 % interval and the exact McNemar p-value
 on the samples where exactly one of them is right. A default below a peer or single method by a difference that
-test cannot tell from zero (p >= 0.05), while agreeing with FP32 at least as often, is a *tie*, said so with the
-figures; a significant shortfall is a miss.
+test cannot tell from zero (p >= 0.05), while agreeing with FP32 at least as often or by a difference the
+same test on ``agree_bits`` cannot tell from zero, is a *tie*, said so with the figures; a significant shortfall
+is a miss.
 
 Read tolerantly: a record without ``zero_points`` (older evaluator) counts as a symmetric peer, flagged;
 ``transforms`` is a list of names or of ``{name, kept, metric, selection_delta, held_out_delta, ...}`` objects,
@@ -60,12 +61,13 @@ def ref_size(res, model) -> int | None:
     return min(ns, key=lambda n: (abs(n - N), n)) if ns else None
 
 
-def correct(r: dict | None) -> tuple[int, int] | None:
-    """(bits as one integer, sample count) of which evaluation samples the model got right, if recorded."""
+def correct(r: dict | None, key: str = "correct_bits") -> tuple[int, int] | None:
+    """(bits as one integer, sample count) of which evaluation samples the model got right (``agree_bits``:
+    agreed with FP32's top-1), if recorded."""
     m = (r or {}).get("metrics") or {}
-    if "correct_bits" not in m or "eval_samples" not in m:
+    if key not in m or "eval_samples" not in m:
         return None
-    return int.from_bytes(base64.b64decode(m["correct_bits"]), "big"), m["eval_samples"]
+    return int.from_bytes(base64.b64decode(m[key]), "big"), m["eval_samples"]
 
 
 def mcnemar(ours: tuple[int, int], theirs: tuple[int, int]) -> tuple[int, int, float, float, float] | None:
@@ -92,9 +94,12 @@ def compare_cell(r: dict, other: dict | None, name: str, value: float) -> tuple[
     if test:
         b, c, diff, half, p = test
         closer = (agree(r) or 0) >= (agree(other) or 0) - EPS
+        at = mcnemar(correct(r, "agree_bits"), correct(other, "agree_bits")) \
+            if correct(r, "agree_bits") and correct(other, "agree_bits") else None
         fig = (f"{diff:+.2f} ± {half:.2f} pts vs {name} ({c - b} of {correct(r)[1]:,} samples, McNemar p = {p:.2f}; "
-               f"agreement with FP32 {agree(r):.2f} vs {agree(other):.2f} %)")
-        if p >= 0.05 and closer:
+               f"agreement with FP32 {agree(r):.2f} vs {agree(other):.2f} %"
+               + ("" if closer or at is None else f", p = {at[4]:.2f}") + ")")
+        if p >= 0.05 and (closer or (at is not None and at[4] >= 0.05)):
             return f"tie: {fig}", True
         return f"**no**: {fig}", False
     return f"**no**: below {name} {value:.2f}", False
@@ -181,7 +186,8 @@ def default_table(res, notes, peer_cols, lab) -> list[str]:
                "int8: NNCF's uint8 activations do not. Time (s, wall) and peak memory (MB, process tree) of the default "
                "job and of the best peer's job beside it. On labelled classifiers a shortfall is tested on the same "
                "samples (difference with its 95 % interval, exact McNemar p; agreement with FP32 beside): *tie* = "
-               "not significant (p ≥ 0.05) and calib at least as close to FP32. Transforms: each one the default path "
+               "not significant (p ≥ 0.05) and calib at least as close to FP32, or less close by a difference the "
+               "same test on agreement cannot tell from zero either. Transforms: each one the default path "
                "tried (from its scale report, `--report`), kept or not, and what it gave, with minus without, on data "
                "not used to choose: the evaluation data, or calib's report split of the calibration samples where "
                "marked; in parentheses the selection-split figure that decided it.",

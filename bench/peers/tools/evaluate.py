@@ -8,8 +8,8 @@ FP32 outputs in memory between requests (the driver starts it once per suite run
 
 Metrics by task:
 - classify: top-1 agreement with FP32 (%), accuracy of FP32 and INT8 with labels (%), mean per-sample
-  cosine of the output vectors; with labels also ``correct_bits`` (which samples INT8 got right, packed bits in
-  base64) for paired tests between models on the same samples;
+  cosine of the output vectors; ``agree_bits`` (which samples' top-1 equals FP32's) and with labels
+  ``correct_bits`` (which samples INT8 got right), packed bits in base64, for paired tests between models;
 - dense (detector probability map): IoU of the maps thresholded at 0.3 (DBNet's default) between FP32 and
   INT8 (%), mean per-sample cosine, mean absolute error;
 - embed: mean and minimum per-sample cosine of the embeddings;
@@ -169,6 +169,7 @@ def metrics(task: str, ref: np.ndarray, got: np.ndarray, labels) -> dict:
     if task == "classify":
         a, b = ref.reshape(len(ref), -1).argmax(1), got.reshape(len(got), -1).argmax(1)
         m["top1_agreement"] = float((a == b).mean() * 100)
+        m["agree_bits"] = base64.b64encode(np.packbits(a == b).tobytes()).decode("ascii")  # per sample, for paired tests
         if labels is not None:
             m["accuracy_fp32"] = float((a == labels).mean() * 100)
             m["accuracy_int8"] = float((b == labels).mean() * 100)
