@@ -21,11 +21,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
+from onnx import version_converter
 
 from calib.compare.mapping import TensorMap
 from calib.compare.metrics import TensorAccumulator
 from calib.compare.runners import open_runner
 from calib.data import batches
+from calib.errors import ModelError
 from calib.model import Model
 
 __all__ = ["LocalModel", "local_model", "local_errors", "LOCAL_KEYS"]
@@ -96,11 +98,28 @@ def _copy_node(node: onnx.NodeProto, k: int, ren: dict[str, str], rev: Callable[
     return c, None
 
 
+def _onnx_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _at_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The FP32 model at the Q/DQ model's opset when that is newer (an FP16-remainder export raises it to 19):
+    its nodes then share one opset with the local copies (ReduceMean's ``axes`` attribute became an input at
+    18, so the FP32 nodes cannot simply be declared at the newer opset). Tensor names are kept."""
+    if _onnx_opset(proto) >= opset:
+        return proto
+    try:
+        return version_converter.convert_version(proto, opset)
+    except Exception as e:  # the converter raises plain RuntimeError/ValidationError
+        raise ModelError(f"FP32 model: cannot raise it to the Q/DQ model's opset {opset} for the local-error "
+                         f"model: {str(e).splitlines()[0]}", hint="export the FP32 model at the Q/DQ model's opset") from None
+
+
 def local_model(fm: Model, tm: TensorMap) -> LocalModel:
     """Build the FP32 + local-copies model (see the module docstring); ``fm`` is not changed."""
     m = onnx.ModelProto()
-    m.CopyFrom(fm.proto)
     qproto = tm.qdq.proto
+    m.CopyFrom(_at_opset(fm.proto, _onnx_opset(qproto)))
     del m.opset_import[:]
     m.opset_import.extend(qproto.opset_import)  # Q/DQ may need a newer opset than the FP32 model
     m.ir_version = max(m.ir_version, qproto.ir_version)
