@@ -44,13 +44,19 @@ def _model(tmp_path: Path, name="model.onnx", seed=0) -> Path:
     return p
 
 
-@pytest.fixture
-def setup(tmp_path):
+def _collected(tmp_path: Path, n: int) -> tuple[Path, Path, Path]:
+    """The small CNN, ``n`` calibration samples and their statistics (``calib collect``)."""
     model = _model(tmp_path)
     data = tmp_path / "calib.npz"
-    np.savez(data, x=np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
+    np.savez(data, x=np.random.default_rng(1).standard_normal((n, 3, 8, 8)).astype(np.float32))
     stats = tmp_path / "stats.npz"
     assert main(["-q", "collect", str(model), "--data", str(data), "-o", str(stats)]) == 0
+    return model, data, stats
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model, _, stats = _collected(tmp_path, 6)
     return model, stats, tmp_path
 
 
@@ -192,12 +198,7 @@ def test_export_help_has_examples():
 
 @pytest.fixture
 def auto_setup(tmp_path):
-    model = _model(tmp_path)
-    data = tmp_path / "calib.npz"
-    np.savez(data, x=np.random.default_rng(1).standard_normal((24, 3, 8, 8)).astype(np.float32))
-    stats = tmp_path / "stats.npz"
-    assert main(["-q", "collect", str(model), "--data", str(data), "-o", str(stats)]) == 0
-    return model, data, stats, tmp_path
+    return (*_collected(tmp_path, 24), tmp_path)
 
 
 def test_export_with_data_is_auto_and_equals_quantize(auto_setup):
