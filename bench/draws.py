@@ -12,8 +12,12 @@ are the peers suite's (``bench/peers/run.py``: ONNX Runtime x 4, ModelOpt x 2, N
 venv through the same job scripts) and calib's default (``calib quantize MODEL --data CALIB -o OUT``, no
 other option) and its single methods (``--method X``), from the calib venv.
 
-Scoring follows the suite: peers' models under ONNX Runtime's default optimisation (what a user gets),
-calib's TensorRT-target models under the spec evaluation (optimisation off: Q/DQ as ONNX defines them).
+Every model is scored by the spec evaluation (ONNX Runtime with its optimisation off: Q/DQ computed as ONNX
+defines them, what TensorRT computes), so the table compares calibrations, not CPU kernels. Beside it, the
+mean accuracy under ONNX Runtime's default session on the machine that ran the table: on an x86 CPU without
+VNNI (AVX2 only) ORT's fused u8 x s8 kernels add pairs of products into int16 with saturation, which the
+symmetric S8S8 models of ``quantize_static`` hit (``calib.cpu``; calib's ORT target avoids it, its TensorRT
+target is not meant for that session), so that column is a fact about ORT on that CPU.
 Per tool: accuracy of each draw, mean accuracy and mean top-1 agreement with FP32 over the draws, and
 against calib's default the discordant samples summed over the draws (right where calib is wrong / the
 reverse) with the exact two-sided binomial (McNemar) p-value of that sum.
@@ -51,6 +55,16 @@ PEERS = [("ort", "minmax"), ("ort", "entropy"), ("ort", "entropy2048"), ("ort", 
 CALIB = [("calib", "default")] + [("calib", m) for m in ("minmax", "percentile", "entropy", "mse")]
 OPT = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 TIMEOUT_S = 900
+
+
+def cpu_flags() -> str:
+    """The x86 features that decide ORT's int8 kernels (as ``calib.cpu`` reads them)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags.split()]
+    return ", ".join(have) or "none of avx2/avx512/vnni/amx"
 
 
 def sha(path: Path) -> str:
@@ -121,21 +135,24 @@ def collect(model: str, draws: int) -> dict:
             label = f"{tool}:{variant}"
             d = root / f"draw{k}" / f"{tool}-{variant}"
             rec_path = d / "result.json"
-            if rec_path.exists():
-                rec = json.loads(rec_path.read_text())
-                if rec.get("fp32_sha256") == fsha and rec.get("calib_sha256") == csha:
-                    rows["jobs"].setdefault(label, {})[k] = rec
-                    continue
-            print(f"[{model}] draw {k + 1} of {draws}: {label}", flush=True)
+            rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+            if rec.get("fp32_sha256") == fsha and rec.get("calib_sha256") == csha and "accuracy_ort" in rec:
+                rows["jobs"].setdefault(label, {})[k] = rec
+                continue
+            int8 = d / "model.int8.onnx"
             try:
-                int8, wall = run_job(tool, variant, fp32, calib, d)
-                pred = predictions(int8, x, name, "disable" if tool == "calib" else "all")
+                if not (rec.get("fp32_sha256") == fsha and rec.get("calib_sha256") == csha and int8.exists()):
+                    print(f"[{model}] draw {k + 1} of {draws}: {label}", flush=True)
+                    int8, rec["wall_s"] = run_job(tool, variant, fp32, calib, d)
+                pred = predictions(int8, x, name, "disable")
+                pred_ort = predictions(int8, x, name, "all")
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
                 print(f"  failed: {e}", flush=True)
                 continue
             np.save(d / "pred.npy", pred.astype(np.int16))
-            rec = {"fp32_sha256": fsha, "calib_sha256": csha, "wall_s": round(wall, 2),
-                   "accuracy": float((pred == y).mean() * 100), "agreement": float((pred == ref).mean() * 100)}
+            rec = {"fp32_sha256": fsha, "calib_sha256": csha, "wall_s": rec.get("wall_s"),
+                   "accuracy": float((pred == y).mean() * 100), "agreement": float((pred == ref).mean() * 100),
+                   "accuracy_ort": float((pred_ort == y).mean() * 100)}
             rec_path.write_text(json.dumps(rec))
             rows["jobs"].setdefault(label, {})[k] = rec
     rows["pred"] = {label: {k: np.load(root / f"draw{k}" / label.replace(":", "-") / "pred.npy") for k in recs}
@@ -153,8 +170,8 @@ def table(model: str, rows: dict, draws: int) -> str:
              "b: right where calib's default is wrong, c: the reverse, summed over the draws; p: exact two-sided "
              "binomial test of b against b + c.", "",
              "| tool | " + " | ".join(f"acc. draw {k}" for k in range(draws)) +
-             " | mean acc. % | mean agreement % | b | c | p |",
-             "|---|" + "---|" * (draws + 5)]
+             " | mean acc. % | mean agreement % | b | c | p | mean acc. %, ORT default session |",
+             "|---|" + "---|" * (draws + 6)]
     order = sorted(rows["jobs"], key=lambda j: (j != "calib:default", not j.startswith("calib"), j))
     for label in order:
         recs = rows["jobs"][label]
@@ -166,8 +183,9 @@ def table(model: str, rows: dict, draws: int) -> str:
         b = sum(int(((pred[label][k] == y) & (a[k] != y)).sum()) for k in ks)
         c = sum(int(((pred[label][k] != y) & (a[k] == y)).sum()) for k in ks)
         p = binomtest(b, b + c).pvalue if b + c else 1.0
+        ort_acc = f"{np.mean([r['accuracy_ort'] for r in recs.values()]):.2f}" if full else "–"
         name = "**calib default**" if label == "calib:default" else label.replace("calib:", "calib --method ")
-        lines.append(f"| {name} | " + " | ".join(accs) + f" | {mean_acc} | {mean_agr} | {b} | {c} | {p:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(accs) + f" | {mean_acc} | {mean_agr} | {b} | {c} | {p:.3f} | {ort_acc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +205,7 @@ def main() -> int:
     head = ("# Calibration draws: the Fashion-MNIST classifiers, every tool, several calibration sets\n\n"
             f"Command: `bench/.venvs/prep/bin/python bench/draws.py {' '.join(sys.argv[1:])}` "
             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {m.get('cpu', '')}, {m.get('cores', '')} cores; "
-            f"onnxruntime {ort.__version__}; {time.perf_counter() - t0:.0f} s with cached jobs reused).\n\n")
+            f"CPU flags: {cpu_flags()}; onnxruntime {ort.__version__}; {time.perf_counter() - t0:.0f} s with cached jobs reused).\n\n")
     text = head + "\n".join(parts)
     if args.out:
         Path(args.out).write_text(text)
