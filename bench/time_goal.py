@@ -12,6 +12,7 @@ the suite's calib venv); ONNX Runtime = ``tools/ort_job.py --method entropy2048`
 calibrate, write the model) on a private copy of the FP32 model. Each process is measured by ``procmon``
 (wall time, CPU time of the tree, peak RSS). The ratio is taken pair by pair (ORT / calib) and its median
 reported, for wall time and for CPU time; the Markdown table, with machine and command, goes to ``--out``.
+calib's sources are byte-compiled first (``harness.compile_calib``), as a wheel install would have them.
 The calib venv must carry this checkout's pins (``pip install -e .`` there after a pin changes); its
 ``ml_dtypes`` version is recorded because it alone moves calib's start-up by about a second per process.
 """
@@ -19,6 +20,7 @@ The calib venv must carry this checkout's pins (``pip install -e .`` there after
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -105,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "calib = `calib collect` + `calib calibrate --method all` + `calib export --method entropy` (three processes, "
         "start-up included); ORT = `tools/ort_job.py --method entropy2048` (one process). One warm-up pair, then "
-        "alternating order; medians of the counted pairs, ratios pair by pair.", "",
+        "alternating order; medians of the counted pairs, ratios pair by pair. calib's sources are byte-compiled "
+        "first, as installing a wheel does (`harness.compile_calib`; this environment sets PYTHONDONTWRITEBYTECODE="
+        f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}, under which an editable install recompiles about a "
+        "hundred modules in every process).", "",
         "| pair | calib wall s | calib CPU s | ORT wall s | ORT CPU s | ORT / calib (wall) | ORT / calib (CPU) |",
         "|---|---|---|---|---|---|---|",
     ]

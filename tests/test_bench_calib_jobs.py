@@ -315,3 +315,24 @@ def test_a_shared_venv_built_from_a_superset_is_kept(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         harness.ensure_venv("prep", tmp_path / "log")
     assert calls and "venv" in calls[0][0]
+
+
+def test_calib_env_byte_compiles_the_checkout_once(tmp_path, monkeypatch):
+    import sys
+
+    import harness
+
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "mod.py").write_text("X = 1\n")
+    venv = tmp_path / "venvs" / "calib" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    monkeypatch.setattr(harness, "VENVS", tmp_path / "venvs")
+    monkeypatch.setattr(harness, "_COMPILED", set())
+    env = harness.calib_env()
+    assert env["PYTHONPATH"].split(":")[0] == str(tmp_path)
+    assert list((tmp_path / "calib" / "__pycache__").glob("mod.*.pyc"))  # what a wheel install would hold
+    (tmp_path / "calib" / "late.py").write_text("Y = 2\n")
+    harness.calib_env()  # once per run: the suite's hundreds of jobs do not each walk the tree
+    assert not list((tmp_path / "calib" / "__pycache__").glob("late.*.pyc"))
