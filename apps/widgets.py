@@ -113,7 +113,8 @@ def _fmt(v: Any) -> str:
 def metric_select(key: str, default: str = "sqnr_db") -> str:
     from calib.drift_plots import METRIC_LABELS
 
-    opts = ["sqnr_db", "cosine", "relative_error", "max_abs_error", "mean_abs_error", "min_cosine"]
+    opts = ["sqnr_db", "local_sqnr_db", "cosine", "local_cosine", "relative_error", "local_relative_error",
+            "max_abs_error", "mean_abs_error", "min_cosine"]
     return st.selectbox("metric", opts, index=opts.index(default), key=key, format_func=lambda k: METRIC_LABELS[k])
 
 

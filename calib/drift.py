@@ -348,7 +348,8 @@ def layer_values(fp32_model, qdq_proto, source: Iterable, fp32_tensor: str, qdq_
 # ---- tables the dashboard shows -----------------------------------------------------------
 
 LOWER_IS_WORSE = {"cosine": True, "cosine_global": True, "min_cosine": True, "sqnr_db": True,
-                  "relative_error": False, "max_abs_error": False, "mean_abs_error": False}
+                  "relative_error": False, "max_abs_error": False, "mean_abs_error": False,
+                  "local_sqnr_db": True, "local_cosine": True, "local_relative_error": False}
 
 
 def worst_layers(layers: Sequence[Mapping[str, Any]], metric: str = "sqnr_db", k: int = 5) -> list[Mapping[str, Any]]:

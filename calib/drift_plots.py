@@ -18,10 +18,14 @@ __all__ = ["METRIC_LABELS", "depth_figure", "histogram_figure", "error_figure", 
 
 METRIC_LABELS = {"cosine": "cosine (mean over samples)", "sqnr_db": "SQNR (dB)",
                  "relative_error": "relative error ||e|| / ||fp32||", "max_abs_error": "max |error|",
-                 "mean_abs_error": "mean |error|", "min_cosine": "min cosine over samples"}
+                 "mean_abs_error": "mean |error|", "min_cosine": "min cosine over samples",
+                 "local_sqnr_db": "local SQNR (dB, the layer alone in INT8)",
+                 "local_cosine": "local cosine (the layer alone in INT8)",
+                 "local_relative_error": "local relative error (the layer alone in INT8)"}
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 HIGHER_IS_BETTER = {"cosine": True, "sqnr_db": True, "min_cosine": True, "cosine_global": True,
-                    "relative_error": False, "max_abs_error": False, "mean_abs_error": False}
+                    "relative_error": False, "max_abs_error": False, "mean_abs_error": False,
+                    "local_sqnr_db": True, "local_cosine": True, "local_relative_error": False}
 
 
 def _finite(v: Any) -> bool:

@@ -22,6 +22,10 @@ METRIC_LABELS = {
     "relative_error": "relative error ||e|| / ||fp32||",
     "max_abs_error": "max |error|",
     "mean_abs_error": "mean |error|",
+    "local_sqnr_db": "local SQNR (dB): the layer alone in INT8 on FP32 inputs",
+    "local_cosine": "local cosine: the layer alone in INT8 on FP32 inputs",
+    "local_relative_error": "local relative error: the layer alone in INT8",
+    "local_max_abs_error": "local max |error|: the layer alone in INT8",
 }
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), height=420)
 
@@ -56,15 +60,27 @@ def error_vs_depth(layers: Sequence[Mapping[str, Any]], metric: str = "sqnr_db")
 
 
 def worst_layers(layers: Sequence[Mapping[str, Any]], k: int = 20, metric: str = "sqnr_db") -> go.Figure:
-    """The ``k`` layers with the lowest ``metric``, worst at the top."""
-    rows = sorted(layers, key=lambda r: _num(r[metric]))[:k][::-1]
+    """The ``k`` layers with the lowest ``metric``, worst at the top (layers without a finite value left out).
+
+    With a local metric, the accumulated SQNR of the same layers is drawn beside it: a layer whose local error
+    is low causes loss; one with a low accumulated but a high local SQNR inherits it."""
+    have = [r for r in layers if math.isfinite(_num(r.get(metric))) or _num(r.get(metric)) == math.inf]
+    rows = sorted(have, key=lambda r: _num(r[metric]))[:k][::-1]
     vals = _finite([_num(r[metric]) for r in rows])
-    fig = go.Figure(go.Bar(
-        x=vals, y=[f"{r['node']} ({r['op_type']})" for r in rows], orientation="h",
-        text=[f"{v:.3g}" for v in vals], textposition="auto",
-        hovertext=[f"{r['fp32_tensor']} depth {r['depth']} cosine {_num(r['cosine']):.5f}" for r in rows]))
-    fig.update_layout(title=f"worst {len(rows)} layers by {metric}", xaxis_title=METRIC_LABELS.get(metric, metric),
-                      **{**_LAYOUT, "height": max(300, 24 * len(rows) + 120)})
+    names = [f"{r['node']} ({r['op_type']})" for r in rows]
+    bars = [go.Bar(x=vals, y=names, orientation="h", name=METRIC_LABELS.get(metric, metric),
+                   text=[f"{v:.3g}" for v in vals], textposition="auto",
+                   hovertext=[f"{r['fp32_tensor']} depth {r['depth']} cosine {_num(r['cosine']):.5f}" for r in rows])]
+    if metric.startswith("local_") and metric[6:] in {"sqnr_db", "cosine"}:
+        acc = _finite([_num(r[metric[6:]]) for r in rows])
+        bars.append(go.Bar(x=acc, y=names, orientation="h", name=f"accumulated {metric[6:]} (all layers INT8)",
+                           text=[f"{v:.3g}" for v in acc], textposition="auto"))
+    fig = go.Figure(bars)
+    short = {"sqnr_db": "SQNR", "local_sqnr_db": "local SQNR", "local_cosine": "local cosine"}.get(metric, metric)
+    title = f"worst {len(rows)} layers by {short}" + (": where the error enters" if metric.startswith("local_")
+                                                        else "")
+    fig.update_layout(title=title, xaxis_title=METRIC_LABELS.get(metric, metric), barmode="group",
+                      **{**_LAYOUT, "height": max(300, (40 if len(bars) > 1 else 24) * len(rows) + 120)})
     return fig
 
 

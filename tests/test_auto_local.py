@@ -80,3 +80,23 @@ def test_local_errors_alone_and_in_the_html(setup):
     assert min(by, key=lambda n: by[n]["sqnr_db"]) == "conv2"
     assert next(iter(lm.acc.values())).n_samples == 8
     assert "local SQNR dB" in render_html(compare(m, q, src, batch_size=8))
+
+
+def test_the_report_ranks_worst_layers_by_where_error_enters(setup):
+    import re
+
+    from calib import plots
+
+    m, src, q = setup
+    report = compare(m, q, src, batch_size=8)
+    rows = {r["node"]: r for r in report.layers}
+    # conv3's accumulated error is worse than conv2's local one would suggest; ranked by local error conv2 leads
+    fig = plots.worst_layers(report.layers, 20, "local_sqnr_db")
+    local_bar, acc_bar = fig.data
+    assert local_bar.y[-1] == "conv2 (Conv)" and "where the error enters" in fig.layout.title.text
+    assert "relu1 (Relu)" not in local_bar.y  # no local error (reads no Q/DQ input): left out, not drawn as 0
+    assert list(acc_bar.x) == pytest.approx([rows[n.split(" ")[0]]["sqnr_db"] for n in acc_bar.y])
+    page = render_html(report)
+    assert "Local error vs depth" in page
+    marked = re.findall(r"<tr class='bad'><td class='l'>([^<]+)</td>", page)
+    assert "conv2" in marked and len(marked) == min(5, sum(r["local_sqnr_db"] is not None for r in report.layers))

@@ -140,13 +140,14 @@ def test_layers_page_shows_worst_layers_histogram_and_errors(demo, monkeypatch):
     assert at.title[0].value.startswith("Layers")
     rep = {m: compare_json(demo["run"], m) for m in ("entropy", "minmax")}
     worst = frame(at, "method")
-    for m, doc in rep.items():
-        sq = sorted(r["sqnr_db"] for r in doc["layers"] if r["sqnr_db"] == r["sqnr_db"])
-        shown = worst[worst["method"] == m]["sqnr_db"].tolist()
-        assert shown == pytest.approx(sq[:5])
-    # pick the worst entropy layer by searching its node name
-    # the page opens on the worst layer of the primary method: lowest local SQNR (where the error enters)
+    # the metric opens on local SQNR (where the error enters) when the comparison has it
     key = "local_sqnr_db" if any(r.get("local_sqnr_db") is not None for r in rep["entropy"]["layers"]) else "sqnr_db"
+    assert at.selectbox(key="layers_metric").value == key
+    for m, doc in rep.items():
+        sq = sorted(r[key] for r in doc["layers"] if r.get(key) is not None and r[key] == r[key])
+        shown = worst[worst["method"] == m][key].tolist()
+        assert shown == pytest.approx(sq[:5])
+    # the page opens on the worst layer of the primary method: lowest local SQNR (where the error enters)
     w = min((r for r in rep["entropy"]["layers"] if r.get(key) is not None and r[key] == r[key]), key=lambda r: r[key])
     pick = f"layers_tensor_pick_{demo['run'].name}"
     assert at.selectbox(key=pick).value == w["fp32_tensor"]
