@@ -64,6 +64,13 @@ def test_help_exits_0():
     assert r.returncode == 0 and "collect" in r.stdout
 
 
+def test_version_exits_0_with_the_installed_version():
+    from importlib.metadata import version
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"calib {version('calib')}", r.stdout + r.stderr
+
+
 def _big_case(tmp_path: Path) -> list[str]:
     """A collect that runs for a while (many one-sample batches) on a tiny hand-built MLP."""
     import numpy as np

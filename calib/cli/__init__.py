@@ -37,9 +37,25 @@ _MODULES = ["core", "export", "compare", "data", "pipeline", "dashboard", "trt_t
 _state = {"signal": 0}
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from calib import __version__
+
+        try:
+            installed = version("calib")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            installed = __version__
+        print(f"calib {installed}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and final paths."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+          _version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                        help="Print calib's version and exit.")) -> None:
     set_quiet(quiet)
     steady_malloc()  # the CLI's choice for its own process: flat peak RSS over many batches (calib._memory)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
