@@ -175,6 +175,7 @@ class Jobs:
                     job.finished = time.time()
                     job.write()
 
+            serialize_ast_parse()  # before the first job thread runs beside the page scripts
             job.thread = threading.Thread(target=work, name=f"calib-job-{kind}", daemon=True)
             self._jobs[key] = job
             job.thread.start()
@@ -185,6 +186,32 @@ class Jobs:
             j = self._jobs.get(key)
             if j is not None and not j.running:
                 del self._jobs[key]
+
+
+_AST_LOCK = threading.RLock()
+
+
+def serialize_ast_parse() -> None:
+    """Make ``ast.parse`` one thread at a time in this process (idempotent).
+
+    CPython 3.11 keeps one AST-constructor recursion counter per interpreter (gh-106905): two threads building
+    AST objects at once can fail with "SystemError: AST constructor recursion depth mismatch". A job thread
+    does (numpy reads every .npy/.npz header with ``ast.literal_eval``) while Streamlit parses a page script
+    for its "magic"; seen once in CI as a page that failed to render. ``ast.literal_eval`` calls the module's
+    ``parse``, so this one wrapper covers both."""
+    import ast
+
+    if getattr(ast.parse, "_calib_serialized", False):
+        return
+    original = ast.parse
+
+    def parse(*args, **kwargs):
+        with _AST_LOCK:
+            return original(*args, **kwargs)
+
+    parse._calib_serialized = True  # type: ignore[attr-defined]
+    parse.__wrapped__ = original  # type: ignore[attr-defined]
+    ast.parse = parse
 
 
 @st.cache_resource

@@ -115,7 +115,9 @@ def metric_select(key: str, default: str = "sqnr_db") -> str:
 
     opts = ["sqnr_db", "local_sqnr_db", "cosine", "local_cosine", "relative_error", "local_relative_error",
             "max_abs_error", "mean_abs_error", "min_cosine"]
-    return st.selectbox("metric", opts, index=opts.index(default), key=key, format_func=lambda k: METRIC_LABELS[k])
+    # a value the page put in the session state wins (no default beside it: Streamlit warns about both)
+    index = {} if key in st.session_state else {"index": opts.index(default)}
+    return st.selectbox("metric", opts, key=key, format_func=lambda k: METRIC_LABELS[k], **index)
 
 
 def store_jobs() -> None:

@@ -127,7 +127,7 @@ def test_every_page_renders_real_numbers(server, page):
     page.locator(".js-plotly-plot").first.wait_for(timeout=60000)  # plotly draws after the script has run
     assert page.locator(".js-plotly-plot").count() >= 1  # depth curves (a histogram only for calibrated tensors)
     body = page.inner_text("body")
-    assert "SQNR (dB) through depth" in body
+    assert "local SQNR (dB, the layer alone in INT8) through depth" in body  # opens on where error enters
     assert "opened on the worst layer: lowest" in body and f"Layer {_worst_node(run)} (" in body
     _shot(page, "02-layers")
 

@@ -29,9 +29,13 @@ for m in methods:
     except CalibError as e:
         state.show_error(e, f"comparison of {m}")
 
-# opens on local SQNR (each layer alone in INT8: where the error enters) when the comparison has it
+# a run opens on local SQNR (each layer alone in INT8: where the error enters) when its comparison has it; the
+# pick then stays the user's until another run is opened
 has_local = any(isinstance(r.get("local_sqnr_db"), (int, float)) for rows in layers.values() for r in rows)
-metric = widgets.metric_select("layers_metric", "local_sqnr_db" if has_local else "sqnr_db")
+if st.session_state.get("layers_metric_run") != run.id:
+    st.session_state["layers_metric_run"] = run.id
+    st.session_state["layers_metric"] = "local_sqnr_db" if has_local else "sqnr_db"
+metric = widgets.metric_select("layers_metric")
 n_worst = st.slider("worst layers to mark per method", 0, 20, 5, key="layers_worst")
 if layers:
     worst = {m: [r["fp32_tensor"] for r in drift.worst_layers(rows, metric, n_worst)] for m, rows in layers.items()}
