@@ -17,6 +17,7 @@ import sys
 
 import typer
 
+from calib import __version__
 from calib._memory import steady_malloc
 from calib.cli._common import command_inputs, command_outputs, set_quiet
 from calib.errors import CalibError, TargetNotMet
@@ -40,8 +41,6 @@ _state = {"signal": 0}
 def _show_version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
-
-        from calib import __version__
 
         try:
             installed = version("calib")
