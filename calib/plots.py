@@ -64,8 +64,8 @@ def worst_layers(layers: Sequence[Mapping[str, Any]], k: int = 20, metric: str =
 
     With a local metric, the accumulated SQNR of the same layers is drawn beside it: a layer whose local error
     is low causes loss; one with a low accumulated but a high local SQNR inherits it."""
-    have = [r for r in layers if math.isfinite(_num(r.get(metric))) or _num(r.get(metric)) == math.inf]
-    rows = sorted(have, key=lambda r: _num(r[metric]))[:k][::-1]
+    rows = sorted((r for r in layers if not math.isnan(_num(r.get(metric)))), key=lambda r: _num(r[metric]))
+    rows = rows[:k][::-1]
     vals = _finite([_num(r[metric]) for r in rows])
     names = [f"{r['node']} ({r['op_type']})" for r in rows]
     bars = [go.Bar(x=vals, y=names, orientation="h", name=METRIC_LABELS.get(metric, metric),

@@ -317,7 +317,7 @@ def test_a_shared_venv_built_from_a_superset_is_kept(tmp_path, monkeypatch):
     assert calls and "venv" in calls[0][0]
 
 
-def test_calib_env_byte_compiles_the_checkout_once(tmp_path, monkeypatch):
+def test_calib_env_byte_compiles_the_checkout_once(tmp_path, monkeypatch, request):
     import sys
 
     import harness
@@ -329,7 +329,8 @@ def test_calib_env_byte_compiles_the_checkout_once(tmp_path, monkeypatch):
     (venv / "python").symlink_to(sys.executable)
     monkeypatch.setattr(harness, "REPO", tmp_path)
     monkeypatch.setattr(harness, "VENVS", tmp_path / "venvs")
-    monkeypatch.setattr(harness, "_COMPILED", set())
+    harness.compile_calib.cache_clear()
+    request.addfinalizer(harness.compile_calib.cache_clear)  # the next caller compiles the real checkout
     env = harness.calib_env()
     assert env["PYTHONPATH"].split(":")[0] == str(tmp_path)
     assert list((tmp_path / "calib" / "__pycache__").glob("mod.*.pyc"))  # what a wheel install would hold

@@ -7,6 +7,7 @@ import streamlit as st
 import state
 import widgets
 from calib import drift, drift_plots, drift_verdict
+from calib.compare.report import ranking_metric
 from calib.errors import CalibError
 
 st.title("Layers: drift through depth")
@@ -31,10 +32,9 @@ for m in methods:
 
 # a run opens on local SQNR (each layer alone in INT8: where the error enters) when its comparison has it; the
 # pick then stays the user's until another run is opened
-has_local = any(isinstance(r.get("local_sqnr_db"), (int, float)) for rows in layers.values() for r in rows)
 if st.session_state.get("layers_metric_run") != run.id:
     st.session_state["layers_metric_run"] = run.id
-    st.session_state["layers_metric"] = "local_sqnr_db" if has_local else "sqnr_db"
+    st.session_state["layers_metric"] = ranking_metric([r for rows in layers.values() for r in rows])
 metric = widgets.metric_select("layers_metric")
 n_worst = st.slider("worst layers to mark per method", 0, 20, 5, key="layers_worst")
 if layers:

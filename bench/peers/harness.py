@@ -6,6 +6,7 @@ Imported by ``run.py`` (the driver) and ``calib_jobs.py`` (calib's default / ``-
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -215,19 +216,16 @@ def calib_cmd() -> str:
     return str(VENVS / "calib" / "bin" / "calib")
 
 
-_COMPILED: set[str] = set()
-
-
+@functools.cache
 def compile_calib() -> None:
     """Byte-compile this checkout's ``calib`` once per run, as installing a wheel does (pip compiles what it
     installs; an editable install leaves it to the first import, and ``PYTHONDONTWRITEBYTECODE=1``, set on
     some machines, turns that off: every calib process then compiles about a hundred modules, 0.25 s, which
     no installed peer pays). Incremental: only changed sources are recompiled."""
-    src, python = str(REPO / "calib"), venv_python("calib")
-    if src not in _COMPILED and python.exists():
-        subprocess.run([str(python), "-m", "compileall", "-q", src], check=False,
+    python = venv_python("calib")
+    if python.exists():
+        subprocess.run([str(python), "-m", "compileall", "-q", str(REPO / "calib")], check=False,
                        stdout=subprocess.DEVNULL)
-        _COMPILED.add(src)
 
 
 def calib_env() -> dict[str, str]:

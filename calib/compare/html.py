@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from calib import plots
 from calib.calibrate import calibrate
-from calib.compare.report import CompareReport
+from calib.compare.report import CompareReport, ranking_metric
 from calib.io import write_text
 
 __all__ = ["render_html", "write_html", "histogram_tensors", "write_plotly_bundle", "inline_plotly", "PLOTLY_JS"]
@@ -80,14 +80,14 @@ def render_html(report: CompareReport, *, stats: Any = None, methods: Sequence[s
     figs: list[tuple[str, Any]] = []
     layers = report.layers
     if layers:
-        local = any(isinstance(r.get("local_sqnr_db"), (int, float)) for r in layers)
+        key = ranking_metric(layers)
         figs.append(("Error vs depth (accumulated: every layer INT8)", plots.error_vs_depth(layers, "sqnr_db")))
-        if local:
+        if key != "sqnr_db":
             figs.append(("Local error vs depth (each layer alone in INT8 on FP32 inputs: where the error enters)",
                          plots.error_vs_depth([r for r in layers if r.get("local_sqnr_db") is not None],
                                               "local_sqnr_db")))
         figs.append(("Cosine vs depth", plots.error_vs_depth(layers, "cosine")))
-        figs.append(("Worst layers", plots.worst_layers(layers, 20, "local_sqnr_db" if local else "sqnr_db")))
+        figs.append(("Worst layers", plots.worst_layers(layers, 20, key)))
     if report.sensitivity and report.sensitivity.get("rows"):
         figs.append(("Sensitivity ranking", plots.sensitivity_ranking(report.sensitivity["rows"])))
     if advice and advice.get("curve"):
@@ -143,7 +143,7 @@ def _layer_table(layers: Sequence[Mapping[str, Any]]) -> str:
            "<th>depth</th><th class='l'>tensor</th><th>cosine</th><th>min cosine</th><th>SQNR dB</th>"
            "<th>local SQNR dB</th><th>max |e|</th><th>mean |e|</th><th>rel. error</th><th class='l'>note</th></tr>"]
     # marked: the five worst by local SQNR (where error enters) when the report has it, else by accumulated SQNR
-    key = "local_sqnr_db" if any(isinstance(r.get("local_sqnr_db"), float) for r in layers) else "sqnr_db"
+    key = ranking_metric(layers)
     worst = {id(r) for r in sorted(layers, key=lambda r: r[key] if isinstance(r.get(key), float)
                                    else math.inf)[:5]}
     for r in layers:

@@ -31,7 +31,7 @@ from calib.io import write_json
 from calib.model import Model, as_model, as_qdq_model
 from calib.runtime import run_batches
 
-__all__ = ["CompareReport", "compare", "as_model", "as_qdq_model", "run_batches", "REPORT_FORMAT"]
+__all__ = ["CompareReport", "compare", "as_model", "as_qdq_model", "run_batches", "REPORT_FORMAT", "ranking_metric"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,12 @@ class CompareReport:
             lines.append(f"worst layer {r['node']} ({r['op_type']}, depth {r['depth']}): SQNR {r['sqnr_db']:.1f} dB, "
                          f"cosine {r['cosine']:.5f}")
         return "\n".join(lines)
+
+
+def ranking_metric(layers: Sequence[dict[str, Any]]) -> str:
+    """The metric that says where error enters: ``local_sqnr_db`` when any layer row has one (an older report
+    or a model without Q/DQ inputs has none), else the accumulated ``sqnr_db``."""
+    return "local_sqnr_db" if any(isinstance(r.get("local_sqnr_db"), (int, float)) for r in layers) else "sqnr_db"
 
 
 DEFINITIONS = {
